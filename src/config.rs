@@ -1,0 +1,350 @@
+//! The operator's configuration (`/etc/turnstile/turnstile.toml`).
+//!
+//! Key names are a contract with operators and their tooling: unknown keys
+//! are refused, so a typo fails loudly instead of being ignored.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The configuration used when `turnstile` starts without `--config`.
+pub const DEMO_CONFIG: &str = include_str!("../etc/demo.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// REALM sent in 401 responses and used in long-term keys.
+    pub realm: String,
+    /// Worker threads; 0 means one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    /// SOFTWARE attribute in responses; empty sends none.
+    #[serde(default = "default_software")]
+    pub software: String,
+    #[serde(default)]
+    pub listen: Vec<Listen>,
+    #[serde(default)]
+    pub relay: Relay,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub peers: Peers,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: Log,
+    /// Prometheus endpoint; absent means no metrics listener.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address of the HTTP listener serving `GET /metrics`.
+    pub listen: SocketAddr,
+}
+
+fn default_software() -> String {
+    "turnstile".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub transport: Transport,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    /// Address relay sockets bind to.
+    #[serde(default = "default_relay_address")]
+    pub address: IpAddr,
+    /// Address advertised in XOR-RELAYED-ADDRESS when behind 1:1 NAT.
+    #[serde(default)]
+    pub external_address: Option<IpAddr>,
+    /// Relay port range, "low-high".
+    #[serde(default)]
+    pub ports: PortRange,
+}
+
+fn default_relay_address() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            address: default_relay_address(),
+            external_address: None,
+            ports: PortRange::default(),
+        }
+    }
+}
+
+/// An inclusive port range written "49152-65535".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            low: 49152,
+            high: 65535,
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("port range {s:?} is not \"low-high\""))?;
+        let low: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?} in range {s:?}"))?;
+        let high: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?} in range {s:?}"))?;
+        if low == 0 || low > high {
+            return Err(format!("port range {s:?} must satisfy 1 <= low <= high"));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Static long-term users: name = password.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// REST shared secrets; every one verifies, so secrets can be rotated.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peers {
+    /// Ranges allowed although denied by default (allow wins over deny).
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Ranges denied in addition to the defaults.
+    #[serde(default)]
+    pub deny: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Allocations per username (0 = unlimited).
+    #[serde(default = "default_user_quota")]
+    pub user_quota: u32,
+    /// Allocations in total (0 = unlimited).
+    #[serde(default)]
+    pub total_quota: u32,
+    /// Longest allocation lifetime granted, in seconds.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: u32,
+}
+
+fn default_user_quota() -> u32 {
+    10
+}
+
+fn default_max_lifetime() -> u32 {
+    3600
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            user_quota: default_user_quota(),
+            total_quota: 0,
+            max_lifetime: default_max_lifetime(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// trace, debug, info, warn or error (or a tracing filter directive).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: default_log_level(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message names the file,
+/// line and column where TOML parsing failed.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        config.validate().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The embedded demo configuration.
+    pub fn demo() -> Config {
+        match Config::from_toml(DEMO_CONFIG, "embedded demo configuration") {
+            Ok(c) => c,
+            Err(e) => unreachable!("the embedded configuration is valid: {e}"),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.realm.is_empty() {
+            return Err("realm must not be empty".into());
+        }
+        if self.listen.is_empty() {
+            return Err("at least one [[listen]] is required".into());
+        }
+        for l in &self.listen {
+            if l.transport != Transport::Udp {
+                return Err(format!(
+                    "listen {}: transport {:?} is not supported yet; use \"udp\"",
+                    l.address, l.transport
+                ));
+            }
+        }
+        for (user, password) in &self.auth.users {
+            crate::proto::auth::prepare_password(password)
+                .map_err(|_| format!("auth.users.{user}: the password holds prohibited characters"))?;
+        }
+        if self.limits.max_lifetime < 600 {
+            return Err("limits.max_lifetime must be at least 600 seconds (RFC 8656 default lifetime)".into());
+        }
+        Ok(())
+    }
+
+    /// How many workers to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid_and_loopback() {
+        let c = Config::demo();
+        assert_eq!(c.listen.len(), 1);
+        assert!(c.listen[0].address.ip().is_loopback());
+        assert!(c.auth.users.contains_key("alice"));
+        assert_eq!(c.limits.max_lifetime, 3600);
+    }
+
+    #[test]
+    fn issue_contract_example_parses() {
+        let text = r#"
+realm = "example.org"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:3478"
+
+[relay]
+address = "127.0.0.1"
+ports = "49152-65535"
+
+[auth]
+users = { alice = "secret" }
+secrets = ["restsecret"]
+
+[peers]
+allow = ["127.0.0.0/8"]
+deny = []
+
+[limits]
+user_quota = 10
+total_quota = 0
+max_lifetime = 3600
+"#;
+        let c = Config::from_toml(text, "t").unwrap();
+        assert_eq!(
+            c.relay.ports,
+            PortRange {
+                low: 49152,
+                high: 65535
+            }
+        );
+        assert_eq!(c.peers.allow.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = Config::from_toml("realm = \"x\"\nbogus = 1\n", "f.toml").unwrap_err().0;
+        assert!(
+            e.contains("f.toml") && e.contains("bogus") && e.contains("line 2"),
+            "{e}"
+        );
+        let e = Config::from_toml("realm = \"x\"\n[relay]\nports = \"9-1\"\n", "f")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("low <= high"), "{e}");
+        let e = Config::from_toml("realm = \"x\"\n", "f").unwrap_err().0;
+        assert!(e.contains("[[listen]]"), "{e}");
+        let e = Config::from_toml("realm = \"x\"\n[peers]\nallow = [\"10.0.0.0/33\"]\n", "f")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("line 3"), "{e}");
+    }
+}

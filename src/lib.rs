@@ -1,0 +1,9 @@
+//! turnstile: a TURN/STUN relay server.
+//!
+//! [`proto`] is the sans-IO protocol core (codec, credentials, server state
+//! machines); [`io`] holds the thin drivers that move bytes between sockets
+//! and the core; [`config`] reads the operator's TOML.
+
+pub mod config;
+pub mod io;
+pub mod proto;

@@ -1,0 +1,112 @@
+//! The `turnstile` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use turnstile::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A high-performance TURN/STUN relay server.
+///
+/// Without --config, runs an embedded demo configuration: UDP on
+/// 127.0.0.1:3478, a demo user, loopback only.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Configuration file (TOML), e.g. /etc/turnstile/turnstile.toml.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit (status 0 if valid).
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (config, demo) = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => (c, false),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => (Config::demo(), true),
+    };
+    init_logging(&config.log.level);
+    match run(config, demo) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TURNSTILE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(config: Config, demo: bool) -> std::io::Result<()> {
+    let metrics = match &config.metrics {
+        Some(m) => {
+            let handle = turnstile::io::metrics_http::install_recorder()?;
+            let listener = turnstile::io::metrics_http::bind(m.listen)?;
+            tracing::info!("metrics listening on http://{}/metrics", listener.local_addr()?);
+            Some((listener, handle))
+        }
+        None => None,
+    };
+    let bound = turnstile::io::start(&config)?;
+    if demo {
+        tracing::warn!(
+            "running the embedded demo configuration: loopback only, demo user alice/secret, \
+             loopback peers allowed; pass --config FILE for anything else"
+        );
+        if let Some(addr) = bound.first() {
+            println!("{{\"iceServers\":[{{\"urls\":[\"stun:{addr}\"]}}]}}");
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        if let Some((listener, handle)) = metrics {
+            tokio::spawn(turnstile::io::metrics_http::serve(listener, handle));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: exiting"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
+        }
+        Ok(())
+    })
+}
