@@ -353,3 +353,64 @@ impl<'a> Iterator for RawAttributes<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hmac::Mac;
+
+    use super::*;
+    use crate::proto::stun::{Class, MessageWriter, Method};
+
+    #[test]
+    fn truncated_sha256_integrity_verifies() {
+        // RFC 8489 §14.6: MESSAGE-INTEGRITY-SHA256 may be truncated to 16..32
+        // bytes; the HMAC is computed with the length covering the truncated value.
+        let mut buf = [0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, Class::Request, Method::BINDING, TransactionId([4; 12])).unwrap();
+        w.username("u").unwrap();
+        let at = w.len();
+        w.attribute(kind::MESSAGE_INTEGRITY_SHA256, &[0; 16]).unwrap();
+        let n = w.finish();
+        let mut mac = integrity::hmac_sha256(b"k");
+        mac.update(&buf[..at]);
+        let full = mac.finalize().into_bytes();
+        buf[at + 4..at + 20].copy_from_slice(&full[..16]);
+        let m = Message::parse(&buf[..n]).unwrap();
+        assert_eq!(m.verify_integrity_sha256(b"k"), Ok(()));
+        assert_eq!(m.verify_integrity_sha256(b"x"), Err(IntegrityError::Mismatch));
+    }
+
+    #[test]
+    fn integrity_attributes_of_the_wrong_size_are_malformed() {
+        for (k, len) in [
+            (kind::MESSAGE_INTEGRITY, 16),
+            (kind::MESSAGE_INTEGRITY_SHA256, 12),
+            (kind::FINGERPRINT, 8),
+        ] {
+            let mut buf = [0u8; 128];
+            let mut w = MessageWriter::new(&mut buf, Class::Request, Method::BINDING, TransactionId([4; 12])).unwrap();
+            w.attribute(k, &vec![0; len]).unwrap();
+            let n = w.finish();
+            assert_eq!(
+                Message::parse(&buf[..n]).unwrap_err(),
+                ParseError::BadIntegrityAttribute,
+                "{k:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_integrity_is_reported_as_missing() {
+        let mut buf = [0u8; 64];
+        let w = MessageWriter::new(&mut buf, Class::Request, Method::BINDING, TransactionId([4; 12])).unwrap();
+        let n = w.finish();
+        let m = Message::parse(&buf[..n]).unwrap();
+        assert_eq!(m.verify_integrity(b"k"), Err(IntegrityError::Missing));
+        assert_eq!(m.verify_integrity_sha256(b"k"), Err(IntegrityError::Missing));
+        assert_eq!(m.verify_fingerprint(), Err(IntegrityError::Missing));
+        assert_eq!(
+            Message::parse(&[&buf[..n], &[0u8; 4][..]].concat()).unwrap_err(),
+            ParseError::TrailingBytes
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! Starts the real `turnstile` binary on loopback with ephemeral ports and
+//! tears it down when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct TestServer {
+    child: Child,
+    pub udp: Vec<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    _dir: tempfile::TempDir,
+    log: mpsc::Receiver<String>,
+}
+
+/// A configuration for tests: loopback, ephemeral ports, metrics on.
+pub fn loopback_config(extra: &str) -> String {
+    format!(
+        r#"realm = "test.local"
+workers = 2
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:0"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+{extra}
+"#
+    )
+}
+
+impl TestServer {
+    pub fn start(config: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turnstile.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("--config")
+            .arg(&path)
+            .env("TURNSTILE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[turnstile] {line}");
+                if tx.send(line).is_err() {
+                    // Keep draining so the server never blocks on a full pipe.
+                }
+            }
+        });
+        let mut server = TestServer {
+            child,
+            udp: Vec::new(),
+            metrics: None,
+            _dir: dir,
+            log,
+        };
+        let wants_metrics = config.contains("[metrics]");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.udp.is_empty() || (wants_metrics && server.metrics.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = server
+                .log
+                .recv_timeout(left)
+                .expect("turnstile did not report its listeners in time");
+            if let Some(a) = line.split("listening udp ").nth(1) {
+                server.udp.push(a.trim().parse().unwrap());
+            }
+            if let Some(a) = line.split("metrics listening on http://").nth(1) {
+                server.metrics = Some(a.trim().trim_end_matches("/metrics").parse().unwrap());
+            }
+        }
+        server
+    }
+
+    /// Fetches the Prometheus text.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.expect("metrics listener configured");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body
+    }
+
+    /// The value of a counter line that starts with `series` (name and labels).
+    pub fn counter(&self, series: &str) -> f64 {
+        self.scrape()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP client socket on loopback with a receive timeout.
+pub fn udp_client() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
