@@ -293,6 +293,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let c = Config::from_toml(include_str!("../etc/turnstile.toml"), "etc/turnstile.toml").unwrap();
+        assert_eq!(c.realm, "example.org");
+        assert!(c.metrics.is_none());
+    }
+
+    #[test]
     fn issue_contract_example_parses() {
         let text = r#"
 realm = "example.org"
