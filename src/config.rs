@@ -79,6 +79,12 @@ pub struct Relay {
     /// Relay port range, "low-high".
     #[serde(default)]
     pub ports: PortRange,
+    /// Where IPv6 relay sockets bind; absent means no IPv6 relaying (440).
+    #[serde(default)]
+    pub ipv6_address: Option<IpAddr>,
+    /// Advertised IPv6 relay address when it differs from `ipv6_address`.
+    #[serde(default)]
+    pub ipv6_external_address: Option<IpAddr>,
 }
 
 fn default_relay_address() -> IpAddr {
@@ -91,6 +97,8 @@ impl Default for Relay {
             address: default_relay_address(),
             external_address: None,
             ports: PortRange::default(),
+            ipv6_address: None,
+            ipv6_external_address: None,
         }
     }
 }
@@ -134,7 +142,7 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     /// Static long-term users: name = password.
@@ -143,6 +151,19 @@ pub struct Auth {
     /// REST shared secrets; every one verifies, so secrets can be rotated.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Seconds a nonce stays valid before a request gets 438 Stale Nonce.
+    #[serde(default = "default_nonce_lifetime")]
+    pub nonce_lifetime: u64,
+}
+
+fn default_nonce_lifetime() -> u64 {
+    600
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { users: BTreeMap::new(), secrets: Vec::new(), nonce_lifetime: default_nonce_lifetime() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -168,6 +189,16 @@ pub struct Limits {
     /// Longest allocation lifetime granted, in seconds.
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime: u32,
+    /// Live permissions one allocation may hold (508 beyond).
+    #[serde(default = "default_per_allocation")]
+    pub permissions_per_allocation: usize,
+    /// Channels one allocation may bind (508 beyond).
+    #[serde(default = "default_per_allocation")]
+    pub channels_per_allocation: usize,
+}
+
+fn default_per_allocation() -> usize {
+    128
 }
 
 fn default_user_quota() -> u32 {
@@ -184,6 +215,8 @@ impl Default for Limits {
             user_quota: default_user_quota(),
             total_quota: 0,
             max_lifetime: default_max_lifetime(),
+            permissions_per_allocation: default_per_allocation(),
+            channels_per_allocation: default_per_allocation(),
         }
     }
 }
@@ -262,6 +295,27 @@ impl Config {
         for (user, password) in &self.auth.users {
             crate::proto::auth::prepare_password(password)
                 .map_err(|_| format!("auth.users.{user}: the password holds prohibited characters"))?;
+        }
+        if self.relay.address.is_unspecified() && self.relay.external_address.is_none() {
+            return Err("relay.address is unspecified: set relay.external_address to the address clients reach".into());
+        }
+        if !self.relay.address.is_ipv4() {
+            return Err("relay.address must be an IPv4 address; use relay.ipv6_address for IPv6".into());
+        }
+        if let Some(a) = self.relay.ipv6_address {
+            if !a.is_ipv6() {
+                return Err("relay.ipv6_address must be an IPv6 address".into());
+            }
+            if a.is_unspecified() && self.relay.ipv6_external_address.is_none() {
+                return Err("relay.ipv6_address is unspecified: set relay.ipv6_external_address".into());
+            }
+        }
+        let ports = usize::from(self.relay.ports.high - self.relay.ports.low) + 1;
+        if ports < self.worker_count() {
+            return Err(format!("relay.ports holds {ports} ports, fewer than the {} workers", self.worker_count()));
+        }
+        if self.auth.nonce_lifetime < 30 {
+            return Err("auth.nonce_lifetime must be at least 30 seconds".into());
         }
         if self.limits.max_lifetime < 600 {
             return Err("limits.max_lifetime must be at least 600 seconds (RFC 8656 default lifetime)".into());

@@ -87,14 +87,21 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
         }
         None => None,
     };
-    let bound = turnstile::io::start(&config)?;
+    let mut services = Vec::new();
+    if let Some((listener, _)) = &metrics {
+        services.push(listener.local_addr()?);
+    }
+    let started = turnstile::io::start(&config, &services)?;
     if demo {
         tracing::warn!(
             "running the embedded demo configuration: loopback only, demo user alice/secret, \
              loopback peers allowed; pass --config FILE for anything else"
         );
-        if let Some(addr) = bound.first() {
-            println!("{{\"iceServers\":[{{\"urls\":[\"stun:{addr}\"]}}]}}");
+        if let Some(addr) = started.udp.first() {
+            println!(
+                "{{\"iceServers\":[{{\"urls\":[\"stun:{addr}\",\"turn:{addr}?transport=udp\"],\
+                 \"username\":\"alice\",\"credential\":\"secret\"}}]}}"
+            );
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

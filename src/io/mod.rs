@@ -1,26 +1,64 @@
 //! IO drivers: sockets, threads and timers around the sans-IO core.
 
 pub mod metrics_http;
+pub mod relay;
+pub mod stats_export;
 pub mod udp;
 pub mod worker;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crate::config::{Config, Transport};
-use crate::proto::server::ServerConfig;
+use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
+
+/// What `start` bound, for logs and for the iceServers hint.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub udp: Vec<SocketAddr>,
+}
+
+/// Builds the shared parts of the core from the configuration.
+pub fn credentials(config: &Config, nonce_secret: &[u8; 32]) -> io::Result<Arc<Credentials>> {
+    let users = config.auth.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
+    Credentials::new(&config.realm, users, &config.auth.secrets, nonce_secret, config.auth.nonce_lifetime)
+        .map(Arc::new)
+        .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
+}
+
+/// The peer policy, with the relay addresses as "own" addresses and the
+/// listeners and metrics endpoint as the server's own services.
+pub fn peer_policy(config: &Config, services: Vec<SocketAddr>) -> PeerPolicy {
+    let r = &config.relay;
+    let addresses: Vec<IpAddr> =
+        [Some(r.address), r.external_address, r.ipv6_address, r.ipv6_external_address].into_iter().flatten().collect();
+    PeerPolicy::new(
+        config.peers.allow.clone(),
+        config.peers.deny.clone(),
+        OwnRelays { addresses, port_low: r.ports.low, port_high: r.ports.high, services },
+    )
+}
+
+fn random_secret() -> io::Result<[u8; 32]> {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
+    Ok(s)
+}
 
 /// Binds every listener for every worker and starts the workers. Port 0 in
 /// a listen address is resolved once, so all workers share the port.
-pub fn start(config: &Config) -> io::Result<Vec<SocketAddr>> {
+/// `extra_services` are sockets bound elsewhere (the metrics listener) that
+/// relayed traffic must never reach.
+pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Started> {
     let workers = config.worker_count();
     let mut per_worker: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::new();
+    let mut udp_bound = Vec::new();
     for listen in config.listen.iter().filter(|l| l.transport == Transport::Udp) {
         let first = udp::bind_reuseport(listen.address)?;
         let addr = first.local_addr()?;
         tracing::info!("listening udp {addr}");
-        bound.push(addr);
+        udp_bound.push(addr);
         let mut sockets = vec![first];
         for _ in 1..workers {
             sockets.push(udp::bind_reuseport(addr)?);
@@ -29,15 +67,37 @@ pub fn start(config: &Config) -> io::Result<Vec<SocketAddr>> {
             slot.push(socket);
         }
     }
+
+    let credentials = credentials(config, &random_secret()?)?;
+    let mut services = udp_bound.clone();
+    services.extend_from_slice(extra_services);
+    let policy = peer_policy(config, services);
+    let quotas = Arc::new(Quotas::new(config.limits.user_quota, config.limits.total_quota));
+    let port_seed = random_secret()?;
+    let r = &config.relay;
+    let relay_v4 = Some(RelayAddress { bind: r.address, external: r.external_address });
+    let relay_v6 = r.ipv6_address.map(|bind| RelayAddress { bind, external: r.ipv6_external_address });
     let software = (!config.software.is_empty()).then(|| config.software.clone());
+    let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
+    let span = high - low + 1;
     for (index, udp) in per_worker.into_iter().enumerate() {
-        worker::spawn(worker::WorkerSetup {
-            index,
-            udp,
-            server: ServerConfig {
-                software: software.clone(),
-            },
-        })?;
+        // Each worker hands out its own slice of the relay port range.
+        let i = index as u32;
+        let n = workers as u32;
+        let slice_low = low + span * i / n;
+        let slice_high = low + span * (i + 1) / n - 1;
+        let server_config = ServerConfig {
+            software: software.clone(),
+            relay_v4,
+            relay_v6,
+            ports: (slice_low as u16, slice_high as u16),
+            max_lifetime: config.limits.max_lifetime,
+            max_permissions: config.limits.permissions_per_allocation,
+            max_channels: config.limits.channels_per_allocation,
+            port_seed,
+        };
+        let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
+        worker::spawn(worker::WorkerSetup { index, udp, server })?;
     }
-    Ok(bound)
+    Ok(Started { udp: udp_bound })
 }

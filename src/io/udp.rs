@@ -1,22 +1,17 @@
-//! The UDP listener driver: batched receive (recvmmsg, GRO) through
-//! quinn-udp, each datagram handed to the worker's sans-IO core, answers sent
-//! straight back from the same socket.
+//! UDP listener sockets: SO_REUSEPORT per worker, batched receive (recvmmsg,
+//! GRO trains split by stride) through quinn-udp.
 
-use std::cell::RefCell;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::rc::Rc;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::proto::server::{ClientOutcome, Server};
-
 /// Datagrams received per system call.
-const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 /// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
+pub const MAX_DATAGRAM: usize = 65_535;
 
 /// Binds a UDP socket with SO_REUSEPORT so every worker can own one on the
 /// same address and the kernel spreads clients across them.
@@ -38,6 +33,13 @@ pub struct UdpListener {
     state: UdpSocketState,
 }
 
+/// Receive buffers for one listener: a slot per datagram of a batch.
+pub struct RecvBatch {
+    storage: Vec<u8>,
+    slot: usize,
+    meta: [RecvMeta; BATCH],
+}
+
 impl UdpListener {
     /// Wraps a bound, non-blocking socket; must run inside the worker's runtime.
     pub fn new(socket: std::net::UdpSocket) -> io::Result<UdpListener> {
@@ -50,56 +52,35 @@ impl UdpListener {
         self.socket.local_addr()
     }
 
-    /// Receives and answers until the socket fails.
-    pub async fn run(self, server: Rc<RefCell<Server>>) -> io::Result<()> {
-        // One slot per datagram of the batch, large enough for GRO trains.
+    pub fn batch(&self) -> RecvBatch {
         let slot = MAX_DATAGRAM.max(1500 * self.state.gro_segments());
-        let mut storage = vec![0u8; slot * BATCH];
-        let mut meta = [RecvMeta::default(); BATCH];
-        let mut out = vec![0u8; 2048];
-        loop {
-            let mut bufs: [IoSliceMut<'_>; BATCH] = {
-                let mut chunks = storage.chunks_mut(slot);
-                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
-            };
-            let n = self
-                .socket
-                .async_io(Interest::READABLE, || {
-                    self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
-                })
-                .await?;
-            let mut server = server.borrow_mut();
-            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
-                let stride = m.stride.max(1);
-                for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
-                    match server.handle_client_packet(m.addr, datagram, &mut out) {
-                        ClientOutcome::Reply { len } => self.send(m.addr, out.get(..len).unwrap_or_default()),
-                        ClientOutcome::Consumed => {}
-                        ClientOutcome::Drop(reason) => {
-                            metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label())
-                                .increment(1);
-                        }
-                    }
-                }
-            }
-        }
+        RecvBatch { storage: vec![0u8; slot * BATCH], slot, meta: [RecvMeta::default(); BATCH] }
     }
 
-    /// Sends without waiting: a full socket buffer drops the datagram, as UDP would.
-    fn send(&self, destination: SocketAddr, contents: &[u8]) {
-        let t = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size: None,
-            src_ip: None,
+    /// Waits for datagrams and calls `each(source, datagram)` for every one.
+    pub async fn recv(&self, batch: &mut RecvBatch, mut each: impl FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+        let RecvBatch { storage, slot, meta } = batch;
+        let mut bufs: [IoSliceMut<'_>; BATCH] = {
+            let mut chunks = storage.chunks_mut(*slot);
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
         };
-        if self
+        let n = self
             .socket
-            .try_io(Interest::WRITABLE, || self.state.try_send((&self.socket).into(), &t))
-            .is_err()
-        {
-            metrics::counter!("turnstile_send_dropped_total").increment(1);
+            .async_io(Interest::READABLE, || self.state.recv((&self.socket).into(), &mut bufs, meta))
+            .await?;
+        for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+            let stride = m.stride.max(1);
+            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
+                each(m.addr, datagram);
+            }
         }
+        Ok(())
+    }
+
+    /// Sends without waiting: a full socket buffer drops the datagram, as
+    /// UDP would, and reports false.
+    pub fn send(&self, destination: SocketAddr, contents: &[u8]) -> bool {
+        let t = Transmit { destination, ecn: None, contents, segment_size: None, src_ip: None };
+        self.socket.try_io(Interest::WRITABLE, || self.state.try_send((&self.socket).into(), &t)).is_ok()
     }
 }

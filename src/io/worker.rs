@@ -1,48 +1,252 @@
 //! Workers: one thread each, with its own single-threaded runtime, its own
-//! SO_REUSEPORT listener sockets and its own server core. Nothing on the
-//! packet path is shared between workers.
+//! SO_REUSEPORT listener sockets, its relay sockets and its own server core.
+//! Nothing on the packet path is shared between workers.
 
 use std::cell::RefCell;
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::io::udp::UdpListener;
-use crate::proto::server::{Server, ServerConfig};
+use rustc_hash::FxHashMap;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle as TaskHandle;
+
+use crate::io::relay;
+use crate::io::stats_export::StatsExporter;
+use crate::io::udp::{MAX_DATAGRAM, UdpListener};
+use crate::proto::server::{
+    BindResult, ClientKey, ClientOutcome, Command, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome,
+    RelayId, Server, Transport,
+};
 
 /// What one worker is handed at start-up.
 pub struct WorkerSetup {
     pub index: usize,
     pub udp: Vec<std::net::UdpSocket>,
-    pub server: ServerConfig,
+    pub server: Server,
 }
 
 /// Starts a worker thread. It runs until the process exits.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("turnstile-w{}", setup.index))
-        .spawn(move || {
-            let index = setup.index;
-            if let Err(e) = run(setup) {
-                tracing::error!(worker = index, "worker stopped: {e}");
-                std::process::exit(1);
-            }
-        })
+    std::thread::Builder::new().name(format!("turnstile-w{}", setup.index)).spawn(move || {
+        let index = setup.index;
+        if let Err(e) = run(setup) {
+            tracing::error!(worker = index, "worker stopped: {e}");
+            std::process::exit(1);
+        }
+    })
 }
+
+/// The clocks as the core wants them.
+pub fn now() -> Now {
+    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Now { instant: Instant::now(), unix }
+}
+
+struct RelaySocket {
+    socket: Rc<UdpSocket>,
+    task: TaskHandle<()>,
+}
+
+/// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`,
+/// never held across an await).
+struct Worker {
+    index: usize,
+    server: Server,
+    listeners: Vec<Rc<UdpListener>>,
+    relays: FxHashMap<RelayId, RelaySocket>,
+    /// Responses are written here.
+    out: Vec<u8>,
+    /// Peer datagrams are received here, after PEER_HEADROOM bytes.
+    peer_buf: Vec<u8>,
+    exporter: StatsExporter,
+}
+
+type Shared = Rc<RefCell<Worker>>;
 
 fn run(setup: WorkerSetup) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let server = Rc::new(RefCell::new(Server::new(setup.server)));
-        let mut tasks = Vec::new();
+        let mut server = setup.server;
+        let mut listeners = Vec::new();
         for socket in setup.udp {
-            let listener = UdpListener::new(socket)?;
-            tasks.push(tokio::task::spawn_local(listener.run(server.clone())));
+            let id = server.add_listener(Transport::Udp);
+            debug_assert_eq!(usize::from(id.0), listeners.len());
+            listeners.push(Rc::new(UdpListener::new(socket)?));
         }
+        let worker: Shared = Rc::new(RefCell::new(Worker {
+            index: setup.index,
+            server,
+            listeners: listeners.clone(),
+            relays: FxHashMap::default(),
+            out: vec![0u8; 2048],
+            peer_buf: vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM],
+            exporter: StatsExporter::new(setup.index),
+        }));
+        let mut tasks = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            tasks.push(tokio::task::spawn_local(listen(worker.clone(), ListenerId(i as u16), listener)));
+        }
+        tokio::task::spawn_local(timers(worker.clone()));
         for t in tasks {
             t.await.map_err(io::Error::other)??;
         }
         Ok(())
     })
+}
+
+/// Receives client datagrams on one listener and hands them to the core.
+async fn listen(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -> io::Result<()> {
+    let mut batch = listener.batch();
+    loop {
+        let now = now();
+        listener
+            .recv(&mut batch, |client, datagram| {
+                on_client_datagram(&worker, now, ClientKey { listener: id, client }, datagram);
+            })
+            .await?;
+    }
+}
+
+fn on_client_datagram(shared: &Shared, now: Now, key: ClientKey, datagram: &[u8]) {
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    let mut outcome = w.server.handle_client_packet(now, key, datagram, &mut w.out);
+    loop {
+        match outcome {
+            ClientOutcome::Reply { len } => {
+                if let Some(l) = w.listeners.get(usize::from(key.listener.0)) {
+                    send_or_count(l.send(key.client, w.out.get(..len).unwrap_or_default()));
+                }
+                break;
+            }
+            ClientOutcome::Forward { relay, peer, start, end } => {
+                if let (Some(r), Some(data)) = (w.relays.get(&relay), datagram.get(start..end)) {
+                    send_or_count(r.socket.try_send_to(data, peer).is_ok());
+                }
+                break;
+            }
+            ClientOutcome::BindRelay(request) => {
+                let mut results = [None, None];
+                for (slot, result) in request.sockets.iter().zip(results.iter_mut()) {
+                    if let Some((rid, addr)) = slot {
+                        *result = Some(open_relay(shared, w, *rid, *addr, request.dont_fragment));
+                    }
+                }
+                outcome = w.server.relay_bound(now, results, &mut w.out);
+            }
+            ClientOutcome::Consumed => break,
+            ClientOutcome::Drop(reason) => {
+                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
+                break;
+            }
+        }
+    }
+    run_commands(w);
+}
+
+fn send_or_count(sent: bool) {
+    if !sent {
+        metrics::counter!("turnstile_send_dropped_total").increment(1);
+    }
+}
+
+fn run_commands(w: &mut Worker) {
+    while let Some(cmd) = w.server.poll_command() {
+        match cmd {
+            Command::CloseRelay(id) => {
+                if let Some(r) = w.relays.remove(&id) {
+                    r.task.abort();
+                }
+            }
+        }
+    }
+}
+
+/// Binds a relay socket and starts its receive task.
+fn open_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr, dont_fragment: bool) -> BindResult {
+    let std_socket = match relay::bind(addr, dont_fragment) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let socket = match UdpSocket::from_std(std_socket) {
+        Ok(s) => Rc::new(s),
+        Err(_) => return BindResult::Failed,
+    };
+    let task = tokio::task::spawn_local(relay_loop(shared.clone(), id, socket.clone()));
+    w.relays.insert(id, RelaySocket { socket, task });
+    BindResult::Bound
+}
+
+/// Receives peer datagrams on one relay socket.
+async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        // Drain what is there, with a budget so one busy peer cannot starve the worker.
+        for _ in 0..64 {
+            let mut guard = shared.borrow_mut();
+            let w = &mut *guard;
+            let Some(recv_buf) = w.peer_buf.get_mut(PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM) else { return };
+            match socket.try_recv_from(recv_buf) {
+                Ok((len, peer)) => {
+                    let now = Instant::now();
+                    match w.server.handle_peer_packet(now, id, peer, &mut w.peer_buf, PEER_HEADROOM, len) {
+                        PeerOutcome::ToClient { key, start, end } => {
+                            if let (Some(l), Some(data)) =
+                                (w.listeners.get(usize::from(key.listener.0)), w.peer_buf.get(start..end))
+                            {
+                                send_or_count(l.send(key.client, data));
+                            }
+                        }
+                        PeerOutcome::Drop(reason) => {
+                            metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label())
+                                .increment(1);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // With IP_RECVERR, an ICMP error for a datagram we sent surfaces here.
+                    drain_icmp(w, id, socket.as_raw_fd());
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn drain_icmp(w: &mut Worker, id: RelayId, fd: std::os::fd::RawFd) {
+    while let Ok(Some(e)) = relay::recv_icmp_error(fd) {
+        let now = Instant::now();
+        if let Some((key, len)) =
+            w.server.handle_relay_icmp(now, id, e.peer, e.icmp_type, e.icmp_code, e.info, &mut w.out)
+            && let Some(l) = w.listeners.get(usize::from(key.listener.0))
+        {
+            send_or_count(l.send(key.client, w.out.get(..len).unwrap_or_default()));
+        }
+    }
+}
+
+/// Expires allocations and exports statistics, once a second.
+async fn timers(shared: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut guard = shared.borrow_mut();
+        let w = &mut *guard;
+        let now = Instant::now();
+        if w.server.poll_timeout().is_some_and(|t| t <= now) {
+            w.server.handle_timeout(now);
+            run_commands(w);
+        }
+        w.exporter.export(w.server.stats(), w.server.allocation_count(), w.relays.len());
+        let _ = w.index;
+    }
 }

@@ -1,23 +1,169 @@
-//! The sans-IO server core: packets and time in, decisions out. It owns no
-//! socket and reads no clock; the IO drivers in `crate::io` feed it.
+//! The sans-IO TURN server core (RFC 8656 over RFC 8489): packets and time
+//! in, decisions out. It owns no socket and reads no clock; the drivers in
+//! `crate::io` feed it and carry out what it returns.
+//!
+//! - [`Server::handle_client_packet`]: a datagram (or stream frame) from a
+//!   client. The answer is a reply written into the caller's `out` buffer, a
+//!   routing decision for relayed data (which relay socket, which peer, which
+//!   byte range of the caller's packet), or a request to bind relay sockets.
+//! - [`Server::relay_bound`]: the driver's answer to such a request.
+//! - [`Server::handle_peer_packet`]: a datagram from a peer on a relay
+//!   socket, received with headroom so the ChannelData or Data-indication
+//!   header is written in place in front of it.
+//! - [`Server::handle_timeout`] / [`Server::poll_timeout`]: timers.
+//! - [`Server::poll_command`]: control-plane work for the driver (close a
+//!   relay socket).
+//!
+//! Relayed data is never copied or heap-allocated here.
 
+pub mod allocation;
+pub mod auth;
 pub mod binding;
+pub mod peer_policy;
+pub mod ports;
+pub mod quota;
+mod stats;
 
-use std::net::SocketAddr;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::proto::channel_data::{ChannelData, ChannelDataError};
+use rustc_hash::FxHashMap;
+use slab::Slab;
+
+pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
+pub use auth::{AuthFailure, Credentials, IntegritySuite};
+pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
+pub use quota::{QuotaRefusal, Quotas};
+pub use stats::Stats;
+
+use crate::proto::auth::LongTermKey;
+use crate::proto::channel_data::{self, ChannelData, ChannelDataError};
 use crate::proto::demux::{PacketKind, classify};
-use crate::proto::stun::{Class, Message, MessageWriter, ParseError};
+use crate::proto::stun::attr::transport;
+use crate::proto::stun::{
+    AddressFamily, Attribute, BufferTooSmall, Class, Message, MessageWriter, Method, ParseError, TransactionId, kind,
+};
+use allocation::{BindConflict, family_index};
+use ports::RelayPorts;
+
+/// Default allocation lifetime (RFC 8656 §7.2).
+pub const DEFAULT_LIFETIME: u32 = 600;
+/// Room a driver leaves in front of a peer datagram: a Data indication's
+/// header, XOR-PEER-ADDRESS (IPv6) and DATA header.
+pub const PEER_HEADROOM: usize = 20 + 4 + 20 + 4;
+/// Room after a peer datagram: padding to a multiple of 4.
+pub const PEER_TAILROOM: usize = 3;
+/// Attempts to find a bindable relay port before answering 508.
+const MAX_BIND_ATTEMPTS: u8 = 8;
+
+/// The two clocks the core needs, given by the driver: a monotonic instant
+/// for lifetimes and Unix seconds for nonces and REST expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix: u64,
+}
+
+/// How a listener carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    /// TCP or TLS: ChannelData is padded to a multiple of 4.
+    Stream,
+}
+
+/// Where relay sockets of one address family bind and what they advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayAddress {
+    pub bind: IpAddr,
+    /// Advertised instead of `bind` behind 1:1 NAT.
+    pub external: Option<IpAddr>,
+}
+
+/// Everything the core is configured with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Sent as SOFTWARE in responses, if set.
+    pub software: Option<String>,
+    pub relay_v4: Option<RelayAddress>,
+    pub relay_v6: Option<RelayAddress>,
+    /// This worker's slice of the relay port range.
+    pub ports: (u16, u16),
+    /// Longest lifetime granted, seconds.
+    pub max_lifetime: u32,
+    pub max_permissions: usize,
+    pub max_channels: usize,
+    /// Keys the relay-port scramble and reservation tokens; shared by all
+    /// workers so any of them redeems any token.
+    pub port_seed: [u8; 32],
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            software: None,
+            relay_v4: Some(RelayAddress { bind: IpAddr::from([127, 0, 0, 1]), external: None }),
+            relay_v6: None,
+            ports: (49152, 65535),
+            max_lifetime: 3600,
+            max_permissions: 128,
+            max_channels: 128,
+            port_seed: [7; 32],
+        }
+    }
+}
 
 /// What to do with one packet from a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientOutcome {
     /// Send `out[..len]` back to the client.
     Reply { len: usize },
-    /// Nothing to send; the packet was handled (an indication, a keepalive).
+    /// Send `packet[start..end]` from relay socket `relay` to `peer`.
+    Forward { relay: RelayId, peer: SocketAddr, start: usize, end: usize },
+    /// Bind relay sockets, then call [`Server::relay_bound`].
+    BindRelay(BindRequest),
+    /// Nothing to send; the packet was handled (a keepalive).
     Consumed,
-    /// The packet was refused without an answer; count it under this reason.
+    /// Refused without an answer; count it under this reason.
     Drop(DropReason),
+}
+
+/// Relay sockets to bind for an Allocate: per family, an id and an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindRequest {
+    /// Index 0: IPv4, index 1: IPv6; `None` for families not requested, or
+    /// already bound in an earlier round.
+    pub sockets: [Option<(RelayId, SocketAddr)>; 2],
+    /// Set DF on the relay socket (DONT-FRAGMENT).
+    pub dont_fragment: bool,
+}
+
+/// The driver's result for one socket of a [`BindRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindResult {
+    Bound,
+    /// EADDRINUSE: try another port.
+    InUse,
+    /// Anything else (EMFILE, EADDRNOTAVAIL, …): give up (508).
+    Failed,
+}
+
+/// What to do with one datagram from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerOutcome {
+    /// Send `buf[start..end]` to the client on its listener.
+    ToClient { key: ClientKey, start: usize, end: usize },
+    Drop(DropReason),
+}
+
+/// Control-plane work for the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// The allocation is gone: close this relay socket.
+    CloseRelay(RelayId),
 }
 
 /// Why a packet got no answer. Each maps to one metric label.
@@ -31,10 +177,22 @@ pub enum DropReason {
     BadFingerprint,
     /// A response or error arrived at the server.
     UnexpectedClass,
+    /// An indication the server does not act on, or a malformed one.
+    BadIndication,
     /// ChannelData that does not parse.
     BadChannelData(ChannelDataError),
+    /// Data from a client without an allocation.
+    NoAllocation,
     /// ChannelData for a channel that is not bound.
     UnboundChannel,
+    /// Data to or from a peer without a permission.
+    NoPermission,
+    /// Send to a peer the policy refuses.
+    PeerRefused(PeerRefusal),
+    /// The peer's address family has no relay in this allocation.
+    FamilyMismatch,
+    /// A datagram on a relay socket the core does not know.
+    UnknownRelay,
     /// The answer did not fit the output buffer.
     OutputTooSmall,
 }
@@ -46,44 +204,221 @@ impl DropReason {
             DropReason::Malformed(e) => e.label(),
             DropReason::BadFingerprint => "bad_fingerprint",
             DropReason::UnexpectedClass => "unexpected_class",
+            DropReason::BadIndication => "bad_indication",
             DropReason::BadChannelData(e) => e.label(),
+            DropReason::NoAllocation => "no_allocation",
             DropReason::UnboundChannel => "unbound_channel",
+            DropReason::NoPermission => "no_permission",
+            DropReason::PeerRefused(_) => "peer_refused",
+            DropReason::FamilyMismatch => "peer_family_mismatch",
+            DropReason::UnknownRelay => "unknown_relay",
             DropReason::OutputTooSmall => "output_too_small",
         }
     }
 }
 
-/// Server-wide settings the core needs.
-#[derive(Debug, Clone, Default)]
-pub struct ServerConfig {
-    /// Sent as SOFTWARE in responses, if set.
-    pub software: Option<String>,
+/// An Allocate waiting for its relay sockets.
+#[derive(Debug, Clone)]
+struct PendingAllocate {
+    key: ClientKey,
+    tid: TransactionId,
+    username: String,
+    credential: LongTermKey,
+    algorithm: crate::proto::auth::PasswordAlgorithm,
+    suite: IntegritySuite,
+    rest_expiry: Option<u64>,
+    fingerprint: bool,
+    lifetime: u32,
+    sockets: [Option<(RelayId, SocketAddr)>; 2],
+    bound: [bool; 2],
+    /// ADDRESS-ERROR-CODE for an additional family that could not be served.
+    family_error: Option<AddressFamily>,
+    even_port: bool,
+    reserve_pair: bool,
+    /// The redeemed reservation's port is fixed: no retry on another port.
+    fixed_port: bool,
+    dont_fragment: bool,
+    attempts: u8,
 }
 
-/// The protocol state of one worker.
+/// One worker's TURN server.
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
+    credentials: Arc<Credentials>,
+    policy: PeerPolicy,
+    quotas: Arc<Quotas>,
+    listeners: Vec<Transport>,
+    ports: [RelayPorts; 2],
+    allocations: Slab<Allocation>,
+    by_client: FxHashMap<ClientKey, usize>,
+    /// Relay socket → allocation (`None` while its Allocate is pending).
+    relays: Slab<Option<usize>>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    commands: VecDeque<Command>,
+    pending: Option<PendingAllocate>,
+    stats: Stats,
+}
+
+/// What the request handlers produce before it becomes a ClientOutcome.
+type Handled = Result<ClientOutcome, Refusal>;
+
+/// An error response to send: code, reason, and a label for logs.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+    label: &'static str,
+}
+
+const fn refuse(code: u16, reason: &'static str, label: &'static str) -> Refusal {
+    Refusal { code, reason, label }
+}
+
+const BAD_REQUEST: Refusal = refuse(400, "Bad Request", "bad_request");
+
+/// Authentication context of a response: MESSAGE-INTEGRITY of the request's suite.
+#[derive(Clone, Copy)]
+struct Signing<'k> {
+    key: &'k LongTermKey,
+    suite: IntegritySuite,
 }
 
 impl Server {
-    pub fn new(config: ServerConfig) -> Server {
-        Server { config }
+    pub fn new(config: ServerConfig, credentials: Arc<Credentials>, policy: PeerPolicy, quotas: Arc<Quotas>) -> Server {
+        let (low, high) = config.ports;
+        let mut seed6 = config.port_seed;
+        seed6[0] ^= 0x5a;
+        let ports = [RelayPorts::new(low, high, &config.port_seed), RelayPorts::new(low, high, &seed6)];
+        Server {
+            config,
+            credentials,
+            policy,
+            quotas,
+            listeners: Vec::new(),
+            ports,
+            allocations: Slab::new(),
+            by_client: FxHashMap::default(),
+            relays: Slab::new(),
+            timers: BinaryHeap::new(),
+            commands: VecDeque::new(),
+            pending: None,
+            stats: Stats::default(),
+        }
     }
 
-    /// Handles one packet received from `client`; any answer is written into `out`.
-    pub fn handle_client_packet(&mut self, client: SocketAddr, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
+    /// Registers a listening socket; its id goes into every [`ClientKey`].
+    pub fn add_listener(&mut self, transport: Transport) -> ListenerId {
+        self.listeners.push(transport);
+        ListenerId((self.listeners.len() - 1) as u16)
+    }
+
+    /// Replaces users, secrets and realm (configuration reload); allocations keep their keys.
+    pub fn set_credentials(&mut self, credentials: Arc<Credentials>) {
+        self.credentials = credentials;
+    }
+
+    /// Replaces the peer policy (configuration reload).
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// The allocation of a 5-tuple, for inspection.
+    pub fn allocation(&self, key: &ClientKey) -> Option<&Allocation> {
+        self.by_client.get(key).and_then(|&i| self.allocations.get(i))
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let alloc = self.timers.peek().map(|Reverse((t, _))| *t);
+        [alloc, self.ports[0].next_deadline(), self.ports[1].next_deadline()].into_iter().flatten().min()
+    }
+
+    /// Expires allocations and port holds whose time has come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            // Refreshes push new entries; act only when the allocation really expired.
+            if self.allocations.get(id).is_some_and(|a| a.expires <= now) {
+                self.stats.allocations_expired += 1;
+                self.remove_allocation(id);
+            }
+        }
+        for p in &mut self.ports {
+            p.expire(now);
+        }
+    }
+
+    // ----- client side -------------------------------------------------
+
+    /// Handles one packet from a client; any answer is written into `out`.
+    pub fn handle_client_packet(&mut self, now: Now, key: ClientKey, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
         match classify(packet) {
-            PacketKind::Stun => self.handle_stun(client, packet, out),
-            PacketKind::ChannelData => match ChannelData::parse(packet) {
-                Ok(_) => ClientOutcome::Drop(DropReason::UnboundChannel),
-                Err(e) => ClientOutcome::Drop(DropReason::BadChannelData(e)),
-            },
+            PacketKind::ChannelData => self.handle_channel_data(now.instant, &key, packet),
+            PacketKind::Stun => self.handle_stun(now, key, packet, out),
             PacketKind::Other => ClientOutcome::Drop(DropReason::NotTurn),
         }
     }
 
-    fn handle_stun(&mut self, client: SocketAddr, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
+    /// The hot path from clients: ChannelData to a bound peer.
+    #[inline]
+    fn handle_channel_data(&mut self, now: Instant, key: &ClientKey, packet: &[u8]) -> ClientOutcome {
+        let cd = match ChannelData::parse(packet) {
+            Ok(cd) => cd,
+            Err(e) => return ClientOutcome::Drop(DropReason::BadChannelData(e)),
+        };
+        let Some(alloc) = self.by_client.get(key).and_then(|&i| self.allocations.get(i)) else {
+            return ClientOutcome::Drop(DropReason::NoAllocation);
+        };
+        let Some(channel) = alloc.channel(cd.channel, now) else {
+            return ClientOutcome::Drop(DropReason::UnboundChannel);
+        };
+        if !alloc.permits(channel.peer.ip(), now) {
+            return ClientOutcome::Drop(DropReason::NoPermission);
+        }
+        let Some(relay) = alloc.relay_for(&channel.peer) else {
+            return ClientOutcome::Drop(DropReason::FamilyMismatch);
+        };
+        let len = cd.data.len();
+        self.stats.client_to_peer_packets += 1;
+        self.stats.client_to_peer_bytes += len as u64;
+        ClientOutcome::Forward {
+            relay: relay.id,
+            peer: self.route(channel.peer),
+            start: channel_data::HEADER_LEN,
+            end: channel_data::HEADER_LEN + len,
+        }
+    }
+
+    /// A peer that is this server's own external address is reached at the
+    /// bound address instead, so relaying between two allocations of this
+    /// server never depends on NAT hairpinning.
+    #[inline]
+    fn route(&self, peer: SocketAddr) -> SocketAddr {
+        for r in [&self.config.relay_v4, &self.config.relay_v6].into_iter().flatten() {
+            if r.external == Some(peer.ip()) {
+                return SocketAddr::new(r.bind, peer.port());
+            }
+        }
+        peer
+    }
+
+    fn handle_stun(&mut self, now: Now, key: ClientKey, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
         let msg = match Message::parse(packet) {
             Ok(m) => m,
             Err(e) => return ClientOutcome::Drop(DropReason::Malformed(e)),
@@ -93,132 +428,680 @@ impl Server {
         }
         match msg.class() {
             Class::Request => {}
-            // Binding indications are keepalives; other indications need an allocation.
-            Class::Indication => return ClientOutcome::Consumed,
-            Class::Success | Class::Error => {
-                return ClientOutcome::Drop(DropReason::UnexpectedClass);
+            Class::Indication => return self.handle_indication(now.instant, &key, &msg),
+            Class::Success | Class::Error => return ClientOutcome::Drop(DropReason::UnexpectedClass),
+        }
+        if !msg.unknown_comprehension_required().is_empty() {
+            self.stats.count_error(420);
+            return write_or_drop(error_response(&msg, 420, "Unknown Attribute", None, out, |w| {
+                w.unknown_attributes(msg.unknown_comprehension_required())
+            }));
+        }
+        let method = msg.method();
+        if method == Method::BINDING {
+            return write_or_drop(binding::success(&msg, key.client, self.config.software.as_deref(), out).ok());
+        }
+        if !matches!(method, Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) {
+            self.stats.count_error(400);
+            return write_or_drop(error_response(&msg, 400, "Unsupported Method", None, out, |_| Ok(())));
+        }
+
+        // Long-term authentication; an existing allocation lends its key.
+        let alloc_id = self.by_client.get(&key).copied();
+        let known = alloc_id
+            .and_then(|i| self.allocations.get(i))
+            .map(|a| (a.username.as_str(), &a.credential, a.algorithm));
+        // A handle of our own, so the result may borrow from it while `self` changes.
+        let creds = Arc::clone(&self.credentials);
+        let authed = match creds.authenticate(&msg, &key.client, now.unix, known) {
+            Ok(a) => a,
+            Err(f) => {
+                self.stats.count_auth_failure(f);
+                return write_or_drop(error_response(&msg, f.code(), f.reason(), None, out, |w| {
+                    if f.sends_nonce() { creds.write_challenge(w, &key.client, now.unix) } else { Ok(()) }
+                }));
+            }
+        };
+        let signing_key = authed.key.clone();
+        let signing = Signing { key: &signing_key, suite: authed.suite };
+
+        let result = match method {
+            Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
+            _ => {
+                let Some(id) = alloc_id else {
+                    return self.refuse(&msg, refuse(437, "Allocation Mismatch", "allocation_mismatch"), signing, out);
+                };
+                if self.allocations.get(id).is_some_and(|a| a.username != authed.username) {
+                    return self.refuse(&msg, refuse(441, "Wrong Credentials", "wrong_credentials"), signing, out);
+                }
+                match method {
+                    Method::REFRESH => self.refresh(now, id, &msg, signing, out),
+                    Method::CREATE_PERMISSION => self.create_permission(now.instant, id, &msg, signing, out),
+                    _ => self.channel_bind(now.instant, id, &msg, signing, out),
+                }
+            }
+        };
+        match result {
+            Ok(outcome) => outcome,
+            Err(r) => self.refuse(&msg, r, signing, out),
+        }
+    }
+
+    fn refuse(&mut self, msg: &Message<'_>, r: Refusal, signing: Signing<'_>, out: &mut [u8]) -> ClientOutcome {
+        self.stats.count_refusal(r.code, r.label);
+        write_or_drop(error_response(msg, r.code, r.reason, Some(signing), out, |_| Ok(())))
+    }
+
+    fn handle_indication(&mut self, now: Instant, key: &ClientKey, msg: &Message<'_>) -> ClientOutcome {
+        match msg.method() {
+            Method::BINDING => ClientOutcome::Consumed, // keepalive
+            Method::SEND => self.send_indication(now, key, msg),
+            _ => ClientOutcome::Drop(DropReason::BadIndication),
+        }
+    }
+
+    /// Send indication (RFC 8656 §11): DATA to XOR-PEER-ADDRESS, given a permission.
+    fn send_indication(&mut self, now: Instant, key: &ClientKey, msg: &Message<'_>) -> ClientOutcome {
+        let Some(alloc) = self.by_client.get(key).and_then(|&i| self.allocations.get(i)) else {
+            return ClientOutcome::Drop(DropReason::NoAllocation);
+        };
+        let Some(Ok(peer)) = msg.xor_peer_addresses().next() else {
+            return ClientOutcome::Drop(DropReason::BadIndication);
+        };
+        let Some(data) = msg.raw_attributes().find(|a| a.kind == kind::DATA) else {
+            return ClientOutcome::Drop(DropReason::BadIndication);
+        };
+        let Some(relay) = alloc.relay_for(&peer) else {
+            return ClientOutcome::Drop(DropReason::FamilyMismatch);
+        };
+        if !alloc.permits(peer.ip(), now) {
+            return ClientOutcome::Drop(DropReason::NoPermission);
+        }
+        if let Err(r) = self.policy.check(&peer) {
+            return ClientOutcome::Drop(DropReason::PeerRefused(r));
+        }
+        let start = data.offset + 4;
+        self.stats.client_to_peer_packets += 1;
+        self.stats.client_to_peer_bytes += data.value.len() as u64;
+        ClientOutcome::Forward { relay: relay.id, peer: self.route(peer), start, end: start + data.value.len() }
+    }
+
+    // ----- Allocate ------------------------------------------------------
+
+    fn relay_config(&self, f: AddressFamily) -> Option<RelayAddress> {
+        match f {
+            AddressFamily::V4 => self.config.relay_v4,
+            AddressFamily::V6 => self.config.relay_v6,
+        }
+    }
+
+    fn granted_lifetime(&self, requested: Option<u32>) -> u32 {
+        let max = self.config.max_lifetime.max(DEFAULT_LIFETIME);
+        match requested {
+            Some(r) => r.clamp(DEFAULT_LIFETIME, max),
+            None => DEFAULT_LIFETIME,
+        }
+    }
+
+    fn allocate(
+        &mut self,
+        now: Now,
+        key: ClientKey,
+        msg: &Message<'_>,
+        authed: auth::Authenticated<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        if let Some(&id) = self.by_client.get(&key) {
+            let signing = Signing { key: &authed.key, suite: authed.suite };
+            // A retransmitted Allocate gets its success again (RFC 8656 §7.2).
+            if let Some(a) = self.allocations.get(id)
+                && a.tid == *msg.transaction_id()
+                && a.username == authed.username
+            {
+                return Ok(write_or_drop(self.allocate_success(msg, id, now, signing, out)));
+            }
+            return Err(refuse(437, "Allocation Mismatch", "allocation_mismatch"));
+        }
+        match msg.requested_transport() {
+            Ok(Some(transport::UDP)) => {}
+            Ok(Some(_)) => return Err(refuse(442, "Unsupported Transport Protocol", "unsupported_transport")),
+            Ok(None) | Err(_) => return Err(BAD_REQUEST),
+        }
+        let attr = |k| msg.get(k).map_err(|_| BAD_REQUEST);
+        let even_port = match attr(kind::EVEN_PORT)? {
+            Some(Attribute::EvenPort { reserve }) => Some(reserve),
+            _ => None,
+        };
+        let token = match attr(kind::RESERVATION_TOKEN)? {
+            Some(Attribute::ReservationToken(t)) => Some(*t),
+            _ => None,
+        };
+        let requested_family = match attr(kind::REQUESTED_ADDRESS_FAMILY)? {
+            Some(Attribute::RequestedAddressFamily(f)) => Some(f),
+            _ => None,
+        };
+        let additional = match attr(kind::ADDITIONAL_ADDRESS_FAMILY)? {
+            Some(Attribute::AdditionalAddressFamily(f)) => Some(f),
+            _ => None,
+        };
+        // RFC 8656 §7.2: combinations that make no sense are 400.
+        if (token.is_some() && (even_port.is_some() || requested_family.is_some()))
+            || (additional.is_some() && requested_family.is_some())
+            || additional.is_some_and(|f| f != AddressFamily::V6)
+        {
+            return Err(BAD_REQUEST);
+        }
+        let lifetime = self.granted_lifetime(msg.lifetime().map_err(|_| BAD_REQUEST)?);
+        let dont_fragment = msg.find(kind::DONT_FRAGMENT).is_some();
+
+        // Which families, which ports.
+        let primary = requested_family.unwrap_or(AddressFamily::V4);
+        let mut families = [false; 2];
+        let mut family_error = None;
+        if self.relay_config(primary).is_none() {
+            return Err(refuse(440, "Address Family not Supported", "family_not_supported"));
+        }
+        families[family_index(primary)] = true;
+        if let Some(extra) = additional {
+            if self.relay_config(extra).is_some() {
+                families[family_index(extra)] = true;
+            } else {
+                family_error = Some(extra);
             }
         }
-        let written = if !msg.unknown_comprehension_required().is_empty() {
-            error_response(&msg, 420, "Unknown Attribute", out, |w| {
-                w.unknown_attributes(msg.unknown_comprehension_required())
-            })
-        } else if msg.method() == crate::proto::stun::Method::BINDING {
-            binding::success(&msg, client, self.config.software.as_deref(), out).ok()
-        } else {
-            error_response(&msg, 400, "Unsupported Method", out, |_| Ok(()))
+        let fixed_port = match token {
+            Some(t) => Some(self.ports[0].redeem(&t, now.unix).ok_or(refuse(
+                508,
+                "Insufficient Capacity",
+                "bad_reservation_token",
+            ))?),
+            None => None,
         };
-        match written {
-            Some(len) => ClientOutcome::Reply { len },
-            None => ClientOutcome::Drop(DropReason::OutputTooSmall),
+
+        match self.quotas.acquire(authed.username) {
+            Ok(()) => {}
+            Err(QuotaRefusal::User) => return Err(refuse(486, "Allocation Quota Reached", "user_quota")),
+            Err(QuotaRefusal::Total) => return Err(refuse(508, "Insufficient Capacity", "total_quota")),
         }
+        let reserve_pair = even_port == Some(true);
+        let mut sockets = [None, None];
+        for (i, wanted) in families.iter().enumerate() {
+            if !*wanted {
+                continue;
+            }
+            let port = match fixed_port {
+                Some(p) => {
+                    self.ports[i].take_specific(p);
+                    Some(p)
+                }
+                None => self.ports[i].take(now.instant, even_port.is_some(), reserve_pair && i == family_index(primary)),
+            };
+            let bind = if i == 0 { self.config.relay_v4 } else { self.config.relay_v6 };
+            let (Some(port), Some(bind)) = (port, bind) else {
+                self.abandon(&sockets, authed.username);
+                return Err(refuse(508, "Insufficient Capacity", "no_relay_port"));
+            };
+            let rid = RelayId(self.relays.insert(None) as u32);
+            sockets[i] = Some((rid, SocketAddr::new(bind.bind, port)));
+        }
+        self.pending = Some(PendingAllocate {
+            key,
+            tid: *msg.transaction_id(),
+            username: authed.username.to_owned(),
+            credential: authed.key.clone(),
+            algorithm: authed.algorithm,
+            suite: authed.suite,
+            rest_expiry: authed.rest_expiry,
+            fingerprint: msg.has_fingerprint(),
+            lifetime,
+            sockets,
+            bound: [false; 2],
+            family_error,
+            even_port: even_port.is_some(),
+            reserve_pair,
+            fixed_port: fixed_port.is_some(),
+            dont_fragment,
+            attempts: 1,
+        });
+        Ok(ClientOutcome::BindRelay(BindRequest { sockets, dont_fragment }))
+    }
+
+    /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
+    fn abandon(&mut self, sockets: &[Option<(RelayId, SocketAddr)>; 2], username: &str) {
+        for (i, s) in sockets.iter().enumerate() {
+            if let Some((rid, addr)) = s {
+                self.ports[i].release(addr.port());
+                self.relays.try_remove(rid.0 as usize);
+            }
+        }
+        self.quotas.release(username);
+    }
+
+    /// The driver's answer to [`ClientOutcome::BindRelay`]: per family, how
+    /// binding went. Returns the Allocate response, or another bind request
+    /// for the sockets that must try other ports.
+    pub fn relay_bound(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
+        let Some(mut p) = self.pending.take() else { return ClientOutcome::Drop(DropReason::OutputTooSmall) };
+        let mut retry = [None, None];
+        let mut failed = false;
+        for i in 0..2 {
+            let (Some((rid, addr)), Some(result)) = (p.sockets[i], results[i]) else { continue };
+            match result {
+                BindResult::Bound => p.bound[i] = true,
+                BindResult::InUse if !p.fixed_port && p.attempts < MAX_BIND_ATTEMPTS => {
+                    self.ports[i].hold_busy(now.instant, addr.port());
+                    match self.ports[i].take(now.instant, p.even_port, p.reserve_pair && i == 0) {
+                        Some(port) => {
+                            let next = SocketAddr::new(addr.ip(), port);
+                            p.sockets[i] = Some((rid, next));
+                            retry[i] = Some((rid, next));
+                        }
+                        None => failed = true,
+                    }
+                }
+                BindResult::InUse | BindResult::Failed => failed = true,
+            }
+        }
+        let signing_key = p.credential.clone();
+        let signing = Signing { key: &signing_key, suite: p.suite };
+        if failed {
+            for i in 0..2 {
+                if let Some((rid, _)) = p.sockets[i]
+                    && p.bound[i]
+                {
+                    self.commands.push_back(Command::CloseRelay(rid));
+                }
+            }
+            self.abandon(&p.sockets, &p.username);
+            self.stats.count_refusal(508, "no_relay_port");
+            return write_or_drop(error_for(
+                p.tid,
+                Method::ALLOCATE,
+                508,
+                "Insufficient Capacity",
+                Some(signing),
+                p.fingerprint,
+                self.config.software.as_deref(),
+                out,
+            ));
+        }
+        if retry.iter().any(Option::is_some) {
+            p.attempts += 1;
+            let request = BindRequest { sockets: retry, dont_fragment: p.dont_fragment };
+            self.pending = Some(p);
+            return ClientOutcome::BindRelay(request);
+        }
+
+        // Every socket is bound: the allocation exists.
+        let relays = p.sockets.map(|s| {
+            s.map(|(id, bound)| {
+                let f = if bound.is_ipv4() { self.config.relay_v4 } else { self.config.relay_v6 };
+                let ip = f.and_then(|f| f.external).unwrap_or(bound.ip());
+                Relay { id, bound, advertised: SocketAddr::new(ip, bound.port()) }
+            })
+        });
+        let reservation_token = if p.reserve_pair {
+            p.sockets[0].map(|(_, a)| self.ports[0].token(a.port() + 1, now.unix))
+        } else {
+            None
+        };
+        let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));
+        let id = self.allocations.insert(Allocation {
+            key: p.key,
+            username: p.username,
+            credential: p.credential,
+            algorithm: p.algorithm,
+            suite: p.suite,
+            rest_expiry: p.rest_expiry,
+            tid: p.tid,
+            expires,
+            relays,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            reservation_token,
+        });
+        for r in relays.iter().flatten() {
+            if let Some(slot) = self.relays.get_mut(r.id.0 as usize) {
+                *slot = Some(id);
+            }
+        }
+        self.by_client.insert(p.key, id);
+        self.timers.push(Reverse((expires, id)));
+        self.stats.allocations_created += 1;
+
+        let family_error = p.family_error;
+        let software = self.config.software.as_deref();
+        let written = (|| {
+            let a = self.allocations.get(id)?;
+            let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, p.tid).ok()?;
+            write_allocate_body(&mut w, a, p.lifetime, family_error).ok()?;
+            finish(w, Some(signing), p.fingerprint, software)
+        })();
+        write_or_drop(written)
+    }
+
+    /// The success response of an existing allocation (for a retransmitted Allocate).
+    fn allocate_success(
+        &self,
+        msg: &Message<'_>,
+        id: usize,
+        now: Now,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let a = self.allocations.get(id)?;
+        let remaining = a.expires.saturating_duration_since(now.instant).as_secs() as u32;
+        let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, *msg.transaction_id()).ok()?;
+        write_allocate_body(&mut w, a, remaining, None).ok()?;
+        finish(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
+    }
+
+    fn remove_allocation(&mut self, id: usize) {
+        let Some(a) = self.allocations.try_remove(id) else { return };
+        self.by_client.remove(&a.key);
+        for r in a.relays.iter().flatten() {
+            self.relays.try_remove(r.id.0 as usize);
+            let i = usize::from(r.bound.is_ipv6());
+            if let Some(p) = self.ports.get_mut(i) {
+                p.release(r.bound.port());
+            }
+            self.commands.push_back(Command::CloseRelay(r.id));
+        }
+        self.quotas.release(&a.username);
+    }
+
+    // ----- Refresh, CreatePermission, ChannelBind -------------------------
+
+    fn refresh(&mut self, now: Now, id: usize, msg: &Message<'_>, signing: Signing<'_>, out: &mut [u8]) -> Handled {
+        let requested = msg.lifetime().map_err(|_| BAD_REQUEST)?;
+        if let Some(Attribute::RequestedAddressFamily(f)) = msg.get(kind::REQUESTED_ADDRESS_FAMILY).map_err(|_| BAD_REQUEST)?
+            && self.allocations.get(id).is_some_and(|a| a.relays.get(family_index(f)).is_none_or(Option::is_none))
+        {
+            return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
+        }
+        let lifetime = if requested == Some(0) {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id);
+            0
+        } else {
+            let lifetime = self.granted_lifetime(requested);
+            let expires = now.instant + Duration::from_secs(u64::from(lifetime));
+            if let Some(a) = self.allocations.get_mut(id) {
+                a.expires = expires;
+            }
+            self.timers.push(Reverse((expires, id)));
+            lifetime
+        };
+        let software = self.config.software.as_deref();
+        Ok(write_or_drop(success_response(msg, signing, software, out, |w| w.lifetime(lifetime))))
+    }
+
+    /// Peer addresses of a request, each checked against family and policy.
+    fn checked_peers(&mut self, id: usize, msg: &Message<'_>) -> Result<Vec<SocketAddr>, Refusal> {
+        let alloc = self.allocations.get(id).ok_or(BAD_REQUEST)?;
+        let mut peers = Vec::new();
+        for p in msg.xor_peer_addresses() {
+            let peer = p.map_err(|_| BAD_REQUEST)?;
+            if alloc.relay_for(&peer).is_none() {
+                return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
+            }
+            if let Err(r) = self.policy.check_permission(peer.ip()) {
+                self.stats.count_peer_refusal(r);
+                return Err(refuse(403, "Forbidden", "peer_forbidden"));
+            }
+            peers.push(peer);
+        }
+        if peers.is_empty() {
+            return Err(BAD_REQUEST);
+        }
+        Ok(peers)
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        id: usize,
+        msg: &Message<'_>,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        let ips: Vec<IpAddr> = self.checked_peers(id, msg)?.iter().map(SocketAddr::ip).collect();
+        let max = self.config.max_permissions;
+        let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
+        if !a.permit_all(&ips, now, max) {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+        }
+        let software = self.config.software.as_deref();
+        Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
+    }
+
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        id: usize,
+        msg: &Message<'_>,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        let number = match msg.channel_number() {
+            Ok(Some(n)) if channel_data::is_valid_channel(n) => n,
+            _ => return Err(BAD_REQUEST),
+        };
+        let peers = self.checked_peers(id, msg)?;
+        let [peer] = peers.as_slice() else { return Err(BAD_REQUEST) };
+        // A channel to the server's own address must also name a relay port.
+        if let Err(r) = self.policy.check(peer) {
+            self.stats.count_peer_refusal(r);
+            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+        }
+        let (max_channels, max_permissions) = (self.config.max_channels, self.config.max_permissions);
+        let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
+        match a.bind_channel(number, *peer, now, max_channels) {
+            Ok(()) => {}
+            Err(BindConflict::Full) => return Err(refuse(508, "Insufficient Capacity", "too_many_channels")),
+            Err(_) => return Err(refuse(400, "Bad Request", "channel_conflict")),
+        }
+        // Binding installs or refreshes the permission (RFC 8656 §12.2).
+        if !a.permit_all(&[peer.ip()], now, max_permissions) {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+        }
+        let software = self.config.software.as_deref();
+        Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
+    }
+
+    // ----- peer side ------------------------------------------------------
+
+    /// Handles a datagram from `peer` on relay socket `relay`. The datagram
+    /// is `buf[start..start + len]`; at least [`PEER_HEADROOM`] bytes before
+    /// it and [`PEER_TAILROOM`] after it are the core's to write.
+    pub fn handle_peer_packet(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+    ) -> PeerOutcome {
+        let Some(alloc) = self.relays.get(relay.0 as usize).copied().flatten().and_then(|i| self.allocations.get(i))
+        else {
+            return PeerOutcome::Drop(DropReason::UnknownRelay);
+        };
+        if !alloc.permits(peer.ip(), now) {
+            return PeerOutcome::Drop(DropReason::NoPermission);
+        }
+        let key = alloc.key;
+        let stream = self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream);
+        let end = start + len;
+        let outcome = if let Some(ch) = alloc.channel_for_peer(&peer, now) {
+            let Ok(len16) = u16::try_from(len) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            let Some(head_at) = start.checked_sub(channel_data::HEADER_LEN) else {
+                return PeerOutcome::Drop(DropReason::OutputTooSmall);
+            };
+            let Some(h) = buf.get_mut(head_at..start) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            h.copy_from_slice(&channel_data::header(ch.number, len16));
+            let mut end = end;
+            if stream {
+                let padded = head_at + 4 + ((len + 3) & !3);
+                let Some(pad) = buf.get_mut(end..padded) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+                pad.fill(0);
+                end = padded;
+            }
+            PeerOutcome::ToClient { key, start: head_at, end }
+        } else {
+            // Data indication, written in place around the data.
+            let addr_len = if peer.is_ipv4() { 8 } else { 20 };
+            let head = 20 + 4 + addr_len + 4;
+            let Some(head_at) = start.checked_sub(head) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            let padded_end = start + ((len + 3) & !3);
+            let Some(region) = buf.get_mut(head_at..padded_end) else {
+                return PeerOutcome::Drop(DropReason::OutputTooSmall);
+            };
+            let tid = TransactionId(indication_tid(&mut self.stats));
+            let written = (|| {
+                let mut w = MessageWriter::new(region, Class::Indication, Method::DATA, tid).ok()?;
+                w.xor_peer_address(&peer).ok()?;
+                // The value is already in place: only the header and padding are written.
+                w.attribute_with(kind::DATA, len, |_| Some(())).ok()?;
+                Some(w.finish())
+            })();
+            match written {
+                Some(n) => PeerOutcome::ToClient { key, start: head_at, end: head_at + n },
+                None => PeerOutcome::Drop(DropReason::OutputTooSmall),
+            }
+        };
+        self.stats.peer_to_client_packets += 1;
+        self.stats.peer_to_client_bytes += len as u64;
+        outcome
+    }
+
+    /// An ICMP error the relay socket received for `peer` (IP_RECVERR): tell
+    /// the client with a Data indication carrying ICMP (RFC 8656 §11.5),
+    /// written into `out`, if the peer has a permission.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_relay_icmp(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        peer: SocketAddr,
+        icmp_type: u8,
+        icmp_code: u8,
+        error_data: u32,
+        out: &mut [u8],
+    ) -> Option<(ClientKey, usize)> {
+        let alloc = self.relays.get(relay.0 as usize).copied().flatten().and_then(|i| self.allocations.get(i))?;
+        if !alloc.permits(peer.ip(), now) {
+            return None;
+        }
+        let key = alloc.key;
+        let tid = TransactionId(indication_tid(&mut self.stats));
+        let mut w = MessageWriter::new(out, Class::Indication, Method::DATA, tid).ok()?;
+        w.xor_peer_address(&peer).ok()?;
+        w.icmp(icmp_type, icmp_code, error_data).ok()?;
+        self.stats.icmp_relayed += 1;
+        Some((key, w.finish()))
     }
 }
 
-/// Writes an error response to `request` with `code`, extra attributes from
-/// `extra`, and FINGERPRINT when the request had one.
-fn error_response(
-    request: &Message<'_>,
-    code: u16,
-    reason: &str,
-    out: &mut [u8],
-    extra: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), crate::proto::stun::BufferTooSmall>,
+/// Transaction ids of server-originated indications: unique per worker, no
+/// randomness needed (RFC 8489 only asks clients for unpredictable ids).
+fn indication_tid(stats: &mut Stats) -> [u8; 12] {
+    stats.indications_sent += 1;
+    let mut t = [0u8; 12];
+    let (_, counter) = t.split_at_mut(4);
+    counter.copy_from_slice(&stats.indications_sent.to_be_bytes());
+    t
+}
+
+fn write_allocate_body(
+    w: &mut MessageWriter<'_>,
+    a: &Allocation,
+    lifetime: u32,
+    family_error: Option<AddressFamily>,
+) -> Result<(), BufferTooSmall> {
+    for r in a.relays.iter().flatten() {
+        w.xor_relayed_address(&r.advertised)?;
+    }
+    w.lifetime(lifetime)?;
+    if let Some(t) = &a.reservation_token {
+        w.reservation_token(t)?;
+    }
+    w.xor_mapped_address(&a.key.client)?;
+    if let Some(f) = family_error {
+        w.address_error_code(f, 440, "Address Family not Supported")?;
+    }
+    Ok(())
+}
+
+fn write_or_drop(written: Option<usize>) -> ClientOutcome {
+    match written {
+        Some(len) => ClientOutcome::Reply { len },
+        None => ClientOutcome::Drop(DropReason::OutputTooSmall),
+    }
+}
+
+/// SOFTWARE, MESSAGE-INTEGRITY(-SHA256) when signing, FINGERPRINT when the
+/// request had one; returns the length.
+fn finish(
+    mut w: MessageWriter<'_>,
+    signing: Option<Signing<'_>>,
+    fingerprint: bool,
+    software: Option<&str>,
 ) -> Option<usize> {
-    let mut w = MessageWriter::new(out, Class::Error, request.method(), *request.transaction_id()).ok()?;
-    w.error_code(code, reason).ok()?;
-    extra(&mut w).ok()?;
-    if request.has_fingerprint() {
+    if let Some(s) = software {
+        w.software(s).ok()?;
+    }
+    match signing {
+        Some(Signing { key, suite: IntegritySuite::Sha1 }) => w.message_integrity(key.hmac_sha1()).ok()?,
+        Some(Signing { key, suite: IntegritySuite::Sha256 }) => w.message_integrity_sha256(key.hmac_sha256()).ok()?,
+        None => {}
+    }
+    if fingerprint {
         w.fingerprint().ok()?;
     }
     Some(w.finish())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::stun::{Method, TransactionId};
+fn success_response(
+    request: &Message<'_>,
+    signing: Signing<'_>,
+    software: Option<&str>,
+    out: &mut [u8],
+    body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), BufferTooSmall>,
+) -> Option<usize> {
+    let mut w = MessageWriter::new(out, Class::Success, request.method(), *request.transaction_id()).ok()?;
+    body(&mut w).ok()?;
+    finish(w, Some(signing), request.has_fingerprint(), software)
+}
 
-    fn request(method: Method, extra: impl FnOnce(&mut MessageWriter<'_>), fingerprint: bool) -> Vec<u8> {
-        let mut buf = [0u8; 512];
-        let mut w = MessageWriter::new(&mut buf, Class::Request, method, TransactionId([3; 12])).unwrap();
-        extra(&mut w);
-        if fingerprint {
-            w.fingerprint().unwrap();
-        }
-        let n = w.finish();
-        buf[..n].to_vec()
-    }
+/// An error response to `request`: ERROR-CODE, extra attributes, then
+/// integrity when the request was authenticated and FINGERPRINT when it had one.
+fn error_response(
+    request: &Message<'_>,
+    code: u16,
+    reason: &str,
+    signing: Option<Signing<'_>>,
+    out: &mut [u8],
+    extra: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), BufferTooSmall>,
+) -> Option<usize> {
+    let mut w = MessageWriter::new(out, Class::Error, request.method(), *request.transaction_id()).ok()?;
+    w.error_code(code, reason).ok()?;
+    extra(&mut w).ok()?;
+    finish(w, signing, request.has_fingerprint(), None)
+}
 
-    #[test]
-    fn binding_answers_with_mapped_address_and_fingerprint() {
-        let mut s = Server::new(ServerConfig {
-            software: Some("t".into()),
-        });
-        let client: SocketAddr = "198.51.100.4:4444".parse().unwrap();
-        let req = request(Method::BINDING, |_| {}, true);
-        let mut out = [0u8; 256];
-        let ClientOutcome::Reply { len } = s.handle_client_packet(client, &req, &mut out) else {
-            panic!()
-        };
-        let resp = Message::parse(&out[..len]).unwrap();
-        assert_eq!(resp.class(), Class::Success);
-        assert_eq!(resp.transaction_id(), &TransactionId([3; 12]));
-        assert_eq!(resp.xor_mapped_address().unwrap(), Some(client));
-        assert_eq!(resp.software().unwrap(), Some("t"));
-        assert!(resp.verify_fingerprint().is_ok());
-
-        let req = request(Method::BINDING, |_| {}, false);
-        let ClientOutcome::Reply { len } = s.handle_client_packet(client, &req, &mut out) else {
-            panic!()
-        };
-        assert!(!Message::parse(&out[..len]).unwrap().has_fingerprint());
-    }
-
-    #[test]
-    fn refusals() {
-        let mut s = Server::new(ServerConfig::default());
-        let client: SocketAddr = "198.51.100.4:4444".parse().unwrap();
-        let mut out = [0u8; 256];
-        // Unknown comprehension-required attribute: 420 listing it.
-        let req = request(Method::BINDING, |w| w.attribute(0x7777, b"x").unwrap(), false);
-        let ClientOutcome::Reply { len } = s.handle_client_packet(client, &req, &mut out) else {
-            panic!()
-        };
-        let resp = Message::parse(&out[..len]).unwrap();
-        assert_eq!(resp.error_code().unwrap().unwrap().code, 420);
-        let Some(crate::proto::stun::Attribute::UnknownAttributes(u)) =
-            resp.get(crate::proto::stun::kind::UNKNOWN_ATTRIBUTES).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(u.iter().collect::<Vec<_>>(), vec![0x7777]);
-        // Bad fingerprint: dropped.
-        let mut req = request(Method::BINDING, |_| {}, true);
-        let n = req.len();
-        req[n - 1] ^= 1;
-        assert_eq!(
-            s.handle_client_packet(client, &req, &mut out),
-            ClientOutcome::Drop(DropReason::BadFingerprint)
-        );
-        // Garbage and truncation: dropped.
-        assert_eq!(
-            s.handle_client_packet(client, b"\x16\x03\x01", &mut out),
-            ClientOutcome::Drop(DropReason::NotTurn)
-        );
-        let req = request(Method::BINDING, |_| {}, false);
-        assert!(matches!(
-            s.handle_client_packet(client, &req[..19], &mut out),
-            ClientOutcome::Drop(DropReason::Malformed(_))
-        ));
-        // Indication: consumed silently.
-        let mut ind = request(Method::BINDING, |_| {}, false);
-        ind[1] = 0x11;
-        assert_eq!(s.handle_client_packet(client, &ind, &mut out), ClientOutcome::Consumed);
-        // Output too small.
-        let req = request(Method::BINDING, |_| {}, false);
-        assert_eq!(
-            s.handle_client_packet(client, &req, &mut out[..20]),
-            ClientOutcome::Drop(DropReason::OutputTooSmall)
-        );
-    }
+#[allow(clippy::too_many_arguments)]
+fn error_for(
+    tid: TransactionId,
+    method: Method,
+    code: u16,
+    reason: &str,
+    signing: Option<Signing<'_>>,
+    fingerprint: bool,
+    software: Option<&str>,
+    out: &mut [u8],
+) -> Option<usize> {
+    let mut w = MessageWriter::new(out, Class::Error, method, tid).ok()?;
+    w.error_code(code, reason).ok()?;
+    finish(w, signing, fingerprint, software)
 }

@@ -1,0 +1,47 @@
+//! Turns a worker's plain counters into Prometheus metrics: deltas are
+//! added once a second, so the packet path never touches a shared atomic.
+
+use crate::proto::server::Stats;
+
+pub struct StatsExporter {
+    worker: String,
+    last: Stats,
+}
+
+impl StatsExporter {
+    pub fn new(worker: usize) -> StatsExporter {
+        StatsExporter { worker: worker.to_string(), last: Stats::default() }
+    }
+
+    pub fn export(&mut self, now: &Stats, allocations: usize, relay_sockets: usize) {
+        let last = &self.last;
+        let add = |name: &'static str, labels: &[(&'static str, &'static str)], cur: u64, prev: u64| {
+            if cur > prev {
+                let labels: Vec<(&'static str, String)> = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+                metrics::counter!(name, &labels).increment(cur - prev);
+            }
+        };
+        add("turnstile_relayed_packets_total", &[("direction", "client_to_peer")], now.client_to_peer_packets, last.client_to_peer_packets);
+        add("turnstile_relayed_packets_total", &[("direction", "peer_to_client")], now.peer_to_client_packets, last.peer_to_client_packets);
+        add("turnstile_relayed_bytes_total", &[("direction", "client_to_peer")], now.client_to_peer_bytes, last.client_to_peer_bytes);
+        add("turnstile_relayed_bytes_total", &[("direction", "peer_to_client")], now.peer_to_client_bytes, last.peer_to_client_bytes);
+        add("turnstile_allocations_created_total", &[], now.allocations_created, last.allocations_created);
+        add("turnstile_allocations_expired_total", &[], now.allocations_expired, last.allocations_expired);
+        add("turnstile_allocations_deleted_total", &[], now.allocations_deleted, last.allocations_deleted);
+        add("turnstile_icmp_relayed_total", &[], now.icmp_relayed, last.icmp_relayed);
+        add("turnstile_peer_refused_total", &[("reason", "special_purpose")], now.peer_special_purpose, last.peer_special_purpose);
+        add("turnstile_peer_refused_total", &[("reason", "operator_denied")], now.peer_operator_denied, last.peer_operator_denied);
+        add("turnstile_peer_refused_total", &[("reason", "server_own_port")], now.peer_server_own_port, last.peer_server_own_port);
+        add("turnstile_auth_failures_total", &[("reason", "bad_integrity")], now.auth_bad_integrity, last.auth_bad_integrity);
+        add("turnstile_auth_failures_total", &[("reason", "unknown_user")], now.auth_unknown_user, last.auth_unknown_user);
+        add("turnstile_auth_failures_total", &[("reason", "expired")], now.auth_expired, last.auth_expired);
+        add("turnstile_auth_failures_total", &[("reason", "stale_nonce")], now.auth_stale_nonce, last.auth_stale_nonce);
+        add("turnstile_auth_failures_total", &[("reason", "bid_down")], now.auth_bid_down, last.auth_bid_down);
+        for ((code, cur), (_, prev)) in now.errors.iter().zip(last.errors.iter()) {
+            add("turnstile_error_responses_total", &[("code", code)], cur, prev);
+        }
+        metrics::gauge!("turnstile_allocations_active", "worker" => self.worker.clone()).set(allocations as f64);
+        metrics::gauge!("turnstile_relay_sockets", "worker" => self.worker.clone()).set(relay_sockets as f64);
+        self.last = now.clone();
+    }
+}

@@ -1,0 +1,277 @@
+//! The long-term credential mechanism on the server side (RFC 8489 §9.2):
+//! 401 challenges with REALM and a stateless NONCE, 438 for stale nonces,
+//! static users and TURN REST shared secrets at once, the SHA-256 suite with
+//! bid-down protection, and USERHASH.
+
+use rustc_hash::FxHashMap;
+
+use super::super::auth::nonce::{NonceError, NonceKey, SecurityFeatures, nonce_cookie_features};
+use super::super::auth::{LongTermKey, PasswordAlgorithm, RestError, RestSecrets, prepare_password, userhash};
+use crate::proto::stun::attr::{Attribute, password_algorithm};
+use crate::proto::stun::{IntegrityError, Message, MessageWriter, kind};
+use std::net::SocketAddr;
+
+/// What the server offers in PASSWORD-ALGORITHMS, in preference order.
+pub const OFFERED_ALGORITHMS: [(u16, &[u8]); 2] =
+    [(password_algorithm::SHA256, &[]), (password_algorithm::MD5, &[])];
+/// The same, as it appears on the wire, for the byte-exact bid-down check.
+const OFFERED_ALGORITHMS_WIRE: [u8; 8] = [0, 2, 0, 0, 0, 1, 0, 0];
+
+/// Which MESSAGE-INTEGRITY a request carried; the response uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntegritySuite {
+    Sha1,
+    Sha256,
+}
+
+/// Keys for one static user.
+#[derive(Debug, Clone)]
+struct StaticUser {
+    md5: LongTermKey,
+    sha256: LongTermKey,
+}
+
+/// A request that passed authentication.
+#[derive(Debug, Clone)]
+pub struct Authenticated<'a> {
+    /// The username (resolved from USERHASH if that was sent).
+    pub username: &'a str,
+    pub key: LongTermKey,
+    pub algorithm: PasswordAlgorithm,
+    pub suite: IntegritySuite,
+    /// REST expiry, when the username is a REST credential.
+    pub rest_expiry: Option<u64>,
+}
+
+/// Why a request is refused; each maps to one STUN error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No MESSAGE-INTEGRITY at all: the first request of a session (401).
+    Challenge,
+    /// MESSAGE-INTEGRITY present but USERNAME/USERHASH, REALM or NONCE missing (400).
+    MissingAttributes,
+    /// Nonce not ours, or too old (438).
+    StaleNonce(NonceError),
+    /// PASSWORD-ALGORITHM(S) altered or inconsistent: a bid-down attempt (400).
+    AlgorithmMismatch,
+    /// No such user (401).
+    UnknownUser,
+    /// REST credential past its expiry (401).
+    Expired,
+    /// MESSAGE-INTEGRITY does not verify (401).
+    BadIntegrity,
+    /// REALM differs from ours (401).
+    WrongRealm,
+}
+
+impl AuthFailure {
+    pub const fn code(self) -> u16 {
+        match self {
+            AuthFailure::MissingAttributes | AuthFailure::AlgorithmMismatch => 400,
+            AuthFailure::StaleNonce(_) => 438,
+            _ => 401,
+        }
+    }
+
+    pub const fn reason(self) -> &'static str {
+        match self.code() {
+            400 => "Bad Request",
+            438 => "Stale Nonce",
+            _ => "Unauthenticated",
+        }
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Challenge => "challenge",
+            AuthFailure::MissingAttributes => "auth_missing_attributes",
+            AuthFailure::StaleNonce(NonceError::Invalid) => "nonce_invalid",
+            AuthFailure::StaleNonce(NonceError::Expired) => "nonce_expired",
+            AuthFailure::AlgorithmMismatch => "password_algorithm_mismatch",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Expired => "rest_credential_expired",
+            AuthFailure::BadIntegrity => "bad_integrity",
+            AuthFailure::WrongRealm => "wrong_realm",
+        }
+    }
+
+    /// Whether the error response carries a fresh REALM and NONCE.
+    pub const fn sends_nonce(self) -> bool {
+        !matches!(self, AuthFailure::MissingAttributes | AuthFailure::AlgorithmMismatch)
+    }
+}
+
+/// The server's credential store and nonce issuer.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    realm: String,
+    users: FxHashMap<String, StaticUser>,
+    userhashes: FxHashMap<[u8; 32], String>,
+    rest: RestSecrets,
+    nonce_key: NonceKey,
+    nonce_lifetime: u64,
+    features: SecurityFeatures,
+}
+
+/// A password in the configuration could not be prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadPassword(pub String);
+
+impl Credentials {
+    /// Builds the store. `users` holds (name, password) pairs.
+    pub fn new<'a>(
+        realm: &str,
+        users: impl IntoIterator<Item = (&'a str, &'a str)>,
+        rest_secrets: &[String],
+        nonce_secret: &[u8; 32],
+        nonce_lifetime_secs: u64,
+    ) -> Result<Credentials, BadPassword> {
+        let mut map = FxHashMap::default();
+        let mut hashes = FxHashMap::default();
+        for (name, password) in users {
+            let p = prepare_password(password).map_err(|_| BadPassword(name.to_owned()))?;
+            map.insert(
+                name.to_owned(),
+                StaticUser {
+                    md5: LongTermKey::derive(PasswordAlgorithm::Md5, name, realm, &p),
+                    sha256: LongTermKey::derive(PasswordAlgorithm::Sha256, name, realm, &p),
+                },
+            );
+            hashes.insert(userhash(name, realm), name.to_owned());
+        }
+        Ok(Credentials {
+            realm: realm.to_owned(),
+            users: map,
+            userhashes: hashes,
+            rest: RestSecrets::new(rest_secrets),
+            nonce_key: NonceKey::new(nonce_secret),
+            nonce_lifetime: nonce_lifetime_secs,
+            features: SecurityFeatures::PASSWORD_ALGORITHMS.union(SecurityFeatures::USERNAME_ANONYMITY),
+        })
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// Appends REALM, a fresh NONCE and PASSWORD-ALGORITHMS to an error
+    /// response (401/438).
+    pub fn write_challenge(
+        &self,
+        w: &mut MessageWriter<'_>,
+        client: &SocketAddr,
+        now_unix: u64,
+    ) -> Result<(), crate::proto::stun::BufferTooSmall> {
+        let nonce = self.nonce_key.issue(now_unix, client, self.features);
+        w.realm(&self.realm)?;
+        w.nonce(nonce.as_str())?;
+        w.password_algorithms(&OFFERED_ALGORITHMS)
+    }
+
+    /// Authenticates a request. `known` is the username and key of the
+    /// allocation the request belongs to, when there is one: its key is tried
+    /// first, so a REST user's key is derived once per allocation.
+    pub fn authenticate<'r, 's: 'r, 'm: 'r>(
+        &'s self,
+        msg: &Message<'m>,
+        client: &SocketAddr,
+        now_unix: u64,
+        known: Option<(&str, &LongTermKey, PasswordAlgorithm)>,
+    ) -> Result<Authenticated<'r>, AuthFailure> {
+        let suite = if msg.has_integrity_sha256() {
+            IntegritySuite::Sha256
+        } else if msg.has_integrity() {
+            IntegritySuite::Sha1
+        } else {
+            return Err(AuthFailure::Challenge);
+        };
+        let realm = msg.realm().ok().flatten();
+        let nonce = msg.nonce().ok().flatten();
+        let username: Option<&'r str> = match msg.username().ok().flatten() {
+            Some(u) => Some(u),
+            None => match msg.userhash().ok().flatten() {
+                // A USERHASH we cannot resolve is an unknown user, not a malformed request.
+                Some(h) => Some(self.userhash_name(h).ok_or(AuthFailure::UnknownUser)?),
+                None => None,
+            },
+        };
+        let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
+            return Err(AuthFailure::MissingAttributes);
+        };
+        let features =
+            self.nonce_key.validate(nonce, now_unix, client, self.nonce_lifetime).map_err(AuthFailure::StaleNonce)?;
+        let algorithm = self.algorithm(msg, features)?;
+        if realm != self.realm {
+            return Err(AuthFailure::WrongRealm);
+        }
+
+        let rest_expiry = match self.rest.check_username(username, now_unix) {
+            Ok(r) if !self.users.contains_key(username) => Some(r.expiry),
+            Err(RestError::Expired) if !self.users.contains_key(username) => return Err(AuthFailure::Expired),
+            _ => None,
+        };
+        let verify = |key: &LongTermKey| -> Result<(), IntegrityError> {
+            match suite {
+                IntegritySuite::Sha1 => msg.verify_integrity_with(key.hmac_sha1()),
+                IntegritySuite::Sha256 => msg.verify_integrity_sha256_with(key.hmac_sha256()),
+            }
+        };
+        let done = |key: LongTermKey| Authenticated { username, key, algorithm, suite, rest_expiry };
+
+        if let Some((known_user, key, alg)) = known
+            && known_user == username
+            && alg == algorithm
+            && verify(key).is_ok()
+        {
+            return Ok(done(key.clone()));
+        }
+        if let Some(user) = self.users.get(username) {
+            let key = match algorithm {
+                PasswordAlgorithm::Md5 => &user.md5,
+                PasswordAlgorithm::Sha256 => &user.sha256,
+            };
+            return verify(key).map(|_| done(key.clone())).map_err(|_| AuthFailure::BadIntegrity);
+        }
+        if rest_expiry.is_none() {
+            return Err(AuthFailure::UnknownUser);
+        }
+        for password in self.rest.passwords(username) {
+            let password = std::str::from_utf8(&password).unwrap_or_default();
+            let key = LongTermKey::derive(algorithm, username, &self.realm, password);
+            if verify(&key).is_ok() {
+                return Ok(done(key));
+            }
+        }
+        Err(AuthFailure::BadIntegrity)
+    }
+
+    fn userhash_name(&self, hash: &[u8; 32]) -> Option<&str> {
+        self.userhashes.get(hash).map(String::as_str)
+    }
+
+    /// RFC 8489 §9.2.4: which password algorithm the request uses, refusing
+    /// bid-down attempts when our nonce advertised PASSWORD-ALGORITHMS.
+    fn algorithm(&self, msg: &Message<'_>, features: SecurityFeatures) -> Result<PasswordAlgorithm, AuthFailure> {
+        let offered = msg.find(kind::PASSWORD_ALGORITHMS);
+        let chosen = match msg.get(kind::PASSWORD_ALGORITHM) {
+            Ok(Some(Attribute::PasswordAlgorithm(a))) => Some(a.algorithm),
+            Ok(_) => None,
+            Err(_) => return Err(AuthFailure::AlgorithmMismatch),
+        };
+        match (offered, chosen) {
+            (None, None) => Ok(PasswordAlgorithm::Md5),
+            (Some(list), Some(alg)) if features.contains(SecurityFeatures::PASSWORD_ALGORITHMS) => {
+                if list != OFFERED_ALGORITHMS_WIRE {
+                    return Err(AuthFailure::AlgorithmMismatch);
+                }
+                PasswordAlgorithm::from_number(alg).ok_or(AuthFailure::AlgorithmMismatch)
+            }
+            _ => Err(AuthFailure::AlgorithmMismatch),
+        }
+    }
+
+    /// Whether a nonce came from a server offering PASSWORD-ALGORITHMS.
+    pub fn nonce_offers_algorithms(nonce: &str) -> bool {
+        nonce_cookie_features(nonce).is_some_and(|f| f.contains(SecurityFeatures::PASSWORD_ALGORITHMS))
+    }
+}

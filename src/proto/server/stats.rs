@@ -1,0 +1,116 @@
+//! Per-worker counters. Plain integers owned by one worker: the hot path
+//! touches no shared atomic. The driver reads them periodically and exports
+//! the deltas.
+
+use super::auth::AuthFailure;
+use super::peer_policy::PeerRefusal;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub client_to_peer_packets: u64,
+    pub client_to_peer_bytes: u64,
+    pub peer_to_client_packets: u64,
+    pub peer_to_client_bytes: u64,
+    pub allocations_created: u64,
+    pub allocations_expired: u64,
+    pub allocations_deleted: u64,
+    pub indications_sent: u64,
+    pub icmp_relayed: u64,
+    /// Error responses by code class: 400, 401, 403, 420, 437, 438, 440–443, 486, 508, other.
+    pub errors: ErrorCounts,
+    /// Peer refusals by reason.
+    pub peer_special_purpose: u64,
+    pub peer_operator_denied: u64,
+    pub peer_server_own_port: u64,
+    /// Authentication failures answered 401 without a challenge-only reason.
+    pub auth_bad_integrity: u64,
+    pub auth_unknown_user: u64,
+    pub auth_expired: u64,
+    pub auth_stale_nonce: u64,
+    pub auth_bid_down: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorCounts {
+    pub e400: u64,
+    pub e401: u64,
+    pub e403: u64,
+    pub e420: u64,
+    pub e437: u64,
+    pub e438: u64,
+    pub e440: u64,
+    pub e441: u64,
+    pub e442: u64,
+    pub e443: u64,
+    pub e486: u64,
+    pub e508: u64,
+    pub other: u64,
+}
+
+impl ErrorCounts {
+    /// (code, count) pairs for export.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("400", self.e400),
+            ("401", self.e401),
+            ("403", self.e403),
+            ("420", self.e420),
+            ("437", self.e437),
+            ("438", self.e438),
+            ("440", self.e440),
+            ("441", self.e441),
+            ("442", self.e442),
+            ("443", self.e443),
+            ("486", self.e486),
+            ("508", self.e508),
+            ("other", self.other),
+        ]
+        .into_iter()
+    }
+}
+
+impl Stats {
+    pub(crate) fn count_error(&mut self, code: u16) {
+        let e = &mut self.errors;
+        let slot = match code {
+            400 => &mut e.e400,
+            401 => &mut e.e401,
+            403 => &mut e.e403,
+            420 => &mut e.e420,
+            437 => &mut e.e437,
+            438 => &mut e.e438,
+            440 => &mut e.e440,
+            441 => &mut e.e441,
+            442 => &mut e.e442,
+            443 => &mut e.e443,
+            486 => &mut e.e486,
+            508 => &mut e.e508,
+            _ => &mut e.other,
+        };
+        *slot += 1;
+    }
+
+    pub(crate) fn count_refusal(&mut self, code: u16, _label: &'static str) {
+        self.count_error(code);
+    }
+
+    pub(crate) fn count_peer_refusal(&mut self, r: PeerRefusal) {
+        match r {
+            PeerRefusal::SpecialPurpose => self.peer_special_purpose += 1,
+            PeerRefusal::OperatorDenied => self.peer_operator_denied += 1,
+            PeerRefusal::ServerOwnPort => self.peer_server_own_port += 1,
+        }
+    }
+
+    pub(crate) fn count_auth_failure(&mut self, f: AuthFailure) {
+        self.count_error(f.code());
+        match f {
+            AuthFailure::Challenge | AuthFailure::MissingAttributes | AuthFailure::WrongRealm => {}
+            AuthFailure::StaleNonce(_) => self.auth_stale_nonce += 1,
+            AuthFailure::AlgorithmMismatch => self.auth_bid_down += 1,
+            AuthFailure::UnknownUser => self.auth_unknown_user += 1,
+            AuthFailure::Expired => self.auth_expired += 1,
+            AuthFailure::BadIntegrity => self.auth_bad_integrity += 1,
+        }
+    }
+}
