@@ -36,9 +36,22 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub compat: Compat,
     /// Prometheus endpoint; absent means no metrics listener.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+}
+
+/// Interoperability with clients of older RFCs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compat {
+    /// Accept channel numbers 0x4000–0x7FFF (RFC 5766) instead of RFC 8656's
+    /// 0x4000–0x4FFF. pjnath, re/baresip and coturn's own test client pick
+    /// numbers above 0x4FFF; browsers do not.
+    #[serde(default)]
+    pub legacy_channel_numbers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,7 +175,11 @@ fn default_nonce_lifetime() -> u64 {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { users: BTreeMap::new(), secrets: Vec::new(), nonce_lifetime: default_nonce_lifetime() }
+        Auth {
+            users: BTreeMap::new(),
+            secrets: Vec::new(),
+            nonce_lifetime: default_nonce_lifetime(),
+        }
     }
 }
 
@@ -312,7 +329,10 @@ impl Config {
         }
         let ports = usize::from(self.relay.ports.high - self.relay.ports.low) + 1;
         if ports < self.worker_count() {
-            return Err(format!("relay.ports holds {ports} ports, fewer than the {} workers", self.worker_count()));
+            return Err(format!(
+                "relay.ports holds {ports} ports, fewer than the {} workers",
+                self.worker_count()
+            ));
         }
         if self.auth.nonce_lifetime < 30 {
             return Err("auth.nonce_lifetime must be at least 30 seconds".into());

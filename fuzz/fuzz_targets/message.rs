@@ -4,7 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnstile::proto::server::{Server, ServerConfig};
+use std::sync::Arc;
+
+use turnstile::proto::server::{Credentials, Now, PeerPolicy, Quotas, Server, ServerConfig};
 use turnstile::proto::stun::Message;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,5 +25,18 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut out = [0u8; 1500];
     let client = "192.0.2.1:4000".parse().unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    std::hint::black_box(Server::new(ServerConfig::default()).handle_client_packet(client, data, &mut out));
+    std::hint::black_box(test_server().handle_client_packet(now(), key(client), data, &mut out));
 });
+
+fn test_server() -> Server {
+    let creds = Credentials::new("realm", [("user", "pass")], &["secret".to_owned()], &[1; 32], 600).unwrap();
+    Server::new(ServerConfig::default(), Arc::new(creds), PeerPolicy::default(), Arc::new(Quotas::new(10, 0)))
+}
+
+fn key(client: std::net::SocketAddr) -> turnstile::proto::server::ClientKey {
+    turnstile::proto::server::ClientKey { listener: turnstile::proto::server::ListenerId(0), client }
+}
+
+fn now() -> Now {
+    Now { instant: std::time::Instant::now(), unix: 1_700_000_000 }
+}

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::{Config, Transport};
+use crate::proto::channel_data::ChannelRange;
 use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
 
 /// What `start` bound, for logs and for the iceServers hint.
@@ -22,21 +23,39 @@ pub struct Started {
 /// Builds the shared parts of the core from the configuration.
 pub fn credentials(config: &Config, nonce_secret: &[u8; 32]) -> io::Result<Arc<Credentials>> {
     let users = config.auth.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
-    Credentials::new(&config.realm, users, &config.auth.secrets, nonce_secret, config.auth.nonce_lifetime)
-        .map(Arc::new)
-        .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
+    Credentials::new(
+        &config.realm,
+        users,
+        &config.auth.secrets,
+        nonce_secret,
+        config.auth.nonce_lifetime,
+    )
+    .map(Arc::new)
+    .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
 }
 
 /// The peer policy, with the relay addresses as "own" addresses and the
 /// listeners and metrics endpoint as the server's own services.
 pub fn peer_policy(config: &Config, services: Vec<SocketAddr>) -> PeerPolicy {
     let r = &config.relay;
-    let addresses: Vec<IpAddr> =
-        [Some(r.address), r.external_address, r.ipv6_address, r.ipv6_external_address].into_iter().flatten().collect();
+    let addresses: Vec<IpAddr> = [
+        Some(r.address),
+        r.external_address,
+        r.ipv6_address,
+        r.ipv6_external_address,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     PeerPolicy::new(
         config.peers.allow.clone(),
         config.peers.deny.clone(),
-        OwnRelays { addresses, port_low: r.ports.low, port_high: r.ports.high, services },
+        OwnRelays {
+            addresses,
+            port_low: r.ports.low,
+            port_high: r.ports.high,
+            services,
+        },
     )
 }
 
@@ -75,8 +94,14 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let quotas = Arc::new(Quotas::new(config.limits.user_quota, config.limits.total_quota));
     let port_seed = random_secret()?;
     let r = &config.relay;
-    let relay_v4 = Some(RelayAddress { bind: r.address, external: r.external_address });
-    let relay_v6 = r.ipv6_address.map(|bind| RelayAddress { bind, external: r.ipv6_external_address });
+    let relay_v4 = Some(RelayAddress {
+        bind: r.address,
+        external: r.external_address,
+    });
+    let relay_v6 = r.ipv6_address.map(|bind| RelayAddress {
+        bind,
+        external: r.ipv6_external_address,
+    });
     let software = (!config.software.is_empty()).then(|| config.software.clone());
     let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
     let span = high - low + 1;
@@ -94,6 +119,11 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             max_lifetime: config.limits.max_lifetime,
             max_permissions: config.limits.permissions_per_allocation,
             max_channels: config.limits.channels_per_allocation,
+            channel_range: if config.compat.legacy_channel_numbers {
+                ChannelRange::Rfc5766
+            } else {
+                ChannelRange::Rfc8656
+            },
             port_seed,
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());

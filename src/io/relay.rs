@@ -25,9 +25,21 @@ pub fn bind(addr: SocketAddr, dont_fragment: bool) -> Result<std::net::UdpSocket
     socket.bind(&addr.into()).map_err(classify)?;
     let fd = socket.as_raw_fd();
     let (level, recverr, mtu_level, mtu_opt, mtu_do) = if addr.is_ipv6() {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVERR,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
     } else {
-        (libc::IPPROTO_IP, libc::IP_RECVERR, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
     };
     // Best effort: a relay works without either.
     let _ = setsockopt_int(fd, level, recverr, 1);
@@ -48,7 +60,11 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// An ICMP error the kernel queued for a datagram this socket sent.
@@ -69,7 +85,10 @@ pub fn recv_icmp_error(fd: RawFd) -> io::Result<Option<IcmpError>> {
         let mut name = MaybeUninit::<libc::sockaddr_storage>::zeroed();
         let mut control = [0u64; 64];
         let mut data = [0u8; 1];
-        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
         // SAFETY: zeroed msghdr is a valid "empty" value; pointers set below stay live for the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = name.as_mut_ptr().cast();
@@ -82,10 +101,16 @@ pub fn recv_icmp_error(fd: RawFd) -> io::Result<Option<IcmpError>> {
         let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: the kernel filled msg_name up to msg_namelen.
-        let Some(peer) = (unsafe { sockaddr_to_std(name.as_ptr(), msg.msg_namelen) }) else { continue };
+        let Some(peer) = (unsafe { sockaddr_to_std(name.as_ptr(), msg.msg_namelen) }) else {
+            continue;
+        };
         // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
         while !cmsg.is_null() {
@@ -98,7 +123,12 @@ pub fn recv_icmp_error(fd: RawFd) -> io::Result<Option<IcmpError>> {
                 let ee: libc::sock_extended_err =
                     unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>()) };
                 if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP || ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6 {
-                    return Ok(Some(IcmpError { peer, icmp_type: ee.ee_type, icmp_code: ee.ee_code, info: ee.ee_info }));
+                    return Ok(Some(IcmpError {
+                        peer,
+                        icmp_type: ee.ee_type,
+                        icmp_code: ee.ee_code,
+                        info: ee.ee_info,
+                    }));
                 }
             }
             // SAFETY: as above.

@@ -10,7 +10,10 @@ pub struct StatsExporter {
 
 impl StatsExporter {
     pub fn new(worker: usize) -> StatsExporter {
-        StatsExporter { worker: worker.to_string(), last: Stats::default() }
+        StatsExporter {
+            worker: worker.to_string(),
+            last: Stats::default(),
+        }
     }
 
     pub fn export(&mut self, now: &Stats, allocations: usize, relay_sockets: usize) {
@@ -21,22 +24,97 @@ impl StatsExporter {
                 metrics::counter!(name, &labels).increment(cur - prev);
             }
         };
-        add("turnstile_relayed_packets_total", &[("direction", "client_to_peer")], now.client_to_peer_packets, last.client_to_peer_packets);
-        add("turnstile_relayed_packets_total", &[("direction", "peer_to_client")], now.peer_to_client_packets, last.peer_to_client_packets);
-        add("turnstile_relayed_bytes_total", &[("direction", "client_to_peer")], now.client_to_peer_bytes, last.client_to_peer_bytes);
-        add("turnstile_relayed_bytes_total", &[("direction", "peer_to_client")], now.peer_to_client_bytes, last.peer_to_client_bytes);
-        add("turnstile_allocations_created_total", &[], now.allocations_created, last.allocations_created);
-        add("turnstile_allocations_expired_total", &[], now.allocations_expired, last.allocations_expired);
-        add("turnstile_allocations_deleted_total", &[], now.allocations_deleted, last.allocations_deleted);
+        add(
+            "turnstile_relayed_packets_total",
+            &[("direction", "client_to_peer")],
+            now.client_to_peer_packets,
+            last.client_to_peer_packets,
+        );
+        add(
+            "turnstile_relayed_packets_total",
+            &[("direction", "peer_to_client")],
+            now.peer_to_client_packets,
+            last.peer_to_client_packets,
+        );
+        add(
+            "turnstile_relayed_bytes_total",
+            &[("direction", "client_to_peer")],
+            now.client_to_peer_bytes,
+            last.client_to_peer_bytes,
+        );
+        add(
+            "turnstile_relayed_bytes_total",
+            &[("direction", "peer_to_client")],
+            now.peer_to_client_bytes,
+            last.peer_to_client_bytes,
+        );
+        add(
+            "turnstile_allocations_created_total",
+            &[],
+            now.allocations_created,
+            last.allocations_created,
+        );
+        add(
+            "turnstile_allocations_expired_total",
+            &[],
+            now.allocations_expired,
+            last.allocations_expired,
+        );
+        add(
+            "turnstile_allocations_deleted_total",
+            &[],
+            now.allocations_deleted,
+            last.allocations_deleted,
+        );
         add("turnstile_icmp_relayed_total", &[], now.icmp_relayed, last.icmp_relayed);
-        add("turnstile_peer_refused_total", &[("reason", "special_purpose")], now.peer_special_purpose, last.peer_special_purpose);
-        add("turnstile_peer_refused_total", &[("reason", "operator_denied")], now.peer_operator_denied, last.peer_operator_denied);
-        add("turnstile_peer_refused_total", &[("reason", "server_own_port")], now.peer_server_own_port, last.peer_server_own_port);
-        add("turnstile_auth_failures_total", &[("reason", "bad_integrity")], now.auth_bad_integrity, last.auth_bad_integrity);
-        add("turnstile_auth_failures_total", &[("reason", "unknown_user")], now.auth_unknown_user, last.auth_unknown_user);
-        add("turnstile_auth_failures_total", &[("reason", "expired")], now.auth_expired, last.auth_expired);
-        add("turnstile_auth_failures_total", &[("reason", "stale_nonce")], now.auth_stale_nonce, last.auth_stale_nonce);
-        add("turnstile_auth_failures_total", &[("reason", "bid_down")], now.auth_bid_down, last.auth_bid_down);
+        add(
+            "turnstile_peer_refused_total",
+            &[("reason", "special_purpose")],
+            now.peer_special_purpose,
+            last.peer_special_purpose,
+        );
+        add(
+            "turnstile_peer_refused_total",
+            &[("reason", "operator_denied")],
+            now.peer_operator_denied,
+            last.peer_operator_denied,
+        );
+        add(
+            "turnstile_peer_refused_total",
+            &[("reason", "server_own_port")],
+            now.peer_server_own_port,
+            last.peer_server_own_port,
+        );
+        add(
+            "turnstile_auth_failures_total",
+            &[("reason", "bad_integrity")],
+            now.auth_bad_integrity,
+            last.auth_bad_integrity,
+        );
+        add(
+            "turnstile_auth_failures_total",
+            &[("reason", "unknown_user")],
+            now.auth_unknown_user,
+            last.auth_unknown_user,
+        );
+        add(
+            "turnstile_auth_failures_total",
+            &[("reason", "expired")],
+            now.auth_expired,
+            last.auth_expired,
+        );
+        add(
+            "turnstile_auth_failures_total",
+            &[("reason", "stale_nonce")],
+            now.auth_stale_nonce,
+            last.auth_stale_nonce,
+        );
+        add(
+            "turnstile_auth_failures_total",
+            &[("reason", "bid_down")],
+            now.auth_bid_down,
+            last.auth_bid_down,
+        );
         for ((code, cur), (_, prev)) in now.errors.iter().zip(last.errors.iter()) {
             add("turnstile_error_responses_total", &[("code", code)], cur, prev);
         }

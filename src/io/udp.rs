@@ -54,7 +54,11 @@ impl UdpListener {
 
     pub fn batch(&self) -> RecvBatch {
         let slot = MAX_DATAGRAM.max(1500 * self.state.gro_segments());
-        RecvBatch { storage: vec![0u8; slot * BATCH], slot, meta: [RecvMeta::default(); BATCH] }
+        RecvBatch {
+            storage: vec![0u8; slot * BATCH],
+            slot,
+            meta: [RecvMeta::default(); BATCH],
+        }
     }
 
     /// Waits for datagrams and calls `each(source, datagram)` for every one.
@@ -66,7 +70,9 @@ impl UdpListener {
         };
         let n = self
             .socket
-            .async_io(Interest::READABLE, || self.state.recv((&self.socket).into(), &mut bufs, meta))
+            .async_io(Interest::READABLE, || {
+                self.state.recv((&self.socket).into(), &mut bufs, meta)
+            })
             .await?;
         for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
             let stride = m.stride.max(1);
@@ -80,7 +86,15 @@ impl UdpListener {
     /// Sends without waiting: a full socket buffer drops the datagram, as
     /// UDP would, and reports false.
     pub fn send(&self, destination: SocketAddr, contents: &[u8]) -> bool {
-        let t = Transmit { destination, ecn: None, contents, segment_size: None, src_ip: None };
-        self.socket.try_io(Interest::WRITABLE, || self.state.try_send((&self.socket).into(), &t)).is_ok()
+        let t = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        };
+        self.socket
+            .try_io(Interest::WRITABLE, || self.state.try_send((&self.socket).into(), &t))
+            .is_ok()
     }
 }

@@ -18,8 +18,8 @@ use crate::io::relay;
 use crate::io::stats_export::StatsExporter;
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome,
-    RelayId, Server, Transport,
+    BindResult, ClientKey, ClientOutcome, Command, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, RelayId,
+    Server, Transport,
 };
 
 /// What one worker is handed at start-up.
@@ -31,19 +31,27 @@ pub struct WorkerSetup {
 
 /// Starts a worker thread. It runs until the process exits.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("turnstile-w{}", setup.index)).spawn(move || {
-        let index = setup.index;
-        if let Err(e) = run(setup) {
-            tracing::error!(worker = index, "worker stopped: {e}");
-            std::process::exit(1);
-        }
-    })
+    std::thread::Builder::new()
+        .name(format!("turnstile-w{}", setup.index))
+        .spawn(move || {
+            let index = setup.index;
+            if let Err(e) = run(setup) {
+                tracing::error!(worker = index, "worker stopped: {e}");
+                std::process::exit(1);
+            }
+        })
 }
 
 /// The clocks as the core wants them.
 pub fn now() -> Now {
-    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Now { instant: Instant::now(), unix }
+    let unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Now {
+        instant: Instant::now(),
+        unix,
+    }
 }
 
 struct RelaySocket {
@@ -89,7 +97,11 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         }));
         let mut tasks = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
-            tasks.push(tokio::task::spawn_local(listen(worker.clone(), ListenerId(i as u16), listener)));
+            tasks.push(tokio::task::spawn_local(listen(
+                worker.clone(),
+                ListenerId(i as u16),
+                listener,
+            )));
         }
         tokio::task::spawn_local(timers(worker.clone()));
         for t in tasks {
@@ -124,7 +136,12 @@ fn on_client_datagram(shared: &Shared, now: Now, key: ClientKey, datagram: &[u8]
                 }
                 break;
             }
-            ClientOutcome::Forward { relay, peer, start, end } => {
+            ClientOutcome::Forward {
+                relay,
+                peer,
+                start,
+                end,
+            } => {
                 if let (Some(r), Some(data)) = (w.relays.get(&relay), datagram.get(start..end)) {
                     send_or_count(r.socket.try_send_to(data, peer).is_ok());
                 }
@@ -192,11 +209,16 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
         for _ in 0..64 {
             let mut guard = shared.borrow_mut();
             let w = &mut *guard;
-            let Some(recv_buf) = w.peer_buf.get_mut(PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM) else { return };
+            let Some(recv_buf) = w.peer_buf.get_mut(PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM) else {
+                return;
+            };
             match socket.try_recv_from(recv_buf) {
                 Ok((len, peer)) => {
                     let now = Instant::now();
-                    match w.server.handle_peer_packet(now, id, peer, &mut w.peer_buf, PEER_HEADROOM, len) {
+                    match w
+                        .server
+                        .handle_peer_packet(now, id, peer, &mut w.peer_buf, PEER_HEADROOM, len)
+                    {
                         PeerOutcome::ToClient { key, start, end } => {
                             if let (Some(l), Some(data)) =
                                 (w.listeners.get(usize::from(key.listener.0)), w.peer_buf.get(start..end))
@@ -225,7 +247,8 @@ fn drain_icmp(w: &mut Worker, id: RelayId, fd: std::os::fd::RawFd) {
     while let Ok(Some(e)) = relay::recv_icmp_error(fd) {
         let now = Instant::now();
         if let Some((key, len)) =
-            w.server.handle_relay_icmp(now, id, e.peer, e.icmp_type, e.icmp_code, e.info, &mut w.out)
+            w.server
+                .handle_relay_icmp(now, id, e.peer, e.icmp_type, e.icmp_code, e.info, &mut w.out)
             && let Some(l) = w.listeners.get(usize::from(key.listener.0))
         {
             send_or_count(l.send(key.client, w.out.get(..len).unwrap_or_default()));
@@ -246,7 +269,8 @@ async fn timers(shared: Shared) {
             w.server.handle_timeout(now);
             run_commands(w);
         }
-        w.exporter.export(w.server.stats(), w.server.allocation_count(), w.relays.len());
+        w.exporter
+            .export(w.server.stats(), w.server.allocation_count(), w.relays.len());
         let _ = w.index;
     }
 }

@@ -10,9 +10,32 @@ pub const MIN_CHANNEL: u16 = 0x4000;
 /// Highest valid channel number (0x5000–0x7FFF are reserved, RFC 8656 §12).
 pub const MAX_CHANNEL: u16 = 0x4FFF;
 
-/// Whether `n` is a channel number a client may bind.
+/// Highest channel number of RFC 5766, which RFC 8656 narrowed. Many
+/// deployed clients (pjnath, re, coturn's tools) still pick numbers up to here.
+pub const MAX_LEGACY_CHANNEL: u16 = 0x7FFF;
+
+/// Whether `n` is a channel number a client may bind (RFC 8656).
 pub const fn is_valid_channel(n: u16) -> bool {
     n >= MIN_CHANNEL && n <= MAX_CHANNEL
+}
+
+/// Which channel numbers a server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelRange {
+    /// 0x4000–0x4FFF (RFC 8656).
+    #[default]
+    Rfc8656,
+    /// 0x4000–0x7FFF (RFC 5766), for legacy clients.
+    Rfc5766,
+}
+
+impl ChannelRange {
+    pub const fn contains(self, n: u16) -> bool {
+        match self {
+            ChannelRange::Rfc8656 => is_valid_channel(n),
+            ChannelRange::Rfc5766 => n >= MIN_CHANNEL && n <= MAX_LEGACY_CHANNEL,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +70,15 @@ impl<'a> ChannelData<'a> {
     /// data (UDP padding) are ignored, as RFC 8656 §12.5 allows.
     #[inline]
     pub fn parse(buf: &'a [u8]) -> Result<ChannelData<'a>, ChannelDataError> {
+        Self::parse_in(buf, ChannelRange::Rfc8656)
+    }
+
+    /// Parses with an explicit accepted channel range.
+    #[inline]
+    pub fn parse_in(buf: &'a [u8], range: ChannelRange) -> Result<ChannelData<'a>, ChannelDataError> {
         let channel = u16_at(buf, 0).ok_or(ChannelDataError::TooShort)?;
         let len = u16_at(buf, 2).ok_or(ChannelDataError::TooShort)? as usize;
-        if !is_valid_channel(channel) {
+        if !range.contains(channel) {
             return Err(ChannelDataError::InvalidChannel);
         }
         let data = buf
@@ -102,5 +131,7 @@ mod tests {
         );
         assert!(ChannelData::parse(&header(0x4FFF, 0)).is_ok());
         assert!(!is_valid_channel(0x7FFF));
+        assert!(ChannelData::parse_in(&header(0x7FFF, 0), ChannelRange::Rfc5766).is_ok());
+        assert!(ChannelData::parse_in(&header(0x8000, 0), ChannelRange::Rfc5766).is_err());
     }
 }

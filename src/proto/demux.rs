@@ -15,16 +15,33 @@ pub enum PacketKind {
 /// Classifies a packet by its first byte; an empty packet is `Other`.
 #[inline]
 pub fn classify(packet: &[u8]) -> PacketKind {
-    match packet.first() {
-        Some(0..=3) => PacketKind::Stun,
-        Some(64..=79) => PacketKind::ChannelData,
+    classify_in(packet, ChannelRange::Rfc8656)
+}
+
+/// Classifies with an explicit channel range: RFC 5766's range extends
+/// ChannelData to first bytes 64–127.
+#[inline]
+pub fn classify_in(packet: &[u8], range: ChannelRange) -> PacketKind {
+    match (packet.first(), range) {
+        (Some(0..=3), _) => PacketKind::Stun,
+        (Some(64..=79), _) => PacketKind::ChannelData,
+        (Some(80..=127), ChannelRange::Rfc5766) => PacketKind::ChannelData,
         _ => PacketKind::Other,
     }
 }
 
+use crate::proto::channel_data::ChannelRange;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_range_extends_channel_data() {
+        assert_eq!(classify_in(&[0x7f], ChannelRange::Rfc5766), PacketKind::ChannelData);
+        assert_eq!(classify_in(&[0x7f], ChannelRange::Rfc8656), PacketKind::Other);
+        assert_eq!(classify_in(&[0x80], ChannelRange::Rfc5766), PacketKind::Other);
+    }
 
     #[test]
     fn every_first_byte() {

@@ -4,8 +4,8 @@
 //! Sans-IO: the driver accumulates bytes and asks [`StreamFramer::next_frame`]
 //! whether a whole frame is at the front of its buffer.
 
-use crate::proto::channel_data;
-use crate::proto::demux::{PacketKind, classify};
+use crate::proto::channel_data::{self, ChannelRange};
+use crate::proto::demux::{PacketKind, classify_in};
 use crate::proto::stun::HEADER_LEN;
 use crate::proto::stun::header::MAGIC_COOKIE;
 use crate::proto::wire::{padded, u16_at, u32_at};
@@ -56,19 +56,29 @@ impl FrameError {
 #[derive(Debug, Clone, Copy)]
 pub struct StreamFramer {
     max_frame: usize,
+    range: ChannelRange,
 }
 
 impl Default for StreamFramer {
     fn default() -> Self {
         StreamFramer {
             max_frame: DEFAULT_MAX_FRAME,
+            range: ChannelRange::Rfc8656,
         }
     }
 }
 
 impl StreamFramer {
     pub fn new(max_frame: usize) -> StreamFramer {
-        StreamFramer { max_frame }
+        StreamFramer {
+            max_frame,
+            range: ChannelRange::Rfc8656,
+        }
+    }
+
+    /// Accepts ChannelData in `range` (RFC 5766's wider range for legacy clients).
+    pub fn with_channel_range(self, range: ChannelRange) -> StreamFramer {
+        StreamFramer { range, ..self }
     }
 
     pub fn max_frame(&self) -> usize {
@@ -78,7 +88,7 @@ impl StreamFramer {
     /// Looks at the front of `buf`: `Ok(None)` means more bytes are needed,
     /// `Ok(Some(frame))` that `frame.frame_len` bytes form one frame.
     pub fn next_frame(&self, buf: &[u8]) -> Result<Option<Frame>, FrameError> {
-        let kind = match classify(buf) {
+        let kind = match classify_in(buf, self.range) {
             _ if buf.is_empty() => return Ok(None),
             PacketKind::Stun => FrameKind::Stun,
             PacketKind::ChannelData => FrameKind::ChannelData,
@@ -103,7 +113,7 @@ impl StreamFramer {
                 (n, n)
             }
             FrameKind::ChannelData => {
-                // The first byte (64–79) already places the number in 0x4000–0x4FFF.
+                // The first byte already places the number in the accepted range.
                 let Some(len) = u16_at(buf, 2) else {
                     return Ok(None);
                 };

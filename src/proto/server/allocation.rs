@@ -97,7 +97,9 @@ impl Allocation {
     /// The relay serving peers of `peer`'s family (443 when there is none).
     #[inline]
     pub fn relay_for(&self, peer: &SocketAddr) -> Option<&Relay> {
-        self.relays.get(family_index(AddressFamily::of(peer))).and_then(Option::as_ref)
+        self.relays
+            .get(family_index(AddressFamily::of(peer)))
+            .and_then(Option::as_ref)
     }
 
     pub fn relay_ids(&self) -> impl Iterator<Item = RelayId> + '_ {
@@ -114,7 +116,10 @@ impl Allocation {
     /// when that would exceed `max` live permissions.
     pub fn permit_all(&mut self, ips: &[IpAddr], now: Instant, max: usize) -> bool {
         self.permissions.retain(|p| p.expires > now);
-        let new = ips.iter().filter(|ip| !self.permissions.iter().any(|p| p.ip == **ip)).count();
+        let new = ips
+            .iter()
+            .filter(|ip| !self.permissions.iter().any(|p| p.ip == **ip))
+            .count();
         if self.permissions.len() + new > max {
             return false;
         }
@@ -142,7 +147,13 @@ impl Allocation {
 
     /// Binds or refreshes `number` ↔ `peer` (RFC 8656 §12: a number and a
     /// peer stay paired for the binding's life and its quarantine).
-    pub fn bind_channel(&mut self, number: u16, peer: SocketAddr, now: Instant, max: usize) -> Result<(), BindConflict> {
+    pub fn bind_channel(
+        &mut self,
+        number: u16,
+        peer: SocketAddr,
+        now: Instant,
+        max: usize,
+    ) -> Result<(), BindConflict> {
         self.channels.retain(|c| c.expires + CHANNEL_QUARANTINE > now);
         let by_number = self.channels.iter().position(|c| c.number == number);
         let by_peer = self.channels.iter().position(|c| c.peer == peer);

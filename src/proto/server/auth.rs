@@ -12,8 +12,7 @@ use crate::proto::stun::{IntegrityError, Message, MessageWriter, kind};
 use std::net::SocketAddr;
 
 /// What the server offers in PASSWORD-ALGORITHMS, in preference order.
-pub const OFFERED_ALGORITHMS: [(u16, &[u8]); 2] =
-    [(password_algorithm::SHA256, &[]), (password_algorithm::MD5, &[])];
+pub const OFFERED_ALGORITHMS: [(u16, &[u8]); 2] = [(password_algorithm::SHA256, &[]), (password_algorithm::MD5, &[])];
 /// The same, as it appears on the wire, for the byte-exact bid-down check.
 const OFFERED_ALGORITHMS_WIRE: [u8; 8] = [0, 2, 0, 0, 0, 1, 0, 0];
 
@@ -198,8 +197,10 @@ impl Credentials {
         let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
             return Err(AuthFailure::MissingAttributes);
         };
-        let features =
-            self.nonce_key.validate(nonce, now_unix, client, self.nonce_lifetime).map_err(AuthFailure::StaleNonce)?;
+        let features = self
+            .nonce_key
+            .validate(nonce, now_unix, client, self.nonce_lifetime)
+            .map_err(AuthFailure::StaleNonce)?;
         let algorithm = self.algorithm(msg, features)?;
         if realm != self.realm {
             return Err(AuthFailure::WrongRealm);
@@ -216,7 +217,13 @@ impl Credentials {
                 IntegritySuite::Sha256 => msg.verify_integrity_sha256_with(key.hmac_sha256()),
             }
         };
-        let done = |key: LongTermKey| Authenticated { username, key, algorithm, suite, rest_expiry };
+        let done = |key: LongTermKey| Authenticated {
+            username,
+            key,
+            algorithm,
+            suite,
+            rest_expiry,
+        };
 
         if let Some((known_user, key, alg)) = known
             && known_user == username
@@ -230,7 +237,9 @@ impl Credentials {
                 PasswordAlgorithm::Md5 => &user.md5,
                 PasswordAlgorithm::Sha256 => &user.sha256,
             };
-            return verify(key).map(|_| done(key.clone())).map_err(|_| AuthFailure::BadIntegrity);
+            return verify(key)
+                .map(|_| done(key.clone()))
+                .map_err(|_| AuthFailure::BadIntegrity);
         }
         if rest_expiry.is_none() {
             return Err(AuthFailure::UnknownUser);

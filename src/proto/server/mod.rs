@@ -40,8 +40,8 @@ pub use quota::{QuotaRefusal, Quotas};
 pub use stats::Stats;
 
 use crate::proto::auth::LongTermKey;
-use crate::proto::channel_data::{self, ChannelData, ChannelDataError};
-use crate::proto::demux::{PacketKind, classify};
+use crate::proto::channel_data::{self, ChannelData, ChannelDataError, ChannelRange};
+use crate::proto::demux::{PacketKind, classify_in};
 use crate::proto::stun::attr::transport;
 use crate::proto::stun::{
     AddressFamily, Attribute, BufferTooSmall, Class, Message, MessageWriter, Method, ParseError, TransactionId, kind,
@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub max_lifetime: u32,
     pub max_permissions: usize,
     pub max_channels: usize,
+    /// Accepted channel numbers.
+    pub channel_range: ChannelRange,
     /// Keys the relay-port scramble and reservation tokens; shared by all
     /// workers so any of them redeems any token.
     pub port_seed: [u8; 32],
@@ -105,12 +107,16 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             software: None,
-            relay_v4: Some(RelayAddress { bind: IpAddr::from([127, 0, 0, 1]), external: None }),
+            relay_v4: Some(RelayAddress {
+                bind: IpAddr::from([127, 0, 0, 1]),
+                external: None,
+            }),
             relay_v6: None,
             ports: (49152, 65535),
             max_lifetime: 3600,
             max_permissions: 128,
             max_channels: 128,
+            channel_range: ChannelRange::Rfc8656,
             port_seed: [7; 32],
         }
     }
@@ -122,7 +128,12 @@ pub enum ClientOutcome {
     /// Send `out[..len]` back to the client.
     Reply { len: usize },
     /// Send `packet[start..end]` from relay socket `relay` to `peer`.
-    Forward { relay: RelayId, peer: SocketAddr, start: usize, end: usize },
+    Forward {
+        relay: RelayId,
+        peer: SocketAddr,
+        start: usize,
+        end: usize,
+    },
     /// Bind relay sockets, then call [`Server::relay_bound`].
     BindRelay(BindRequest),
     /// Nothing to send; the packet was handled (a keepalive).
@@ -155,7 +166,11 @@ pub enum BindResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerOutcome {
     /// Send `buf[start..end]` to the client on its listener.
-    ToClient { key: ClientKey, start: usize, end: usize },
+    ToClient {
+        key: ClientKey,
+        start: usize,
+        end: usize,
+    },
     Drop(DropReason),
 }
 
@@ -289,7 +304,10 @@ impl Server {
         let (low, high) = config.ports;
         let mut seed6 = config.port_seed;
         seed6[0] ^= 0x5a;
-        let ports = [RelayPorts::new(low, high, &config.port_seed), RelayPorts::new(low, high, &seed6)];
+        let ports = [
+            RelayPorts::new(low, high, &config.port_seed),
+            RelayPorts::new(low, high, &seed6),
+        ];
         Server {
             config,
             credentials,
@@ -343,7 +361,10 @@ impl Server {
     /// When [`Server::handle_timeout`] should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let alloc = self.timers.peek().map(|Reverse((t, _))| *t);
-        [alloc, self.ports[0].next_deadline(), self.ports[1].next_deadline()].into_iter().flatten().min()
+        [alloc, self.ports[0].next_deadline(), self.ports[1].next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Expires allocations and port holds whose time has come.
@@ -368,7 +389,7 @@ impl Server {
 
     /// Handles one packet from a client; any answer is written into `out`.
     pub fn handle_client_packet(&mut self, now: Now, key: ClientKey, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
-        match classify(packet) {
+        match classify_in(packet, self.config.channel_range) {
             PacketKind::ChannelData => self.handle_channel_data(now.instant, &key, packet),
             PacketKind::Stun => self.handle_stun(now, key, packet, out),
             PacketKind::Other => ClientOutcome::Drop(DropReason::NotTurn),
@@ -378,7 +399,7 @@ impl Server {
     /// The hot path from clients: ChannelData to a bound peer.
     #[inline]
     fn handle_channel_data(&mut self, now: Instant, key: &ClientKey, packet: &[u8]) -> ClientOutcome {
-        let cd = match ChannelData::parse(packet) {
+        let cd = match ChannelData::parse_in(packet, self.config.channel_range) {
             Ok(cd) => cd,
             Err(e) => return ClientOutcome::Drop(DropReason::BadChannelData(e)),
         };
@@ -441,7 +462,10 @@ impl Server {
         if method == Method::BINDING {
             return write_or_drop(binding::success(&msg, key.client, self.config.software.as_deref(), out).ok());
         }
-        if !matches!(method, Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) {
+        if !matches!(
+            method,
+            Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND
+        ) {
             self.stats.count_error(400);
             return write_or_drop(error_response(&msg, 400, "Unsupported Method", None, out, |_| Ok(())));
         }
@@ -458,21 +482,38 @@ impl Server {
             Err(f) => {
                 self.stats.count_auth_failure(f);
                 return write_or_drop(error_response(&msg, f.code(), f.reason(), None, out, |w| {
-                    if f.sends_nonce() { creds.write_challenge(w, &key.client, now.unix) } else { Ok(()) }
+                    if f.sends_nonce() {
+                        creds.write_challenge(w, &key.client, now.unix)
+                    } else {
+                        Ok(())
+                    }
                 }));
             }
         };
         let signing_key = authed.key.clone();
-        let signing = Signing { key: &signing_key, suite: authed.suite };
+        let signing = Signing {
+            key: &signing_key,
+            suite: authed.suite,
+        };
 
         let result = match method {
             Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
             _ => {
                 let Some(id) = alloc_id else {
-                    return self.refuse(&msg, refuse(437, "Allocation Mismatch", "allocation_mismatch"), signing, out);
+                    return self.refuse(
+                        &msg,
+                        refuse(437, "Allocation Mismatch", "allocation_mismatch"),
+                        signing,
+                        out,
+                    );
                 };
                 if self.allocations.get(id).is_some_and(|a| a.username != authed.username) {
-                    return self.refuse(&msg, refuse(441, "Wrong Credentials", "wrong_credentials"), signing, out);
+                    return self.refuse(
+                        &msg,
+                        refuse(441, "Wrong Credentials", "wrong_credentials"),
+                        signing,
+                        out,
+                    );
                 }
                 match method {
                     Method::REFRESH => self.refresh(now, id, &msg, signing, out),
@@ -523,7 +564,12 @@ impl Server {
         let start = data.offset + 4;
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += data.value.len() as u64;
-        ClientOutcome::Forward { relay: relay.id, peer: self.route(peer), start, end: start + data.value.len() }
+        ClientOutcome::Forward {
+            relay: relay.id,
+            peer: self.route(peer),
+            start,
+            end: start + data.value.len(),
+        }
     }
 
     // ----- Allocate ------------------------------------------------------
@@ -552,7 +598,10 @@ impl Server {
         out: &mut [u8],
     ) -> Handled {
         if let Some(&id) = self.by_client.get(&key) {
-            let signing = Signing { key: &authed.key, suite: authed.suite };
+            let signing = Signing {
+                key: &authed.key,
+                suite: authed.suite,
+            };
             // A retransmitted Allocate gets its success again (RFC 8656 §7.2).
             if let Some(a) = self.allocations.get(id)
                 && a.tid == *msg.transaction_id()
@@ -596,15 +645,14 @@ impl Server {
 
         // Which families, which ports.
         let primary = requested_family.unwrap_or(AddressFamily::V4);
-        let mut families = [false; 2];
-        let mut family_error = None;
         if self.relay_config(primary).is_none() {
             return Err(refuse(440, "Address Family not Supported", "family_not_supported"));
         }
-        families[family_index(primary)] = true;
+        let mut family_error = None;
+        let mut wanted = vec![primary];
         if let Some(extra) = additional {
             if self.relay_config(extra).is_some() {
-                families[family_index(extra)] = true;
+                wanted.push(extra);
             } else {
                 family_error = Some(extra);
             }
@@ -623,26 +671,27 @@ impl Server {
             Err(QuotaRefusal::User) => return Err(refuse(486, "Allocation Quota Reached", "user_quota")),
             Err(QuotaRefusal::Total) => return Err(refuse(508, "Insufficient Capacity", "total_quota")),
         }
-        let reserve_pair = even_port == Some(true);
+        // EVEN-PORT with R reserves the next port of the IPv4 relay (tokens name IPv4 ports).
+        let reserve_pair = even_port == Some(true) && primary == AddressFamily::V4;
         let mut sockets = [None, None];
-        for (i, wanted) in families.iter().enumerate() {
-            if !*wanted {
-                continue;
-            }
-            let port = match fixed_port {
-                Some(p) => {
-                    self.ports[i].take_specific(p);
+        for family in wanted {
+            let i = family_index(family);
+            let port = match (fixed_port, self.ports.get_mut(i)) {
+                (Some(p), Some(ports)) => {
+                    ports.take_specific(p);
                     Some(p)
                 }
-                None => self.ports[i].take(now.instant, even_port.is_some(), reserve_pair && i == family_index(primary)),
+                (None, Some(ports)) => ports.take(now.instant, even_port.is_some(), reserve_pair),
+                (_, None) => None,
             };
-            let bind = if i == 0 { self.config.relay_v4 } else { self.config.relay_v6 };
-            let (Some(port), Some(bind)) = (port, bind) else {
+            let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
                 self.abandon(&sockets, authed.username);
                 return Err(refuse(508, "Insufficient Capacity", "no_relay_port"));
             };
             let rid = RelayId(self.relays.insert(None) as u32);
-            sockets[i] = Some((rid, SocketAddr::new(bind.bind, port)));
+            if let Some(slot) = sockets.get_mut(i) {
+                *slot = Some((rid, SocketAddr::new(bind.bind, port)));
+            }
         }
         self.pending = Some(PendingAllocate {
             key,
@@ -668,9 +717,9 @@ impl Server {
 
     /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
     fn abandon(&mut self, sockets: &[Option<(RelayId, SocketAddr)>; 2], username: &str) {
-        for (i, s) in sockets.iter().enumerate() {
+        for (s, ports) in sockets.iter().zip(self.ports.iter_mut()) {
             if let Some((rid, addr)) = s {
-                self.ports[i].release(addr.port());
+                ports.release(addr.port());
                 self.relays.try_remove(rid.0 as usize);
             }
         }
@@ -681,20 +730,26 @@ impl Server {
     /// binding went. Returns the Allocate response, or another bind request
     /// for the sockets that must try other ports.
     pub fn relay_bound(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
-        let Some(mut p) = self.pending.take() else { return ClientOutcome::Drop(DropReason::OutputTooSmall) };
+        let Some(mut p) = self.pending.take() else {
+            return ClientOutcome::Drop(DropReason::OutputTooSmall);
+        };
         let mut retry = [None, None];
         let mut failed = false;
-        for i in 0..2 {
-            let (Some((rid, addr)), Some(result)) = (p.sockets[i], results[i]) else { continue };
+        let can_retry = !p.fixed_port && p.attempts < MAX_BIND_ATTEMPTS;
+        let slots = p.sockets.iter_mut().zip(p.bound.iter_mut()).zip(retry.iter_mut());
+        for (((socket, bound), retry), (result, ports)) in slots.zip(results.iter().zip(self.ports.iter_mut())) {
+            let (Some((rid, addr)), Some(result)) = (*socket, *result) else {
+                continue;
+            };
             match result {
-                BindResult::Bound => p.bound[i] = true,
-                BindResult::InUse if !p.fixed_port && p.attempts < MAX_BIND_ATTEMPTS => {
-                    self.ports[i].hold_busy(now.instant, addr.port());
-                    match self.ports[i].take(now.instant, p.even_port, p.reserve_pair && i == 0) {
+                BindResult::Bound => *bound = true,
+                BindResult::InUse if can_retry => {
+                    ports.hold_busy(now.instant, addr.port());
+                    match ports.take(now.instant, p.even_port, p.reserve_pair) {
                         Some(port) => {
                             let next = SocketAddr::new(addr.ip(), port);
-                            p.sockets[i] = Some((rid, next));
-                            retry[i] = Some((rid, next));
+                            *socket = Some((rid, next));
+                            *retry = Some((rid, next));
                         }
                         None => failed = true,
                     }
@@ -703,13 +758,14 @@ impl Server {
             }
         }
         let signing_key = p.credential.clone();
-        let signing = Signing { key: &signing_key, suite: p.suite };
+        let signing = Signing {
+            key: &signing_key,
+            suite: p.suite,
+        };
         if failed {
-            for i in 0..2 {
-                if let Some((rid, _)) = p.sockets[i]
-                    && p.bound[i]
-                {
-                    self.commands.push_back(Command::CloseRelay(rid));
+            for (socket, bound) in p.sockets.iter().zip(p.bound) {
+                if let (Some((rid, _)), true) = (socket, bound) {
+                    self.commands.push_back(Command::CloseRelay(*rid));
                 }
             }
             self.abandon(&p.sockets, &p.username);
@@ -727,7 +783,10 @@ impl Server {
         }
         if retry.iter().any(Option::is_some) {
             p.attempts += 1;
-            let request = BindRequest { sockets: retry, dont_fragment: p.dont_fragment };
+            let request = BindRequest {
+                sockets: retry,
+                dont_fragment: p.dont_fragment,
+            };
             self.pending = Some(p);
             return ClientOutcome::BindRelay(request);
         }
@@ -735,9 +794,17 @@ impl Server {
         // Every socket is bound: the allocation exists.
         let relays = p.sockets.map(|s| {
             s.map(|(id, bound)| {
-                let f = if bound.is_ipv4() { self.config.relay_v4 } else { self.config.relay_v6 };
+                let f = if bound.is_ipv4() {
+                    self.config.relay_v4
+                } else {
+                    self.config.relay_v6
+                };
                 let ip = f.and_then(|f| f.external).unwrap_or(bound.ip());
-                Relay { id, bound, advertised: SocketAddr::new(ip, bound.port()) }
+                Relay {
+                    id,
+                    bound,
+                    advertised: SocketAddr::new(ip, bound.port()),
+                }
             })
         });
         let reservation_token = if p.reserve_pair {
@@ -797,7 +864,9 @@ impl Server {
     }
 
     fn remove_allocation(&mut self, id: usize) {
-        let Some(a) = self.allocations.try_remove(id) else { return };
+        let Some(a) = self.allocations.try_remove(id) else {
+            return;
+        };
         self.by_client.remove(&a.key);
         for r in a.relays.iter().flatten() {
             self.relays.try_remove(r.id.0 as usize);
@@ -814,8 +883,12 @@ impl Server {
 
     fn refresh(&mut self, now: Now, id: usize, msg: &Message<'_>, signing: Signing<'_>, out: &mut [u8]) -> Handled {
         let requested = msg.lifetime().map_err(|_| BAD_REQUEST)?;
-        if let Some(Attribute::RequestedAddressFamily(f)) = msg.get(kind::REQUESTED_ADDRESS_FAMILY).map_err(|_| BAD_REQUEST)?
-            && self.allocations.get(id).is_some_and(|a| a.relays.get(family_index(f)).is_none_or(Option::is_none))
+        if let Some(Attribute::RequestedAddressFamily(f)) =
+            msg.get(kind::REQUESTED_ADDRESS_FAMILY).map_err(|_| BAD_REQUEST)?
+            && self
+                .allocations
+                .get(id)
+                .is_some_and(|a| a.relays.get(family_index(f)).is_none_or(Option::is_none))
         {
             return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
         }
@@ -833,7 +906,9 @@ impl Server {
             lifetime
         };
         let software = self.config.software.as_deref();
-        Ok(write_or_drop(success_response(msg, signing, software, out, |w| w.lifetime(lifetime))))
+        Ok(write_or_drop(success_response(msg, signing, software, out, |w| {
+            w.lifetime(lifetime)
+        })))
     }
 
     /// Peer addresses of a request, each checked against family and policy.
@@ -884,11 +959,13 @@ impl Server {
         out: &mut [u8],
     ) -> Handled {
         let number = match msg.channel_number() {
-            Ok(Some(n)) if channel_data::is_valid_channel(n) => n,
+            Ok(Some(n)) if self.config.channel_range.contains(n) => n,
             _ => return Err(BAD_REQUEST),
         };
         let peers = self.checked_peers(id, msg)?;
-        let [peer] = peers.as_slice() else { return Err(BAD_REQUEST) };
+        let [peer] = peers.as_slice() else {
+            return Err(BAD_REQUEST);
+        };
         // A channel to the server's own address must also name a relay port.
         if let Err(r) = self.policy.check(peer) {
             self.stats.count_peer_refusal(r);
@@ -923,7 +1000,12 @@ impl Server {
         start: usize,
         len: usize,
     ) -> PeerOutcome {
-        let Some(alloc) = self.relays.get(relay.0 as usize).copied().flatten().and_then(|i| self.allocations.get(i))
+        let Some(alloc) = self
+            .relays
+            .get(relay.0 as usize)
+            .copied()
+            .flatten()
+            .and_then(|i| self.allocations.get(i))
         else {
             return PeerOutcome::Drop(DropReason::UnknownRelay);
         };
@@ -934,25 +1016,37 @@ impl Server {
         let stream = self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream);
         let end = start + len;
         let outcome = if let Some(ch) = alloc.channel_for_peer(&peer, now) {
-            let Ok(len16) = u16::try_from(len) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            let Ok(len16) = u16::try_from(len) else {
+                return PeerOutcome::Drop(DropReason::OutputTooSmall);
+            };
             let Some(head_at) = start.checked_sub(channel_data::HEADER_LEN) else {
                 return PeerOutcome::Drop(DropReason::OutputTooSmall);
             };
-            let Some(h) = buf.get_mut(head_at..start) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            let Some(h) = buf.get_mut(head_at..start) else {
+                return PeerOutcome::Drop(DropReason::OutputTooSmall);
+            };
             h.copy_from_slice(&channel_data::header(ch.number, len16));
             let mut end = end;
             if stream {
                 let padded = head_at + 4 + ((len + 3) & !3);
-                let Some(pad) = buf.get_mut(end..padded) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+                let Some(pad) = buf.get_mut(end..padded) else {
+                    return PeerOutcome::Drop(DropReason::OutputTooSmall);
+                };
                 pad.fill(0);
                 end = padded;
             }
-            PeerOutcome::ToClient { key, start: head_at, end }
+            PeerOutcome::ToClient {
+                key,
+                start: head_at,
+                end,
+            }
         } else {
             // Data indication, written in place around the data.
             let addr_len = if peer.is_ipv4() { 8 } else { 20 };
             let head = 20 + 4 + addr_len + 4;
-            let Some(head_at) = start.checked_sub(head) else { return PeerOutcome::Drop(DropReason::OutputTooSmall) };
+            let Some(head_at) = start.checked_sub(head) else {
+                return PeerOutcome::Drop(DropReason::OutputTooSmall);
+            };
             let padded_end = start + ((len + 3) & !3);
             let Some(region) = buf.get_mut(head_at..padded_end) else {
                 return PeerOutcome::Drop(DropReason::OutputTooSmall);
@@ -966,7 +1060,11 @@ impl Server {
                 Some(w.finish())
             })();
             match written {
-                Some(n) => PeerOutcome::ToClient { key, start: head_at, end: head_at + n },
+                Some(n) => PeerOutcome::ToClient {
+                    key,
+                    start: head_at,
+                    end: head_at + n,
+                },
                 None => PeerOutcome::Drop(DropReason::OutputTooSmall),
             }
         };
@@ -989,7 +1087,12 @@ impl Server {
         error_data: u32,
         out: &mut [u8],
     ) -> Option<(ClientKey, usize)> {
-        let alloc = self.relays.get(relay.0 as usize).copied().flatten().and_then(|i| self.allocations.get(i))?;
+        let alloc = self
+            .relays
+            .get(relay.0 as usize)
+            .copied()
+            .flatten()
+            .and_then(|i| self.allocations.get(i))?;
         if !alloc.permits(peer.ip(), now) {
             return None;
         }
@@ -1052,8 +1155,14 @@ fn finish(
         w.software(s).ok()?;
     }
     match signing {
-        Some(Signing { key, suite: IntegritySuite::Sha1 }) => w.message_integrity(key.hmac_sha1()).ok()?,
-        Some(Signing { key, suite: IntegritySuite::Sha256 }) => w.message_integrity_sha256(key.hmac_sha256()).ok()?,
+        Some(Signing {
+            key,
+            suite: IntegritySuite::Sha1,
+        }) => w.message_integrity(key.hmac_sha1()).ok()?,
+        Some(Signing {
+            key,
+            suite: IntegritySuite::Sha256,
+        }) => w.message_integrity_sha256(key.hmac_sha256()).ok()?,
         None => {}
     }
     if fingerprint {

@@ -255,7 +255,14 @@ mod tests {
     #[test]
     fn public_addresses_pass() {
         let p = policy();
-        for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(!refused(&p, a), "{a} must pass");
         }
     }
@@ -274,8 +281,14 @@ mod tests {
             OwnRelays::default(),
         );
         assert!(p.check(&"127.0.0.1:9".parse().unwrap()).is_ok());
-        assert!(p.check(&"[::ffff:127.0.0.1]:9".parse().unwrap()).is_ok(), "allow applies to canonical form");
-        assert!(p.check(&"203.0.113.200:9".parse().unwrap()).is_ok(), "allow wins over deny");
+        assert!(
+            p.check(&"[::ffff:127.0.0.1]:9".parse().unwrap()).is_ok(),
+            "allow applies to canonical form"
+        );
+        assert!(
+            p.check(&"203.0.113.200:9".parse().unwrap()).is_ok(),
+            "allow wins over deny"
+        );
         assert!(p.check(&"10.0.0.1:9".parse().unwrap()).is_err());
     }
 
@@ -284,8 +297,14 @@ mod tests {
         let p = policy();
         assert!(p.check(&"198.51.100.10:50000".parse().unwrap()).is_ok());
         assert!(p.check(&"[::ffff:198.51.100.10]:50000".parse().unwrap()).is_ok());
-        assert_eq!(p.check(&"198.51.100.10:3478".parse().unwrap()), Err(PeerRefusal::ServerOwnPort));
-        assert_eq!(p.check(&"198.51.100.10:9641".parse().unwrap()), Err(PeerRefusal::ServerOwnPort));
+        assert_eq!(
+            p.check(&"198.51.100.10:3478".parse().unwrap()),
+            Err(PeerRefusal::ServerOwnPort)
+        );
+        assert_eq!(
+            p.check(&"198.51.100.10:9641".parse().unwrap()),
+            Err(PeerRefusal::ServerOwnPort)
+        );
         // The exception holds even when the relay address is loopback.
         let own = OwnRelays {
             addresses: vec!["127.0.0.1".parse().unwrap()],
@@ -302,10 +321,16 @@ mod tests {
         // An operator who allows loopback reaches other loopback ports, never the listeners.
         let allowed = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], own);
         assert!(allowed.check(&"127.0.0.1:3480".parse().unwrap()).is_ok());
-        assert_eq!(allowed.check(&"127.0.0.1:3478".parse().unwrap()), Err(PeerRefusal::ServerOwnPort));
+        assert_eq!(
+            allowed.check(&"127.0.0.1:3478".parse().unwrap()),
+            Err(PeerRefusal::ServerOwnPort)
+        );
         // Unspecified listener addresses cover every local address.
         let p = policy();
-        assert_eq!(p.check(&"198.51.100.10:3478".parse().unwrap()), Err(PeerRefusal::ServerOwnPort));
+        assert_eq!(
+            p.check(&"198.51.100.10:3478".parse().unwrap()),
+            Err(PeerRefusal::ServerOwnPort)
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl RelayPorts {
     }
 
     pub fn is_free(&self, port: u16) -> bool {
-        self.bit(port).is_some_and(|(w, m)| self.used.get(w).is_some_and(|x| x & m == 0))
+        self.bit(port)
+            .is_some_and(|(w, m)| self.used.get(w).is_some_and(|x| x & m == 0))
     }
 
     fn set(&mut self, port: u16, used: bool) {
@@ -81,7 +82,11 @@ impl RelayPorts {
             && let Some(x) = self.used.get_mut(w)
         {
             let was = *x & m != 0;
-            if used { *x |= m } else { *x &= !m }
+            if used {
+                *x |= m
+            } else {
+                *x &= !m
+            }
             match (was, used) {
                 (false, true) => self.in_use += 1,
                 (true, false) => self.in_use -= 1,
@@ -97,7 +102,7 @@ impl RelayPorts {
         for _ in 0..n {
             self.cursor = (self.cursor + self.step) % n;
             let port = self.low + self.cursor as u16;
-            if !self.is_free(port) || (even && port % 2 != 0) {
+            if !self.is_free(port) || (even && !port.is_multiple_of(2)) {
                 continue;
             }
             if pair {

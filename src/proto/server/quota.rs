@@ -28,7 +28,10 @@ pub struct Quotas {
 impl Quotas {
     /// `user_quota` and `total_quota`; 0 means unlimited.
     pub fn new(user_quota: u32, total_quota: u32) -> Quotas {
-        Quotas { limits: Mutex::new((user_quota, total_quota)), counts: Mutex::new(Counts::default()) }
+        Quotas {
+            limits: Mutex::new((user_quota, total_quota)),
+            counts: Mutex::new(Counts::default()),
+        }
     }
 
     /// New limits (configuration reload); existing allocations are kept.
