@@ -1,0 +1,260 @@
+//! A harness that drives the sans-IO server core in virtual time, speaking
+//! TURN with this crate's codec as the client.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
+use turnstile::proto::server::{
+    BindResult, ClientKey, ClientOutcome, Command, Credentials, ListenerId, Now, OwnRelays, PeerPolicy, Quotas,
+    RelayAddress, Server, ServerConfig, Transport,
+};
+use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId, integrity};
+
+pub const REALM: &str = "example.org";
+pub const SECRET: &str = "rest-secret";
+pub const OLD_SECRET: &str = "old-secret";
+pub const EXTERNAL: &str = "198.51.100.1";
+
+pub fn config() -> ServerConfig {
+    ServerConfig {
+        software: Some("turnstile-test".into()),
+        relay_v4: Some(RelayAddress {
+            bind: "127.0.0.1".parse().unwrap(),
+            external: Some(EXTERNAL.parse().unwrap()),
+        }),
+        relay_v6: None,
+        ports: (50000, 50999),
+        max_lifetime: 3600,
+        max_permissions: 8,
+        max_channels: 4,
+        ..ServerConfig::default()
+    }
+}
+
+pub fn policy(allow: &[&str]) -> PeerPolicy {
+    PeerPolicy::new(
+        allow.iter().map(|a| a.parse().unwrap()).collect(),
+        vec![],
+        OwnRelays {
+            addresses: vec!["127.0.0.1".parse().unwrap(), EXTERNAL.parse().unwrap()],
+            port_low: 50000,
+            port_high: 50999,
+            services: vec!["127.0.0.1:3478".parse().unwrap()],
+        },
+    )
+}
+
+pub struct Harness {
+    pub server: Server,
+    pub now: Now,
+    pub base: Instant,
+    pub key: ClientKey,
+    pub out: Vec<u8>,
+    pub commands: Vec<Command>,
+    /// What the driver answers to bind requests, in order (then Bound).
+    pub bind_script: Vec<BindResult>,
+    pub bind_requests: Vec<SocketAddr>,
+    next_tid: u8,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with(config(), policy(&[]), Quotas::new(10, 0))
+    }
+
+    pub fn with(config: ServerConfig, policy: PeerPolicy, quotas: Quotas) -> Harness {
+        let creds = Credentials::new(
+            REALM,
+            [("alice", "secret"), ("bob", "hunter2")],
+            &[SECRET.to_owned(), OLD_SECRET.to_owned()],
+            &[9; 32],
+            600,
+        )
+        .unwrap();
+        let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(quotas));
+        server.add_listener(Transport::Udp);
+        server.add_listener(Transport::Stream);
+        let base = Instant::now();
+        Harness {
+            server,
+            now: Now {
+                instant: base,
+                unix: 1_700_000_000,
+            },
+            base,
+            key: ClientKey {
+                listener: ListenerId(0),
+                client: "192.0.2.10:40000".parse().unwrap(),
+            },
+            out: vec![0; 2048],
+            commands: Vec::new(),
+            bind_script: Vec::new(),
+            bind_requests: Vec::new(),
+            next_tid: 0,
+        }
+    }
+
+    pub fn advance(&mut self, secs: u64) {
+        self.now.instant += Duration::from_secs(secs);
+        self.now.unix += secs;
+        self.server.handle_timeout(self.now.instant);
+        self.drain();
+    }
+
+    pub fn drain(&mut self) {
+        while let Some(c) = self.server.poll_command() {
+            self.commands.push(c);
+        }
+    }
+
+    pub fn tid(&mut self) -> TransactionId {
+        self.next_tid = self.next_tid.wrapping_add(1);
+        TransactionId([self.next_tid; 12])
+    }
+
+    /// Sends a packet from `self.key`; binds relays as the script says.
+    pub fn send(&mut self, packet: &[u8]) -> ClientOutcome {
+        let mut outcome = self
+            .server
+            .handle_client_packet(self.now, self.key, packet, &mut self.out);
+        while let ClientOutcome::BindRelay(req) = outcome {
+            let mut results = [None, None];
+            for (s, r) in req.sockets.iter().zip(results.iter_mut()) {
+                if let Some((_, addr)) = s {
+                    self.bind_requests.push(*addr);
+                    *r = Some(if self.bind_script.is_empty() {
+                        BindResult::Bound
+                    } else {
+                        self.bind_script.remove(0)
+                    });
+                }
+            }
+            outcome = self.server.relay_bound(self.now, results, &mut self.out);
+        }
+        self.drain();
+        outcome
+    }
+
+    /// Sends and parses the reply.
+    pub fn exchange(&mut self, packet: &[u8]) -> Vec<u8> {
+        match self.send(packet) {
+            ClientOutcome::Reply { len } => self.out[..len].to_vec(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
+
+/// A request under construction.
+pub struct Req {
+    pub buf: Vec<u8>,
+}
+
+pub fn build(class: Class, method: Method, tid: TransactionId, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let mut w = MessageWriter::new(&mut buf, class, method, tid).unwrap();
+    f(&mut w);
+    let n = w.finish();
+    buf.truncate(n);
+    buf
+}
+
+pub fn key_for(user: &str, password: &str) -> LongTermKey {
+    LongTermKey::derive(PasswordAlgorithm::Md5, user, REALM, password)
+}
+
+/// Credentials a request is signed with.
+#[derive(Clone)]
+pub struct Creds {
+    pub user: String,
+    pub key: LongTermKey,
+    pub nonce: String,
+}
+
+impl Harness {
+    /// Gets a nonce with an unauthenticated Allocate (expects 401).
+    pub fn nonce(&mut self) -> String {
+        let tid = self.tid();
+        let req = build(Class::Request, Method::ALLOCATE, tid, |w| {
+            w.requested_transport(17).unwrap()
+        });
+        let resp = self.exchange(&req);
+        let m = Message::parse(&resp).unwrap();
+        assert_eq!(m.error_code().unwrap().unwrap().code, 401);
+        m.nonce().unwrap().unwrap().to_owned()
+    }
+
+    pub fn creds(&mut self, user: &str, password: &str) -> Creds {
+        Creds {
+            user: user.to_owned(),
+            key: key_for(user, password),
+            nonce: self.nonce(),
+        }
+    }
+
+    /// An authenticated request with MESSAGE-INTEGRITY (SHA-1) and FINGERPRINT.
+    pub fn signed(&mut self, method: Method, c: &Creds, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
+        let tid = self.tid();
+        build(Class::Request, method, tid, |w| {
+            f(w);
+            w.username(&c.user).unwrap();
+            w.realm(REALM).unwrap();
+            w.nonce(&c.nonce).unwrap();
+            w.message_integrity(c.key.hmac_sha1()).unwrap();
+            w.fingerprint().unwrap();
+        })
+    }
+
+    /// Allocates for `self.key` with alice's credentials; returns the relayed address.
+    pub fn allocate(&mut self, c: &Creds) -> SocketAddr {
+        let req = self.signed(Method::ALLOCATE, c, |w| w.requested_transport(17).unwrap());
+        let resp = self.exchange(&req);
+        let m = Message::parse(&resp).unwrap();
+        assert_eq!(m.class(), Class::Success, "allocate failed: {:?}", m.error_code());
+        m.xor_relayed_address().unwrap().unwrap()
+    }
+
+    pub fn permit(&mut self, c: &Creds, peer: SocketAddr) -> Vec<u8> {
+        let req = self.signed(Method::CREATE_PERMISSION, c, |w| w.xor_peer_address(&peer).unwrap());
+        self.exchange(&req)
+    }
+
+    pub fn bind_channel(&mut self, c: &Creds, number: u16, peer: SocketAddr) -> Vec<u8> {
+        let req = self.signed(Method::CHANNEL_BIND, c, |w| {
+            w.channel_number(number).unwrap();
+            w.xor_peer_address(&peer).unwrap();
+        });
+        self.exchange(&req)
+    }
+}
+
+/// The error code of a response, or 0 for success.
+pub fn code(resp: &[u8]) -> u16 {
+    let m = Message::parse(resp).unwrap();
+    match m.class() {
+        Class::Success => 0,
+        Class::Error => m.error_code().unwrap().unwrap().code,
+        c => panic!("not a response: {c:?}"),
+    }
+}
+
+pub fn verify_sha1(resp: &[u8], key: &LongTermKey) -> bool {
+    Message::parse(resp)
+        .unwrap()
+        .verify_integrity_with(key.hmac_sha1())
+        .is_ok()
+}
+
+pub fn hmac_sha1(key: &[u8]) -> turnstile::proto::stun::HmacSha1 {
+    integrity::hmac_sha1(key)
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
