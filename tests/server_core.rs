@@ -136,7 +136,8 @@ fn second_allocate_is_437_and_a_retransmission_gets_the_same_success() {
 fn allocate_attribute_errors() {
     let mut h = Harness::new();
     let c = h.creds("alice", "secret");
-    let cases: Vec<(u16, Box<dyn Fn(&mut turnstile::proto::stun::MessageWriter<'_>)>)> = vec![
+    type Fill = Box<dyn Fn(&mut turnstile::proto::stun::MessageWriter<'_>)>;
+    let cases: Vec<(u16, Fill)> = vec![
         (400, Box::new(|_| {})),
         (442, Box::new(|w| w.requested_transport(6).unwrap())),
         (442, Box::new(|w| w.requested_transport(99).unwrap())),
