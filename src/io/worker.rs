@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashMap;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle as TaskHandle;
 
@@ -199,11 +200,18 @@ fn open_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr, do
     BindResult::Bound
 }
 
-/// Receives peer datagrams on one relay socket.
+/// Receives peer datagrams on one relay socket, and the ICMP errors the
+/// kernel queues for it.
 async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
     loop {
-        if socket.readable().await.is_err() {
+        let Ok(ready) = socket.ready(Interest::READABLE | Interest::ERROR).await else {
             return;
+        };
+        if ready.is_error() {
+            relay_errors(&shared, id, &socket);
+        }
+        if !ready.is_readable() {
+            continue;
         }
         // Drain what is there, with a budget so one busy peer cannot starve the worker.
         for _ in 0..64 {
@@ -234,8 +242,9 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    // With IP_RECVERR, an ICMP error for a datagram we sent surfaces here.
-                    drain_icmp(w, id, socket.as_raw_fd());
+                    // With IP_RECVERR a pending ICMP error also fails the next receive.
+                    drop(guard);
+                    relay_errors(&shared, id, &socket);
                 }
             }
         }
@@ -243,8 +252,21 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
     }
 }
 
-fn drain_icmp(w: &mut Worker, id: RelayId, fd: std::os::fd::RawFd) {
+/// Reads the socket's error queue and tells each affected client.
+fn relay_errors(shared: &Shared, id: RelayId, socket: &UdpSocket) {
+    let mut errors = Vec::new();
+    let fd = socket.as_raw_fd();
+    // Clear the error readiness first, then drain: an error queued after the
+    // clear raises a new edge, so none is left unread.
+    let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     while let Ok(Some(e)) = relay::recv_icmp_error(fd) {
+        if errors.len() < 64 {
+            errors.push(e);
+        }
+    }
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    for e in errors {
         let now = Instant::now();
         if let Some((key, len)) =
             w.server

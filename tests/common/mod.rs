@@ -106,6 +106,24 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Waits (up to 5 s) for a counter to reach `min`: workers export their
+    /// counters once a second.
+    pub fn wait_counter(&self, series: &str, min: f64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.counter(series) >= min {
+                return true;
+            }
+            if Instant::now() > deadline {
+                eprintln!("{series} stayed below {min}:\n{}", self.scrape());
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
