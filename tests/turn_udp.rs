@@ -289,13 +289,6 @@ mod raw {
             panic!("no answer to {method:?} from {}", self.server)
         }
 
-        pub fn recv(&self) -> Vec<u8> {
-            let mut buf = vec![0u8; 1500];
-            let (n, _) = self.socket.recv_from(&mut buf).unwrap();
-            buf.truncate(n);
-            buf
-        }
-
         pub fn try_recv(&self) -> Option<Vec<u8>> {
             let mut buf = vec![0u8; 1500];
             let (n, _) = self.socket.recv_from(&mut buf).ok()?;
