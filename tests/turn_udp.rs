@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use common::{TestServer, loopback_config};
 
+// Relay ports above Linux's ephemeral range (32768-60999), so a peer's
+// ephemeral port can never look like one of this server's relay ports.
 const USERS: &str = r#"
 [relay]
 address = "127.0.0.1"
-ports = "40000-40999"
+ports = "61000-61999"
 
 [auth]
 users = { alice = "secret" }
@@ -48,9 +50,13 @@ struct Peer {
 
 impl Peer {
     fn start() -> Peer {
+        Peer::start_on("127.0.0.1")
+    }
+
+    fn start_on(ip: &str) -> Peer {
         let port = free_udp_port();
         let child = Command::new("turnutils_peer")
-            .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+            .args(["-p", &port.to_string(), "-L", ip])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -79,7 +85,8 @@ struct Report {
 fn uclient(server: &TestServer, peer: &Peer, extra: &[&str]) -> Report {
     let port = server.udp[0].port().to_string();
     let peer_port = peer.port.to_string();
-    let mut args = vec!["-p", &port, "-e", "127.0.0.1", "-r", &peer_port, "-z", "5"];
+    let peer_ip = if extra.contains(&"-x") { "::1" } else { "127.0.0.1" };
+    let mut args = vec!["-p", &port, "-e", peer_ip, "-r", &peer_port, "-z", "5"];
     args.extend_from_slice(extra);
     args.push("127.0.0.1");
     let out = Command::new("timeout")
@@ -93,6 +100,10 @@ fn uclient(server: &TestServer, peer: &Peer, extra: &[&str]) -> Report {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    parse_report(output)
+}
+
+fn parse_report(output: String) -> Report {
     let number_after = |needle: &str| -> Option<u64> {
         let line = output.lines().rev().find(|l| l.contains(needle))?;
         let rest = line.split(needle).nth(1)?;
@@ -205,7 +216,7 @@ async fn webrtc_rs_client_relays_both_ways() {
     let relay = client.allocate().await.unwrap();
     let relayed = relay.local_addr().unwrap();
     assert_eq!(relayed.ip().to_string(), "127.0.0.1");
-    assert!((40000..=40999).contains(&relayed.port()));
+    assert!((61000..=61999).contains(&relayed.port()));
 
     let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
@@ -347,4 +358,70 @@ fn icmp_port_unreachable_reaches_the_client() {
         })
     );
     assert!(m.data().unwrap().is_none());
+}
+
+#[test]
+fn ipv6_relays_and_an_ipv6_listener() {
+    let cfg = loopback_config(
+        r#"
+[[listen]]
+transport = "udp"
+address = "[::1]:0"
+
+[relay]
+address = "127.0.0.1"
+ipv6_address = "::1"
+ports = "62000-62999"
+
+[auth]
+users = { alice = "secret" }
+
+[peers]
+allow = ["127.0.0.0/8", "::1/128"]
+
+[limits]
+user_quota = 0
+
+[compat]
+legacy_channel_numbers = true
+"#,
+    );
+    let server = TestServer::start(&cfg);
+    assert_eq!(server.udp.len(), 2);
+    let peer = Peer::start_on("::1");
+    // An IPv4 client asking for an IPv6 relay (REQUESTED-ADDRESS-FAMILY).
+    let r = uclient(
+        &server,
+        &peer,
+        &["-x", "-u", "alice", "-w", "secret", "-n", "100", "-m", "2"],
+    );
+    assert!(r.sent >= 200 && r.received == r.sent, "{}", r.output);
+    // An IPv6 client on the IPv6 listener.
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "turnutils_uclient",
+            "-u",
+            "alice",
+            "-w",
+            "secret",
+            "-e",
+            "::1",
+            "-z",
+            "5",
+        ])
+        .args([
+            "-r",
+            &peer.port.to_string(),
+            "-p",
+            &server.udp[1].port().to_string(),
+            "-n",
+            "100",
+            "::1",
+        ])
+        .output()
+        .unwrap();
+    let r = parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r.lost, Some(0), "{}", r.output);
+    assert!(r.sent >= 100 && r.received == r.sent, "{}", r.output);
 }

@@ -13,9 +13,12 @@ use crate::proto::server::BindResult;
 
 /// Binds a non-blocking relay socket.
 pub fn bind(addr: SocketAddr, dont_fragment: bool) -> Result<std::net::UdpSocket, BindResult> {
-    let classify = |e: io::Error| match e.raw_os_error() {
-        Some(libc::EADDRINUSE) | Some(libc::EACCES) => BindResult::InUse,
-        _ => BindResult::Failed,
+    let classify = |e: io::Error| {
+        tracing::debug!("relay bind {addr}: {e}");
+        match e.raw_os_error() {
+            Some(libc::EADDRINUSE) | Some(libc::EACCES) => BindResult::InUse,
+            _ => BindResult::Failed,
+        }
     };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(classify)?;
     if addr.is_ipv6() {

@@ -66,8 +66,9 @@ impl TestServer {
             log,
         };
         let wants_metrics = config.contains("[metrics]");
+        let udp_listeners = config.matches("transport = \"udp\"").count().max(1);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while server.udp.is_empty() || (wants_metrics && server.metrics.is_none()) {
+        while server.udp.len() < udp_listeners || (wants_metrics && server.metrics.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = server
                 .log

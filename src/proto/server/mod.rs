@@ -250,6 +250,8 @@ struct PendingAllocate {
     family_error: Option<AddressFamily>,
     even_port: bool,
     reserve_pair: bool,
+    /// Index of the family the reservation (EVEN-PORT, RESERVATION-TOKEN) applies to.
+    primary: usize,
     /// The redeemed reservation's port is fixed: no retry on another port.
     fixed_port: bool,
     dont_fragment: bool,
@@ -643,8 +645,24 @@ impl Server {
         let lifetime = self.granted_lifetime(msg.lifetime().map_err(|_| BAD_REQUEST)?);
         let dont_fragment = msg.find(kind::DONT_FRAGMENT).is_some();
 
-        // Which families, which ports.
-        let primary = requested_family.unwrap_or(AddressFamily::V4);
+        // Which families, which ports. A reservation token names its family:
+        // each family's port pool keys its own tokens.
+        let redeemed = match token {
+            Some(t) => Some(
+                self.ports
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, p)| p.redeem(&t, now.unix).map(|port| (i, port)))
+                    .ok_or(refuse(508, "Insufficient Capacity", "bad_reservation_token"))?,
+            ),
+            None => None,
+        };
+        let primary = match redeemed {
+            Some((1, _)) => AddressFamily::V6,
+            Some(_) => AddressFamily::V4,
+            None => requested_family.unwrap_or(AddressFamily::V4),
+        };
+        let fixed_port = redeemed.map(|(_, port)| port);
         if self.relay_config(primary).is_none() {
             return Err(refuse(440, "Address Family not Supported", "family_not_supported"));
         }
@@ -657,31 +675,24 @@ impl Server {
                 family_error = Some(extra);
             }
         }
-        let fixed_port = match token {
-            Some(t) => Some(self.ports[0].redeem(&t, now.unix).ok_or(refuse(
-                508,
-                "Insufficient Capacity",
-                "bad_reservation_token",
-            ))?),
-            None => None,
-        };
 
         match self.quotas.acquire(authed.username) {
             Ok(()) => {}
             Err(QuotaRefusal::User) => return Err(refuse(486, "Allocation Quota Reached", "user_quota")),
             Err(QuotaRefusal::Total) => return Err(refuse(508, "Insufficient Capacity", "total_quota")),
         }
-        // EVEN-PORT with R reserves the next port of the IPv4 relay (tokens name IPv4 ports).
-        let reserve_pair = even_port == Some(true) && primary == AddressFamily::V4;
+        // EVEN-PORT with R reserves the next port of the primary family's relay.
+        let reserve_pair = even_port == Some(true);
         let mut sockets = [None, None];
         for family in wanted {
             let i = family_index(family);
-            let port = match (fixed_port, self.ports.get_mut(i)) {
+            let is_primary = family == primary;
+            let port = match (fixed_port.filter(|_| is_primary), self.ports.get_mut(i)) {
                 (Some(p), Some(ports)) => {
                     ports.take_specific(p);
                     Some(p)
                 }
-                (None, Some(ports)) => ports.take(now.instant, even_port.is_some(), reserve_pair),
+                (None, Some(ports)) => ports.take(now.instant, even_port.is_some(), reserve_pair && is_primary),
                 (_, None) => None,
             };
             let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
@@ -708,6 +719,7 @@ impl Server {
             family_error,
             even_port: even_port.is_some(),
             reserve_pair,
+            primary: family_index(primary),
             fixed_port: fixed_port.is_some(),
             dont_fragment,
             attempts: 1,
@@ -737,7 +749,8 @@ impl Server {
         let mut failed = false;
         let can_retry = !p.fixed_port && p.attempts < MAX_BIND_ATTEMPTS;
         let slots = p.sockets.iter_mut().zip(p.bound.iter_mut()).zip(retry.iter_mut());
-        for (((socket, bound), retry), (result, ports)) in slots.zip(results.iter().zip(self.ports.iter_mut())) {
+        let pools = results.iter().zip(self.ports.iter_mut()).enumerate();
+        for (((socket, bound), retry), (i, (result, ports))) in slots.zip(pools) {
             let (Some((rid, addr)), Some(result)) = (*socket, *result) else {
                 continue;
             };
@@ -745,7 +758,7 @@ impl Server {
                 BindResult::Bound => *bound = true,
                 BindResult::InUse if can_retry => {
                     ports.hold_busy(now.instant, addr.port());
-                    match ports.take(now.instant, p.even_port, p.reserve_pair) {
+                    match ports.take(now.instant, p.even_port, p.reserve_pair && i == p.primary) {
                         Some(port) => {
                             let next = SocketAddr::new(addr.ip(), port);
                             *socket = Some((rid, next));
@@ -807,10 +820,9 @@ impl Server {
                 }
             })
         });
-        let reservation_token = if p.reserve_pair {
-            p.sockets[0].map(|(_, a)| self.ports[0].token(a.port() + 1, now.unix))
-        } else {
-            None
+        let reservation_token = match (p.reserve_pair, p.sockets.get(p.primary), self.ports.get(p.primary)) {
+            (true, Some(Some((_, a))), Some(ports)) => Some(ports.token(a.port() + 1, now.unix)),
+            _ => None,
         };
         let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));
         let id = self.allocations.insert(Allocation {
