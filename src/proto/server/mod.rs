@@ -561,6 +561,8 @@ impl Server {
             return ClientOutcome::Drop(DropReason::NoPermission);
         }
         if let Err(r) = self.policy.check(&peer) {
+            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+            self.stats.count_peer_refusal(r);
             return ClientOutcome::Drop(DropReason::PeerRefused(r));
         }
         let start = data.offset + 4;
@@ -933,6 +935,7 @@ impl Server {
                 return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
             }
             if let Err(r) = self.policy.check_permission(peer.ip()) {
+                tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
                 self.stats.count_peer_refusal(r);
                 return Err(refuse(403, "Forbidden", "peer_forbidden"));
             }
@@ -980,6 +983,7 @@ impl Server {
         };
         // A channel to the server's own address must also name a relay port.
         if let Err(r) = self.policy.check(peer) {
+            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
             self.stats.count_peer_refusal(r);
             return Err(refuse(403, "Forbidden", "peer_forbidden"));
         }
