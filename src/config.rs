@@ -38,9 +38,21 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub compat: Compat,
+    /// Certificate for tls listeners.
+    #[serde(default)]
+    pub tls: Option<Tls>,
     /// Prometheus endpoint; absent means no metrics listener.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+}
+
+/// The certificate chain and key of tls listeners (PEM files). They are
+/// re-read on SIGHUP and when the files change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub certificate: std::path::PathBuf,
+    pub private_key: std::path::PathBuf,
 }
 
 /// Interoperability with clients of older RFCs.
@@ -78,6 +90,14 @@ pub enum Transport {
 pub struct Listen {
     pub transport: Transport,
     pub address: SocketAddr,
+    /// TLS listeners only: also accept plain TCP on the same port (a TLS
+    /// connection starts with byte 0x16, a TURN message never does).
+    #[serde(default)]
+    pub autodetect: bool,
+    /// TCP and TLS listeners: expect a PROXY protocol v2 header first and take
+    /// the client address from it (behind HAProxy or an SNI router).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +232,41 @@ pub struct Limits {
     /// Channels one allocation may bind (508 beyond).
     #[serde(default = "default_per_allocation")]
     pub channels_per_allocation: usize,
+    /// TCP and TLS connections in total.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TCP and TLS connections from one IP address.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Seconds a TCP/TLS connection may stay without an allocation, or idle.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Seconds a TLS handshake may take.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: u64,
+    /// Bytes queued towards one TCP/TLS client before relayed data to it is dropped.
+    #[serde(default = "default_stream_send_buffer")]
+    pub stream_send_buffer: usize,
+}
+
+fn default_max_connections() -> usize {
+    20_000
+}
+
+fn default_max_connections_per_ip() -> usize {
+    64
+}
+
+fn default_idle_timeout() -> u64 {
+    30
+}
+
+fn default_handshake_timeout() -> u64 {
+    10
+}
+
+fn default_stream_send_buffer() -> usize {
+    256 * 1024
 }
 
 fn default_per_allocation() -> usize {
@@ -234,6 +289,11 @@ impl Default for Limits {
             max_lifetime: default_max_lifetime(),
             permissions_per_allocation: default_per_allocation(),
             channels_per_allocation: default_per_allocation(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            idle_timeout: default_idle_timeout(),
+            handshake_timeout: default_handshake_timeout(),
+            stream_send_buffer: default_stream_send_buffer(),
         }
     }
 }
@@ -302,11 +362,20 @@ impl Config {
             return Err("at least one [[listen]] is required".into());
         }
         for l in &self.listen {
-            if l.transport != Transport::Udp {
+            if l.autodetect && l.transport != Transport::Tls {
                 return Err(format!(
-                    "listen {}: transport {:?} is not supported yet; use \"udp\"",
-                    l.address, l.transport
+                    "listen {}: autodetect applies to tls listeners only",
+                    l.address
                 ));
+            }
+            if l.proxy_protocol && l.transport == Transport::Udp {
+                return Err(format!(
+                    "listen {}: proxy_protocol applies to tcp and tls listeners only",
+                    l.address
+                ));
+            }
+            if l.transport == Transport::Tls && self.tls.is_none() {
+                return Err(format!("listen {}: a tls listener needs a [tls] section", l.address));
             }
         }
         for (user, password) in &self.auth.users {

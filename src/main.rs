@@ -36,7 +36,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match Config::load(file) {
+        return match Config::load(file).and_then(|c| match &c.tls {
+            Some(t) => turnstile::io::tls::load_pair(&t.certificate, &t.private_key)
+                .map(|_| c)
+                .map_err(turnstile::config::ConfigError),
+            None => Ok(c),
+        }) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -64,6 +69,13 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn log_reload(result: Result<(), String>) {
+    match result {
+        Ok(()) => tracing::info!("TLS certificate reloaded; new handshakes use it"),
+        Err(e) => tracing::error!("TLS certificate not reloaded, keeping the current one: {e}"),
     }
 }
 
@@ -112,11 +124,34 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
         if let Some((listener, handle)) = metrics {
             tokio::spawn(turnstile::io::metrics_http::serve(listener, handle));
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: exiting"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        // Certificate files are also watched, for renewals that do not signal.
+        let mut poll = tokio::time::interval(std::time::Duration::from_secs(5));
+        let certs = started.certificates.clone();
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: exiting");
+                    return Ok(());
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("SIGINT: exiting");
+                    return Ok(());
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the TLS certificate");
+                    if let Some(c) = &certs {
+                        log_reload(c.reload());
+                    }
+                }
+                _ = poll.tick() => {
+                    if let Some(result) = certs.as_ref().and_then(|c| c.reload_if_changed()) {
+                        log_reload(result);
+                    }
+                }
+            }
         }
-        Ok(())
     })
 }

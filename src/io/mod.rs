@@ -3,12 +3,15 @@
 pub mod metrics_http;
 pub mod relay;
 pub mod stats_export;
+pub mod stream;
+pub mod tls;
 pub mod udp;
 pub mod worker;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{Config, Transport};
 use crate::proto::channel_data::ChannelRange;
@@ -18,6 +21,10 @@ use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddr
 #[derive(Debug, Clone)]
 pub struct Started {
     pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    /// The TLS certificate, for reloads.
+    pub certificates: Option<Arc<tls::CertStore>>,
 }
 
 /// Builds the shared parts of the core from the configuration.
@@ -87,8 +94,57 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         }
     }
 
+    let certificates = match &config.tls {
+        Some(t) => Some(tls::CertStore::load(&t.certificate, &t.private_key)?),
+        None => None,
+    };
+    let acceptor = match &certificates {
+        Some(store) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(store.clone())?)),
+        None => None,
+    };
+    let conn_limits = stream::ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let channel_range = if config.compat.legacy_channel_numbers {
+        ChannelRange::Rfc5766
+    } else {
+        ChannelRange::Rfc8656
+    };
+    let mut per_worker_streams: Vec<Vec<worker::StreamListenerSetup>> = (0..workers).map(|_| Vec::new()).collect();
+    let (mut tcp_bound, mut tls_bound) = (Vec::new(), Vec::new());
+    for listen in config.listen.iter().filter(|l| l.transport != Transport::Udp) {
+        let first = stream::bind_reuseport(listen.address)?;
+        let addr = first.local_addr()?;
+        let is_tls = listen.transport == Transport::Tls;
+        tracing::info!("listening {} {addr}", if is_tls { "tls" } else { "tcp" });
+        if is_tls {
+            tls_bound.push(addr)
+        } else {
+            tcp_bound.push(addr)
+        }
+        let mut sockets = vec![first];
+        for _ in 1..workers {
+            sockets.push(stream::bind_reuseport(addr)?);
+        }
+        for (slot, listener) in per_worker_streams.iter_mut().zip(sockets) {
+            slot.push(worker::StreamListenerSetup {
+                listener,
+                settings: stream::StreamSettings {
+                    tls: if is_tls { acceptor.clone() } else { None },
+                    autodetect: listen.autodetect,
+                    proxy_protocol: listen.proxy_protocol,
+                    limits: conn_limits.clone(),
+                    idle_timeout: Duration::from_secs(config.limits.idle_timeout),
+                    handshake_timeout: Duration::from_secs(config.limits.handshake_timeout),
+                    send_buffer: config.limits.stream_send_buffer,
+                    channel_range,
+                },
+            });
+        }
+    }
+
     let credentials = credentials(config, &random_secret()?)?;
     let mut services = udp_bound.clone();
+    services.extend_from_slice(&tcp_bound);
+    services.extend_from_slice(&tls_bound);
     services.extend_from_slice(extra_services);
     let policy = peer_policy(config, services);
     let quotas = Arc::new(Quotas::new(config.limits.user_quota, config.limits.total_quota));
@@ -105,7 +161,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let software = (!config.software.is_empty()).then(|| config.software.clone());
     let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
     let span = high - low + 1;
-    for (index, udp) in per_worker.into_iter().enumerate() {
+    for (index, (udp, streams)) in per_worker.into_iter().zip(per_worker_streams).enumerate() {
         // Each worker hands out its own slice of the relay port range.
         let i = index as u32;
         let n = workers as u32;
@@ -119,15 +175,21 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             max_lifetime: config.limits.max_lifetime,
             max_permissions: config.limits.permissions_per_allocation,
             max_channels: config.limits.channels_per_allocation,
-            channel_range: if config.compat.legacy_channel_numbers {
-                ChannelRange::Rfc5766
-            } else {
-                ChannelRange::Rfc8656
-            },
+            channel_range,
             port_seed,
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
-        worker::spawn(worker::WorkerSetup { index, udp, server })?;
+        worker::spawn(worker::WorkerSetup {
+            index,
+            udp,
+            streams,
+            server,
+        })?;
     }
-    Ok(Started { udp: udp_bound })
+    Ok(Started {
+        udp: udp_bound,
+        tcp: tcp_bound,
+        tls: tls_bound,
+        certificates,
+    })
 }

@@ -17,16 +17,24 @@ use tokio::task::JoinHandle as TaskHandle;
 
 use crate::io::relay;
 use crate::io::stats_export::StatsExporter;
+use crate::io::stream::{self, StreamOut, StreamSettings};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::proto::server::{
     BindResult, ClientKey, ClientOutcome, Command, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, RelayId,
     Server, Transport,
 };
 
+/// A TCP or TLS listener handed to a worker.
+pub struct StreamListenerSetup {
+    pub listener: std::net::TcpListener,
+    pub settings: StreamSettings,
+}
+
 /// What one worker is handed at start-up.
 pub struct WorkerSetup {
     pub index: usize,
     pub udp: Vec<std::net::UdpSocket>,
+    pub streams: Vec<StreamListenerSetup>,
     pub server: Server,
 }
 
@@ -60,12 +68,19 @@ struct RelaySocket {
     task: TaskHandle<()>,
 }
 
+/// Where answers for a listener's clients go.
+enum Listener {
+    Udp(Rc<UdpListener>),
+    /// Per connection, in `Worker::streams`.
+    Stream,
+}
+
 /// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`,
 /// never held across an await).
-struct Worker {
-    index: usize,
-    server: Server,
-    listeners: Vec<Rc<UdpListener>>,
+pub struct Worker {
+    pub(crate) server: Server,
+    listeners: Vec<Listener>,
+    pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
     relays: FxHashMap<RelayId, RelaySocket>,
     /// Responses are written here.
     out: Vec<u8>,
@@ -74,7 +89,19 @@ struct Worker {
     exporter: StatsExporter,
 }
 
-type Shared = Rc<RefCell<Worker>>;
+pub type Shared = Rc<RefCell<Worker>>;
+
+impl Worker {
+    /// Sends bytes to a client on the listener (UDP) or connection (TCP/TLS)
+    /// of its 5-tuple. Never waits; false when the bytes were dropped.
+    fn deliver(&self, key: &ClientKey, bytes: &[u8]) -> bool {
+        match self.listeners.get(usize::from(key.listener.0)) {
+            Some(Listener::Udp(l)) => l.send(key.client, bytes),
+            Some(Listener::Stream) => self.streams.get(key).is_some_and(|o| o.push(bytes)),
+            None => false,
+        }
+    }
+}
 
 fn run(setup: WorkerSetup) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -82,26 +109,38 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
     local.block_on(&rt, async move {
         let mut server = setup.server;
         let mut listeners = Vec::new();
+        let mut udp = Vec::new();
         for socket in setup.udp {
             let id = server.add_listener(Transport::Udp);
-            debug_assert_eq!(usize::from(id.0), listeners.len());
-            listeners.push(Rc::new(UdpListener::new(socket)?));
+            let l = Rc::new(UdpListener::new(socket)?);
+            udp.push((id, l.clone()));
+            listeners.push(Listener::Udp(l));
+        }
+        let mut tcp = Vec::new();
+        for s in setup.streams {
+            let id = server.add_listener(Transport::Stream);
+            tcp.push((id, tokio::net::TcpListener::from_std(s.listener)?, Rc::new(s.settings)));
+            listeners.push(Listener::Stream);
         }
         let worker: Shared = Rc::new(RefCell::new(Worker {
-            index: setup.index,
             server,
-            listeners: listeners.clone(),
+            listeners,
+            streams: FxHashMap::default(),
             relays: FxHashMap::default(),
             out: vec![0u8; 2048],
             peer_buf: vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM],
             exporter: StatsExporter::new(setup.index),
         }));
         let mut tasks = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
-            tasks.push(tokio::task::spawn_local(listen(
+        for (id, listener) in udp {
+            tasks.push(tokio::task::spawn_local(listen_udp(worker.clone(), id, listener)));
+        }
+        for (id, listener, settings) in tcp {
+            tasks.push(tokio::task::spawn_local(stream::accept_loop(
                 worker.clone(),
-                ListenerId(i as u16),
+                id,
                 listener,
+                settings,
             )));
         }
         tokio::task::spawn_local(timers(worker.clone()));
@@ -112,29 +151,28 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
     })
 }
 
-/// Receives client datagrams on one listener and hands them to the core.
-async fn listen(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -> io::Result<()> {
+/// Receives client datagrams on one UDP listener and hands them to the core.
+async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -> io::Result<()> {
     let mut batch = listener.batch();
     loop {
         let now = now();
         listener
             .recv(&mut batch, |client, datagram| {
-                on_client_datagram(&worker, now, ClientKey { listener: id, client }, datagram);
+                handle_client(&worker, now, ClientKey { listener: id, client }, datagram);
             })
             .await?;
     }
 }
 
-fn on_client_datagram(shared: &Shared, now: Now, key: ClientKey, datagram: &[u8]) {
+/// One datagram or stream frame from a client, through the core and out.
+pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
-    let mut outcome = w.server.handle_client_packet(now, key, datagram, &mut w.out);
+    let mut outcome = w.server.handle_client_packet(now, key, packet, &mut w.out);
     loop {
         match outcome {
             ClientOutcome::Reply { len } => {
-                if let Some(l) = w.listeners.get(usize::from(key.listener.0)) {
-                    send_or_count(l.send(key.client, w.out.get(..len).unwrap_or_default()));
-                }
+                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
                 break;
             }
             ClientOutcome::Forward {
@@ -143,7 +181,7 @@ fn on_client_datagram(shared: &Shared, now: Now, key: ClientKey, datagram: &[u8]
                 start,
                 end,
             } => {
-                if let (Some(r), Some(data)) = (w.relays.get(&relay), datagram.get(start..end)) {
+                if let (Some(r), Some(data)) = (w.relays.get(&relay), packet.get(start..end)) {
                     send_or_count(r.socket.try_send_to(data, peer).is_ok());
                 }
                 break;
@@ -173,7 +211,8 @@ fn send_or_count(sent: bool) {
     }
 }
 
-fn run_commands(w: &mut Worker) {
+/// Carries out the core's control-plane commands.
+pub fn run_commands(w: &mut Worker) {
     while let Some(cmd) = w.server.poll_command() {
         match cmd {
             Command::CloseRelay(id) => {
@@ -228,11 +267,7 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
                         .handle_peer_packet(now, id, peer, &mut w.peer_buf, PEER_HEADROOM, len)
                     {
                         PeerOutcome::ToClient { key, start, end } => {
-                            if let (Some(l), Some(data)) =
-                                (w.listeners.get(usize::from(key.listener.0)), w.peer_buf.get(start..end))
-                            {
-                                send_or_count(l.send(key.client, data));
-                            }
+                            send_or_count(w.deliver(&key, w.peer_buf.get(start..end).unwrap_or_default()));
                         }
                         PeerOutcome::Drop(reason) => {
                             metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label())
@@ -271,9 +306,8 @@ fn relay_errors(shared: &Shared, id: RelayId, socket: &UdpSocket) {
         if let Some((key, len)) =
             w.server
                 .handle_relay_icmp(now, id, e.peer, e.icmp_type, e.icmp_code, e.info, &mut w.out)
-            && let Some(l) = w.listeners.get(usize::from(key.listener.0))
         {
-            send_or_count(l.send(key.client, w.out.get(..len).unwrap_or_default()));
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
         }
     }
 }
@@ -293,6 +327,5 @@ async fn timers(shared: Shared) {
         }
         w.exporter
             .export(w.server.stats(), w.server.allocation_count(), w.relays.len());
-        let _ = w.index;
     }
 }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod channel_data;
 pub mod demux;
 pub mod framer;
+pub mod proxy_protocol;
 pub mod server;
 pub mod stun;
 pub(crate) mod wire;

@@ -356,6 +356,15 @@ impl Server {
         self.by_client.get(key).and_then(|&i| self.allocations.get(i))
     }
 
+    /// The client's TCP or TLS connection closed: its allocation goes with it
+    /// (RFC 8656 §5: the 5-tuple no longer exists).
+    pub fn handle_client_closed(&mut self, key: ClientKey) {
+        if let Some(id) = self.by_client.get(&key).copied() {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id);
+        }
+    }
+
     pub fn poll_command(&mut self) -> Option<Command> {
         self.commands.pop_front()
     }

@@ -1,0 +1,330 @@
+//! TCP and TLS listeners: each worker owns a SO_REUSEPORT listener per
+//! address; every connection carries STUN messages and ChannelData frames,
+//! split by the sans-IO stream framer and handed to the same core as UDP.
+//!
+//! Robustness: connection caps (total and per source IP), a TLS handshake
+//! timeout, an idle timeout while a connection has no allocation, a bounded
+//! send queue per connection (a slow reader loses relayed data, counted, as
+//! UDP would, and never stalls anyone else), and a garbage or oversized frame
+//! closes only its own connection.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+
+use crate::io::worker::{Shared, handle_client, now, run_commands};
+use crate::proto::channel_data::ChannelRange;
+use crate::proto::framer::StreamFramer;
+use crate::proto::proxy_protocol;
+use crate::proto::server::{ClientKey, ListenerId};
+
+/// Binds a listening TCP socket with SO_REUSEPORT.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Connection counts shared by all workers (touched on accept and close only).
+#[derive(Debug)]
+pub struct ConnLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Holds one connection's place in the counts until dropped.
+pub struct ConnGuard {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl ConnLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            max_total,
+            max_per_ip,
+            counts: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Admits a connection from `ip`, or refuses it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
+        let mut c = self.counts.lock().ok()?;
+        let per_ip = c.1.get(&ip).copied().unwrap_or(0);
+        if c.0 >= self.max_total || per_ip >= self.max_per_ip {
+            return None;
+        }
+        c.0 += 1;
+        c.1.insert(ip, per_ip + 1);
+        Some(ConnGuard {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.counts.lock().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.limits.counts.lock() {
+            c.0 = c.0.saturating_sub(1);
+            if let Some(n) = c.1.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.1.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// How a stream listener behaves.
+pub struct StreamSettings {
+    pub tls: Option<TlsAcceptor>,
+    /// TLS listener that also takes plain TCP (first byte not 0x16).
+    pub autodetect: bool,
+    pub proxy_protocol: bool,
+    pub limits: Arc<ConnLimits>,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub send_buffer: usize,
+    pub channel_range: ChannelRange,
+}
+
+/// The bounded queue of bytes waiting to be written to one client.
+pub struct StreamOut {
+    buf: RefCell<BytesMut>,
+    cap: usize,
+    notify: Notify,
+    closed: Cell<bool>,
+}
+
+impl StreamOut {
+    fn new(cap: usize) -> StreamOut {
+        StreamOut {
+            buf: RefCell::new(BytesMut::new()),
+            cap,
+            notify: Notify::new(),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// Queues a whole message, or refuses it when the queue is full or closed.
+    pub fn push(&self, data: &[u8]) -> bool {
+        if self.closed.get() {
+            return false;
+        }
+        let Ok(mut b) = self.buf.try_borrow_mut() else {
+            return false;
+        };
+        if b.len() + data.len() > self.cap {
+            return false;
+        }
+        b.extend_from_slice(data);
+        self.notify.notify_one();
+        true
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.notify.notify_one();
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite {}
+impl<T: AsyncRead + AsyncWrite> Stream for T {}
+
+/// Accepts connections on one listener until the socket fails.
+pub async fn accept_loop(
+    shared: Shared,
+    id: ListenerId,
+    listener: TcpListener,
+    settings: Rc<StreamSettings>,
+) -> io::Result<()> {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, keep serving.
+                tracing::warn!("accept: {e}");
+                metrics::counter!("turnstile_connections_refused_total", "reason" => "accept_error").increment(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(guard) = settings.limits.admit(remote.ip()) else {
+            metrics::counter!("turnstile_connections_refused_total", "reason" => "limit").increment(1);
+            continue;
+        };
+        tokio::task::spawn_local(connection(shared.clone(), id, tcp, remote, settings.clone(), guard));
+    }
+}
+
+async fn connection(
+    shared: Shared,
+    id: ListenerId,
+    mut tcp: TcpStream,
+    remote: SocketAddr,
+    settings: Rc<StreamSettings>,
+    _guard: ConnGuard,
+) {
+    let _ = tcp.set_nodelay(true);
+    let setup = async {
+        let client = if settings.proxy_protocol {
+            read_proxy_header(&mut tcp).await?.unwrap_or(remote)
+        } else {
+            remote
+        };
+        let use_tls = match &settings.tls {
+            None => false,
+            Some(_) if !settings.autodetect => true,
+            Some(_) => {
+                let mut first = [0u8; 1];
+                tcp.peek(&mut first).await? == 1 && first[0] == 0x16
+            }
+        };
+        let io: Pin<Box<dyn Stream>> = match (&settings.tls, use_tls) {
+            (Some(acceptor), true) => Box::pin(acceptor.accept(tcp).await?),
+            _ => Box::pin(tcp),
+        };
+        Ok::<_, io::Error>((client, io))
+    };
+    let (client, io) = match tokio::time::timeout(settings.handshake_timeout, setup).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "connection setup failed: {e}");
+            metrics::counter!("turnstile_connections_refused_total", "reason" => "handshake").increment(1);
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("turnstile_connections_refused_total", "reason" => "handshake_timeout").increment(1);
+            return;
+        }
+    };
+    let key = ClientKey { listener: id, client };
+    let (rd, wr) = tokio::io::split(io);
+    let out = Rc::new(StreamOut::new(settings.send_buffer));
+    shared.borrow_mut().streams.insert(key, out.clone());
+    metrics::gauge!("turnstile_connections").increment(1.0);
+    let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
+    let reason = read_loop(&shared, key, rd, &settings).await;
+    tracing::debug!(%client, reason, "connection closed");
+
+    out.close();
+    {
+        let mut guard = shared.borrow_mut();
+        let w = &mut *guard;
+        w.streams.remove(&key);
+        w.server.handle_client_closed(key);
+        run_commands(w);
+    }
+    metrics::gauge!("turnstile_connections").decrement(1.0);
+    // Let queued answers (an error response, say) go out, briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// Reads the PROXY v2 header; `None` means "use the connection's address".
+async fn read_proxy_header(tcp: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    let mut fixed = [0u8; proxy_protocol::FIXED_LEN];
+    tcp.read_exact(&mut fixed).await?;
+    let len = proxy_protocol::body_len(&fixed).map_err(|e| io::Error::other(format!("PROXY header: {e:?}")))?;
+    let mut body = vec![0u8; len];
+    tcp.read_exact(&mut body).await?;
+    proxy_protocol::source(&fixed, &body).map_err(|e| io::Error::other(format!("PROXY header: {e:?}")))
+}
+
+async fn read_loop(
+    shared: &Shared,
+    key: ClientKey,
+    mut rd: impl AsyncRead + Unpin,
+    settings: &StreamSettings,
+) -> &'static str {
+    let framer = StreamFramer::default().with_channel_range(settings.channel_range);
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let mut consumed = 0;
+        loop {
+            match framer.next_frame(buf.get(consumed..).unwrap_or_default()) {
+                Ok(Some(f)) => {
+                    if let Some(frame) = buf.get(consumed..consumed + f.message_len) {
+                        handle_client(shared, now(), key, frame);
+                    }
+                    consumed += f.frame_len;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::counter!("turnstile_dropped_packets_total", "reason" => e.label()).increment(1);
+                    return e.label();
+                }
+            }
+        }
+        buf.advance(consumed);
+        if buf.capacity() - buf.len() < 2048 {
+            buf.reserve(4096);
+        }
+        // Without an allocation a connection may not sit idle.
+        let has_allocation = shared.borrow().server.allocation(&key).is_some();
+        let read = rd.read_buf(&mut buf);
+        let n = if has_allocation {
+            read.await
+        } else {
+            match tokio::time::timeout(settings.idle_timeout, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    metrics::counter!("turnstile_connections_closed_total", "reason" => "idle").increment(1);
+                    return "idle";
+                }
+            }
+        };
+        match n {
+            Ok(0) => return "eof",
+            Ok(_) => {}
+            Err(_) => return "read_error",
+        }
+    }
+}
+
+async fn write_loop(mut wr: impl AsyncWrite + Unpin, out: Rc<StreamOut>) {
+    loop {
+        let chunk = {
+            let mut b = out.buf.borrow_mut();
+            if b.is_empty() { None } else { Some(b.split()) }
+        };
+        match chunk {
+            Some(c) => {
+                if wr.write_all(&c).await.is_err() {
+                    out.closed.set(true);
+                    return;
+                }
+            }
+            None if out.closed.get() => {
+                let _ = wr.shutdown().await;
+                return;
+            }
+            None => out.notify.notified().await,
+        }
+    }
+}
