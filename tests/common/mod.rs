@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct TestServer {
     child: Child,
     pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     _dir: tempfile::TempDir,
     log: mpsc::Receiver<String>,
@@ -61,14 +63,21 @@ impl TestServer {
         let mut server = TestServer {
             child,
             udp: Vec::new(),
+            tcp: Vec::new(),
+            tls: Vec::new(),
             metrics: None,
             _dir: dir,
             log,
         };
         let wants_metrics = config.contains("[metrics]");
-        let udp_listeners = config.matches("transport = \"udp\"").count().max(1);
+        let count = |t: &str| config.matches(&format!("transport = \"{t}\"")).count();
+        let (udp, tcp, tls) = (count("udp"), count("tcp"), count("tls"));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while server.udp.len() < udp_listeners || (wants_metrics && server.metrics.is_none()) {
+        while server.udp.len() < udp
+            || server.tcp.len() < tcp
+            || server.tls.len() < tls
+            || (wants_metrics && server.metrics.is_none())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = server
                 .log
@@ -76,6 +85,12 @@ impl TestServer {
                 .expect("turnstile did not report its listeners in time");
             if let Some(a) = line.split("listening udp ").nth(1) {
                 server.udp.push(a.trim().parse().unwrap());
+            }
+            if let Some(a) = line.split("listening tcp ").nth(1) {
+                server.tcp.push(a.trim().parse().unwrap());
+            }
+            if let Some(a) = line.split("listening tls ").nth(1) {
+                server.tls.push(a.trim().parse().unwrap());
             }
             if let Some(a) = line.split("metrics listening on http://").nth(1) {
                 server.metrics = Some(a.trim().trim_end_matches("/metrics").parse().unwrap());
@@ -108,6 +123,29 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// Sends a signal to the server process (e.g. "HUP").
+    pub fn signal(&self, name: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits until a log line containing `needle` appears (up to 10 s).
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Waits (up to 5 s) for a counter to reach `min`: workers export their
     /// counters once a second.
     pub fn wait_counter(&self, series: &str, min: f64) -> bool {
