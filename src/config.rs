@@ -254,7 +254,7 @@ fn default_max_connections() -> usize {
 }
 
 fn default_max_connections_per_ip() -> usize {
-    64
+    256
 }
 
 fn default_idle_timeout() -> u64 {
@@ -395,6 +395,9 @@ impl Config {
             if a.is_unspecified() && self.relay.ipv6_external_address.is_none() {
                 return Err("relay.ipv6_address is unspecified: set relay.ipv6_external_address".into());
             }
+        }
+        if self.worker_count() > 255 {
+            return Err("workers must be at most 255".into());
         }
         let ports = usize::from(self.relay.ports.high - self.relay.ports.low) + 1;
         if ports < self.worker_count() {

@@ -161,6 +161,9 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let software = (!config.software.is_empty()).then(|| config.software.clone());
     let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
     let span = high - low + 1;
+    let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+    handoff_receivers.reverse();
     for (index, (udp, streams)) in per_worker.into_iter().zip(per_worker_streams).enumerate() {
         // Each worker hands out its own slice of the relay port range.
         let i = index as u32;
@@ -176,14 +179,20 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             max_permissions: config.limits.permissions_per_allocation,
             max_channels: config.limits.channels_per_allocation,
             channel_range,
+            worker_index: index as u8,
             port_seed,
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
+        let handoff_receiver = handoff_receivers
+            .pop()
+            .ok_or_else(|| io::Error::other("worker count"))?;
         worker::spawn(worker::WorkerSetup {
             index,
             udp,
             streams,
             server,
+            handoff_senders: handoff_senders.clone(),
+            handoff_receiver,
         })?;
     }
     Ok(Started {

@@ -23,11 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
-use crate::io::worker::{Shared, handle_client, now, run_commands};
+use crate::io::worker::{Handled, Shared, handle_client, now, run_commands};
 use crate::proto::channel_data::ChannelRange;
 use crate::proto::framer::StreamFramer;
 use crate::proto::proxy_protocol;
-use crate::proto::server::{ClientKey, ListenerId};
+use crate::proto::server::{ClientKey, ListenerId, connection_owner};
+use crate::proto::stun::{Class, Message, Method};
 
 /// Binds a listening TCP socket with SO_REUSEPORT.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -154,8 +155,28 @@ impl StreamOut {
     }
 }
 
-trait Stream: AsyncRead + AsyncWrite {}
-impl<T: AsyncRead + AsyncWrite> Stream for T {}
+/// A client connection after PROXY and TLS: plain TCP or TLS, sendable to
+/// another worker.
+pub trait Stream: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> Stream for T {}
+
+pub type BoxedStream = Pin<Box<dyn Stream>>;
+
+/// How long a Connect may take before 447 (RFC 6062 §5.2).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client connection handed to the worker that owns the RFC 6062
+/// connection id its ConnectionBind names.
+pub struct Handoff {
+    io: BoxedStream,
+    key: ClientKey,
+    /// Bytes read but not yet handled, starting with the ConnectionBind.
+    buf: BytesMut,
+    guard: ConnGuard,
+}
+
+pub type HandoffSender = tokio::sync::mpsc::UnboundedSender<Handoff>;
+pub type HandoffReceiver = tokio::sync::mpsc::UnboundedReceiver<Handoff>;
 
 /// Accepts connections on one listener until the socket fails.
 pub async fn accept_loop(
@@ -189,7 +210,7 @@ async fn connection(
     mut tcp: TcpStream,
     remote: SocketAddr,
     settings: Rc<StreamSettings>,
-    _guard: ConnGuard,
+    guard: ConnGuard,
 ) {
     let _ = tcp.set_nodelay(true);
     let setup = async {
@@ -206,7 +227,7 @@ async fn connection(
                 tcp.peek(&mut first).await? == 1 && first[0] == 0x16
             }
         };
-        let io: Pin<Box<dyn Stream>> = match (&settings.tls, use_tls) {
+        let io: BoxedStream = match (&settings.tls, use_tls) {
             (Some(acceptor), true) => Box::pin(acceptor.accept(tcp).await?),
             _ => Box::pin(tcp),
         };
@@ -224,26 +245,111 @@ async fn connection(
             return;
         }
     };
-    let key = ClientKey { listener: id, client };
+    serve(
+        shared,
+        ClientKey { listener: id, client },
+        io,
+        BytesMut::with_capacity(4096),
+        settings,
+        guard,
+    )
+    .await;
+}
+
+/// Receives connections other workers hand over.
+pub async fn receive_handoffs(shared: Shared, mut rx: HandoffReceiver) {
+    while let Some(h) = rx.recv().await {
+        let settings = shared
+            .borrow()
+            .stream_settings
+            .get(usize::from(h.key.listener.0))
+            .cloned()
+            .flatten();
+        if let Some(settings) = settings {
+            tokio::task::spawn_local(serve(shared.clone(), h.key, h.io, h.buf, settings, h.guard));
+        }
+    }
+}
+
+/// How a connection's reading ended.
+enum ReadEnd {
+    Closed(&'static str),
+    /// ConnectionBind succeeded: pipe to this peer connection.
+    Bound(u32, BytesMut),
+    /// A ConnectionBind for a connection id another worker owns.
+    Handoff(usize, BytesMut),
+}
+
+/// Serves one client connection: STUN and ChannelData frames through the
+/// core, then, after an RFC 6062 ConnectionBind, raw bytes to its peer.
+async fn serve(
+    shared: Shared,
+    key: ClientKey,
+    io: BoxedStream,
+    buf: BytesMut,
+    settings: Rc<StreamSettings>,
+    guard: ConnGuard,
+) {
     let (rd, wr) = tokio::io::split(io);
     let out = Rc::new(StreamOut::new(settings.send_buffer));
     shared.borrow_mut().streams.insert(key, out.clone());
     metrics::gauge!("turnstile_connections").increment(1.0);
     let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
-    let reason = read_loop(&shared, key, rd, &settings).await;
-    tracing::debug!(%client, reason, "connection closed");
+    let (end, rd) = read_loop(&shared, key, rd, buf, &settings).await;
 
     out.close();
     {
-        let mut guard = shared.borrow_mut();
-        let w = &mut *guard;
+        let mut g = shared.borrow_mut();
+        let w = &mut *g;
         w.streams.remove(&key);
         w.server.handle_client_closed(key);
         run_commands(w);
     }
     metrics::gauge!("turnstile_connections").decrement(1.0);
-    // Let queued answers (an error response, say) go out, briefly.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    // Let queued answers go out (an error response, a ConnectionBind success).
+    let wr = match tokio::time::timeout(Duration::from_secs(2), writer).await {
+        Ok(Ok(Some(wr))) => wr,
+        _ => return,
+    };
+    match end {
+        ReadEnd::Closed(reason) => {
+            tracing::debug!(client = %key.client, reason, "connection closed");
+            let mut wr = wr;
+            let _ = wr.shutdown().await;
+        }
+        ReadEnd::Bound(connection, leftover) => pipe(shared, connection, rd.unsplit(wr), leftover, guard).await,
+        ReadEnd::Handoff(owner, buf) => {
+            let sender = shared.borrow().handoff.get(owner).cloned();
+            if let Some(sender) = sender {
+                let _ = sender.send(Handoff {
+                    io: rd.unsplit(wr),
+                    key,
+                    buf,
+                    guard,
+                });
+            }
+        }
+    }
+}
+
+/// An RFC 6062 data connection joined to its peer connection: bytes both
+/// ways until either side closes or the allocation goes.
+async fn pipe(shared: Shared, connection: u32, mut client: BoxedStream, leftover: BytesMut, _guard: ConnGuard) {
+    let peer = shared.borrow_mut().tcp_peers.get_mut(&connection).and_then(|p| {
+        let close = p.close.clone();
+        p.stream.take().map(|s| (s, close))
+    });
+    if let Some((mut peer, close)) = peer {
+        if peer.write_all(&leftover).await.is_ok() {
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut peer) => {}
+                _ = close.notified() => {}
+            }
+        }
+    }
+    let mut g = shared.borrow_mut();
+    g.tcp_peers.remove(&connection);
+    g.server.handle_tcp_connection_closed(connection);
 }
 
 /// Reads the PROXY v2 header; `None` means "use the connection's address".
@@ -256,28 +362,48 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> io::Result<Option<SocketAddr>
     proxy_protocol::source(&fixed, &body).map_err(|e| io::Error::other(format!("PROXY header: {e:?}")))
 }
 
-async fn read_loop(
+/// The worker owning the connection id of a ConnectionBind request, if the
+/// frame is one.
+fn connection_bind_target(frame: &[u8]) -> Option<u32> {
+    let m = Message::parse(frame).ok()?;
+    if m.method() != Method::CONNECTION_BIND || m.class() != Class::Request {
+        return None;
+    }
+    m.connection_id().ok().flatten()
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     key: ClientKey,
-    mut rd: impl AsyncRead + Unpin,
+    mut rd: R,
+    mut buf: BytesMut,
     settings: &StreamSettings,
-) -> &'static str {
+) -> (ReadEnd, R) {
     let framer = StreamFramer::default().with_channel_range(settings.channel_range);
-    let mut buf = BytesMut::with_capacity(4096);
+    let me = shared.borrow().index;
     loop {
         let mut consumed = 0;
         loop {
             match framer.next_frame(buf.get(consumed..).unwrap_or_default()) {
                 Ok(Some(f)) => {
-                    if let Some(frame) = buf.get(consumed..consumed + f.message_len) {
-                        handle_client(shared, now(), key, frame);
+                    let frame = buf.get(consumed..consumed + f.message_len).unwrap_or_default();
+                    if let Some(owner) = connection_bind_target(frame).map(connection_owner)
+                        && owner != me
+                    {
+                        buf.advance(consumed);
+                        return (ReadEnd::Handoff(owner, buf), rd);
                     }
+                    let handled = handle_client(shared, now(), key, frame);
                     consumed += f.frame_len;
+                    if let Handled::Bound(connection) = handled {
+                        buf.advance(consumed);
+                        return (ReadEnd::Bound(connection, buf), rd);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     metrics::counter!("turnstile_dropped_packets_total", "reason" => e.label()).increment(1);
-                    return e.label();
+                    return (ReadEnd::Closed(e.label()), rd);
                 }
             }
         }
@@ -295,19 +421,21 @@ async fn read_loop(
                 Ok(r) => r,
                 Err(_) => {
                     metrics::counter!("turnstile_connections_closed_total", "reason" => "idle").increment(1);
-                    return "idle";
+                    return (ReadEnd::Closed("idle"), rd);
                 }
             }
         };
         match n {
-            Ok(0) => return "eof",
+            Ok(0) => return (ReadEnd::Closed("eof"), rd),
             Ok(_) => {}
-            Err(_) => return "read_error",
+            Err(_) => return (ReadEnd::Closed("read_error"), rd),
         }
     }
 }
 
-async fn write_loop(mut wr: impl AsyncWrite + Unpin, out: Rc<StreamOut>) {
+/// Writes queued bytes until the queue is closed; hands the write half
+/// back so the connection can become an RFC 6062 data connection.
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> Option<W> {
     loop {
         let chunk = {
             let mut b = out.buf.borrow_mut();
@@ -317,13 +445,10 @@ async fn write_loop(mut wr: impl AsyncWrite + Unpin, out: Rc<StreamOut>) {
             Some(c) => {
                 if wr.write_all(&c).await.is_err() {
                     out.closed.set(true);
-                    return;
+                    return None;
                 }
             }
-            None if out.closed.get() => {
-                let _ = wr.shutdown().await;
-                return;
-            }
+            None if out.closed.get() => return Some(wr),
             None => out.notify.notified().await,
         }
     }

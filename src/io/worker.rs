@@ -36,6 +36,9 @@ pub struct WorkerSetup {
     pub udp: Vec<std::net::UdpSocket>,
     pub streams: Vec<StreamListenerSetup>,
     pub server: Server,
+    /// Every worker's hand-over queue (index = worker), and this worker's own.
+    pub handoff_senders: Vec<stream::HandoffSender>,
+    pub handoff_receiver: stream::HandoffReceiver,
 }
 
 /// Starts a worker thread. It runs until the process exits.
@@ -64,8 +67,26 @@ pub fn now() -> Now {
 }
 
 struct RelaySocket {
-    socket: Rc<UdpSocket>,
+    /// The UDP relay socket; `None` for an RFC 6062 TCP relay (a listener
+    /// owned by its accept task).
+    udp: Option<Rc<UdpSocket>>,
+    /// Where the relay is bound (TCP connections to peers start from here).
+    bound: SocketAddr,
     task: TaskHandle<()>,
+}
+
+/// An RFC 6062 peer connection: its stream until a data connection takes
+/// it, and a signal that closes the pair.
+pub(crate) struct TcpPeer {
+    pub(crate) stream: Option<tokio::net::TcpStream>,
+    pub(crate) close: Rc<tokio::sync::Notify>,
+}
+
+/// What became of a client frame, for the stream driver.
+pub enum Handled {
+    Done,
+    /// ConnectionBind succeeded: the connection now pipes to this peer connection.
+    Bound(u32),
 }
 
 /// Where answers for a listener's clients go.
@@ -78,8 +99,13 @@ enum Listener {
 /// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`,
 /// never held across an await).
 pub struct Worker {
+    pub(crate) index: usize,
     pub(crate) server: Server,
     listeners: Vec<Listener>,
+    /// Settings of each stream listener, by listener id.
+    pub(crate) stream_settings: Vec<Option<Rc<StreamSettings>>>,
+    pub(crate) handoff: Vec<stream::HandoffSender>,
+    pub(crate) tcp_peers: FxHashMap<u32, TcpPeer>,
     pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
     relays: FxHashMap<RelayId, RelaySocket>,
     /// Responses are written here.
@@ -109,22 +135,30 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
     local.block_on(&rt, async move {
         let mut server = setup.server;
         let mut listeners = Vec::new();
+        let mut stream_settings = Vec::new();
         let mut udp = Vec::new();
         for socket in setup.udp {
             let id = server.add_listener(Transport::Udp);
             let l = Rc::new(UdpListener::new(socket)?);
             udp.push((id, l.clone()));
             listeners.push(Listener::Udp(l));
+            stream_settings.push(None);
         }
         let mut tcp = Vec::new();
         for s in setup.streams {
             let id = server.add_listener(Transport::Stream);
-            tcp.push((id, tokio::net::TcpListener::from_std(s.listener)?, Rc::new(s.settings)));
+            let settings = Rc::new(s.settings);
+            tcp.push((id, tokio::net::TcpListener::from_std(s.listener)?, settings.clone()));
             listeners.push(Listener::Stream);
+            stream_settings.push(Some(settings));
         }
         let worker: Shared = Rc::new(RefCell::new(Worker {
+            index: setup.index,
             server,
             listeners,
+            stream_settings,
+            handoff: setup.handoff_senders,
+            tcp_peers: FxHashMap::default(),
             streams: FxHashMap::default(),
             relays: FxHashMap::default(),
             out: vec![0u8; 2048],
@@ -144,6 +178,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             )));
         }
         tokio::task::spawn_local(timers(worker.clone()));
+        tokio::task::spawn_local(stream::receive_handoffs(worker.clone(), setup.handoff_receiver));
         for t in tasks {
             t.await.map_err(io::Error::other)??;
         }
@@ -165,7 +200,7 @@ async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -
 }
 
 /// One datagram or stream frame from a client, through the core and out.
-pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) {
+pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -> Handled {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
     let mut outcome = w.server.handle_client_packet(now, key, packet, &mut w.out);
@@ -181,16 +216,38 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) {
                 start,
                 end,
             } => {
-                if let (Some(r), Some(data)) = (w.relays.get(&relay), packet.get(start..end)) {
-                    send_or_count(r.socket.try_send_to(data, peer).is_ok());
+                if let (Some(socket), Some(data)) = (
+                    w.relays.get(&relay).and_then(|r| r.udp.as_ref()),
+                    packet.get(start..end),
+                ) {
+                    send_or_count(socket.try_send_to(data, peer).is_ok());
                 }
                 break;
+            }
+            ClientOutcome::TcpConnect {
+                relay,
+                peer,
+                connection,
+            } => {
+                if let Some(from) = w.relays.get(&relay).map(|r| r.bound) {
+                    tokio::task::spawn_local(tcp_connect(shared.clone(), connection, from, peer));
+                }
+                break;
+            }
+            ClientOutcome::ConnectionBound { connection, len } => {
+                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+                run_commands(w);
+                return Handled::Bound(connection);
             }
             ClientOutcome::BindRelay(request) => {
                 let mut results = [None, None];
                 for (slot, result) in request.sockets.iter().zip(results.iter_mut()) {
                     if let Some((rid, addr)) = slot {
-                        *result = Some(open_relay(shared, w, *rid, *addr, request.dont_fragment));
+                        *result = Some(if request.tcp {
+                            open_tcp_relay(shared, w, *rid, *addr)
+                        } else {
+                            open_relay(shared, w, *rid, *addr, request.dont_fragment)
+                        });
                     }
                 }
                 outcome = w.server.relay_bound(now, results, &mut w.out);
@@ -203,6 +260,7 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) {
         }
     }
     run_commands(w);
+    Handled::Done
 }
 
 fn send_or_count(sent: bool) {
@@ -220,6 +278,11 @@ pub fn run_commands(w: &mut Worker) {
                     r.task.abort();
                 }
             }
+            Command::CloseConnection(id) => {
+                if let Some(p) = w.tcp_peers.remove(&id) {
+                    p.close.notify_one();
+                }
+            }
         }
     }
 }
@@ -235,8 +298,108 @@ fn open_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr, do
         Err(_) => return BindResult::Failed,
     };
     let task = tokio::task::spawn_local(relay_loop(shared.clone(), id, socket.clone()));
-    w.relays.insert(id, RelaySocket { socket, task });
+    w.relays.insert(
+        id,
+        RelaySocket {
+            udp: Some(socket),
+            bound: addr,
+            task,
+        },
+    );
     BindResult::Bound
+}
+
+/// Binds an RFC 6062 TCP relay: a listener for peers, on a port that the
+/// allocation's outgoing connections share (SO_REUSEADDR and SO_REUSEPORT).
+fn open_tcp_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr) -> BindResult {
+    let listener = (|| {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(true)?;
+        s.bind(addr)?;
+        s.listen(64)
+    })();
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return BindResult::InUse,
+        Err(_) => return BindResult::Failed,
+    };
+    let task = tokio::task::spawn_local(tcp_relay_accept(shared.clone(), id, listener));
+    w.relays.insert(
+        id,
+        RelaySocket {
+            udp: None,
+            bound: addr,
+            task,
+        },
+    );
+    BindResult::Bound
+}
+
+/// Peers connecting to a TCP relay: with a permission the client hears of
+/// them (ConnectionAttempt) and the stream waits for its data connection.
+async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut guard = shared.borrow_mut();
+        let w = &mut *guard;
+        if let Some((key, connection, len)) = w.server.handle_tcp_peer_accepted(now(), id, peer, &mut w.out) {
+            let close = Rc::new(tokio::sync::Notify::new());
+            w.tcp_peers.insert(
+                connection,
+                TcpPeer {
+                    stream: Some(stream),
+                    close,
+                },
+            );
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+        } else {
+            metrics::counter!("turnstile_dropped_packets_total", "reason" => "tcp_peer_no_permission").increment(1);
+        }
+    }
+}
+
+/// Connect (RFC 6062): a TCP connection from the relayed address to the
+/// peer; the Connect response goes out when it succeeds or fails.
+async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: SocketAddr) {
+    let attempt = async {
+        let s = if from.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(true)?;
+        s.bind(from)?;
+        s.connect(peer).await
+    };
+    let result = tokio::time::timeout(stream::CONNECT_TIMEOUT, attempt).await;
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    let connected = matches!(result, Ok(Ok(_)));
+    if let Ok(Ok(stream)) = result {
+        let _ = stream.set_nodelay(true);
+        let close = Rc::new(tokio::sync::Notify::new());
+        w.tcp_peers.insert(
+            connection,
+            TcpPeer {
+                stream: Some(stream),
+                close,
+            },
+        );
+    }
+    if let Some((key, len)) = w.server.handle_tcp_connected(now(), connection, connected, &mut w.out) {
+        send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+    } else {
+        w.tcp_peers.remove(&connection);
+    }
 }
 
 /// Receives peer datagrams on one relay socket, and the ICMP errors the

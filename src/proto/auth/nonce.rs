@@ -1,6 +1,7 @@
 //! Stateless nonces (RFC 8489 §9.2): the server keeps no per-client state.
-//! A nonce carries its issue time and a MAC over (issue time, client address,
-//! security features) under a server key; a nonce that fails the MAC or is
+//! A nonce carries its issue time and a MAC over (issue time, client IP
+//! address, security features) under a server key; the port is left out so
+//! a client's several TCP connections (RFC 6062 data connections) share it; a nonce that fails the MAC or is
 //! older than its lifetime is stale (438).
 //!
 //! When the server offers RFC 8489's new security features, the nonce starts
@@ -126,7 +127,6 @@ impl NonceKey {
             IpAddr::V4(ip) => mac.update(&ip.to_ipv6_mapped().octets()),
             IpAddr::V6(ip) => mac.update(&ip.octets()),
         }
-        mac.update(&client.port().to_be_bytes());
         mac.update(&features.bits().to_be_bytes());
         let full = mac.finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
@@ -217,7 +217,12 @@ mod tests {
         assert_eq!(key().validate(n.as_str(), 1599, &c, 600), Ok(SecurityFeatures::NONE));
         assert_eq!(key().validate(n.as_str(), 1600, &c, 600), Err(NonceError::Expired));
         assert_eq!(key().validate(n.as_str(), 900, &c, 600), Err(NonceError::Expired));
-        let other: SocketAddr = "192.0.2.7:5001".parse().unwrap();
+        let same_host: SocketAddr = "192.0.2.7:5001".parse().unwrap();
+        assert_eq!(
+            key().validate(n.as_str(), 1000, &same_host, 600),
+            Ok(SecurityFeatures::NONE)
+        );
+        let other: SocketAddr = "192.0.2.8:5000".parse().unwrap();
         assert_eq!(key().validate(n.as_str(), 1000, &other, 600), Err(NonceError::Invalid));
         assert_eq!(
             NonceKey::new(&[1; 32]).validate(n.as_str(), 1000, &c, 600),

@@ -84,6 +84,9 @@ pub struct Allocation {
     pub permissions: Vec<Permission>,
     pub channels: Vec<Channel>,
     pub reservation_token: Option<[u8; 8]>,
+    /// RFC 6062: the relayed address is a TCP listener; data flows over
+    /// connections, not channels or Send.
+    pub tcp: bool,
 }
 
 pub(crate) const fn family_index(f: AddressFamily) -> usize {

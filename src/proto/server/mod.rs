@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub max_channels: usize,
     /// Accepted channel numbers.
     pub channel_range: ChannelRange,
+    /// This worker's number, carried in RFC 6062 connection ids.
+    pub worker_index: u8,
     /// Keys the relay-port scramble and reservation tokens; shared by all
     /// workers so any of them redeems any token.
     pub port_seed: [u8; 32],
@@ -117,6 +119,7 @@ impl Default for ServerConfig {
             max_permissions: 128,
             max_channels: 128,
             channel_range: ChannelRange::Rfc8656,
+            worker_index: 0,
             port_seed: [7; 32],
         }
     }
@@ -136,10 +139,47 @@ pub enum ClientOutcome {
     },
     /// Bind relay sockets, then call [`Server::relay_bound`].
     BindRelay(BindRequest),
+    /// RFC 6062 Connect: open a TCP connection from relay `relay` to `peer`,
+    /// then call [`Server::handle_tcp_connected`].
+    TcpConnect {
+        relay: RelayId,
+        peer: SocketAddr,
+        connection: u32,
+    },
+    /// RFC 6062 ConnectionBind succeeded: send `out[..len]`, then this client
+    /// connection carries raw bytes to and from peer connection `connection`.
+    ConnectionBound { connection: u32, len: usize },
     /// Nothing to send; the packet was handled (a keepalive).
     Consumed,
     /// Refused without an answer; count it under this reason.
     Drop(DropReason),
+}
+
+/// The worker that owns an RFC 6062 connection id (its top eight bits):
+/// a data connection landing on another worker is handed over to it.
+pub const fn connection_owner(connection: u32) -> usize {
+    (connection >> 24) as usize
+}
+
+/// How long a peer connection waits for its ConnectionBind (RFC 6062 §5.3).
+pub const CONNECTION_BIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State of one RFC 6062 peer connection.
+#[derive(Debug, Clone)]
+struct TcpConnection {
+    alloc: usize,
+    peer: SocketAddr,
+    state: TcpConnectionState,
+}
+
+#[derive(Debug, Clone)]
+enum TcpConnectionState {
+    /// Connect sent to the driver; the response waits for the result.
+    Connecting { tid: TransactionId, fingerprint: bool },
+    /// Connected (or accepted); waiting for the client's ConnectionBind.
+    AwaitingBind { deadline: Instant },
+    /// Joined to a client data connection.
+    Bound,
 }
 
 /// Relay sockets to bind for an Allocate: per family, an id and an address.
@@ -150,6 +190,8 @@ pub struct BindRequest {
     pub sockets: [Option<(RelayId, SocketAddr)>; 2],
     /// Set DF on the relay socket (DONT-FRAGMENT).
     pub dont_fragment: bool,
+    /// RFC 6062: a listening TCP socket instead of a UDP socket.
+    pub tcp: bool,
 }
 
 /// The driver's result for one socket of a [`BindRequest`].
@@ -179,6 +221,8 @@ pub enum PeerOutcome {
 pub enum Command {
     /// The allocation is gone: close this relay socket.
     CloseRelay(RelayId),
+    /// Close an RFC 6062 peer connection (and its data connection).
+    CloseConnection(u32),
 }
 
 /// Why a packet got no answer. Each maps to one metric label.
@@ -255,6 +299,8 @@ struct PendingAllocate {
     /// The redeemed reservation's port is fixed: no retry on another port.
     fixed_port: bool,
     dont_fragment: bool,
+    /// RFC 6062 TCP relay.
+    tcp: bool,
     attempts: u8,
 }
 
@@ -274,6 +320,8 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     commands: VecDeque<Command>,
     pending: Option<PendingAllocate>,
+    tcp_connections: FxHashMap<u32, TcpConnection>,
+    next_connection: u32,
     stats: Stats,
 }
 
@@ -323,6 +371,8 @@ impl Server {
             timers: BinaryHeap::new(),
             commands: VecDeque::new(),
             pending: None,
+            tcp_connections: FxHashMap::default(),
+            next_connection: 0,
             stats: Stats::default(),
         }
     }
@@ -394,6 +444,7 @@ impl Server {
         for p in &mut self.ports {
             p.expire(now);
         }
+        self.expire_tcp_connections(now);
     }
 
     // ----- client side -------------------------------------------------
@@ -475,7 +526,12 @@ impl Server {
         }
         if !matches!(
             method,
-            Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND
+            Method::ALLOCATE
+                | Method::REFRESH
+                | Method::CREATE_PERMISSION
+                | Method::CHANNEL_BIND
+                | Method::CONNECT
+                | Method::CONNECTION_BIND
         ) {
             self.stats.count_error(400);
             return write_or_drop(error_response(&msg, 400, "Unsupported Method", None, out, |_| Ok(())));
@@ -509,6 +565,7 @@ impl Server {
 
         let result = match method {
             Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
+            Method::CONNECTION_BIND => self.connection_bind(now, key, alloc_id, &msg, authed.username, signing, out),
             _ => {
                 let Some(id) = alloc_id else {
                     return self.refuse(
@@ -529,6 +586,7 @@ impl Server {
                 match method {
                     Method::REFRESH => self.refresh(now, id, &msg, signing, out),
                     Method::CREATE_PERMISSION => self.create_permission(now.instant, id, &msg, signing, out),
+                    Method::CONNECT => self.connect(id, &msg),
                     _ => self.channel_bind(now.instant, id, &msg, signing, out),
                 }
             }
@@ -557,6 +615,9 @@ impl Server {
         let Some(alloc) = self.by_client.get(key).and_then(|&i| self.allocations.get(i)) else {
             return ClientOutcome::Drop(DropReason::NoAllocation);
         };
+        if alloc.tcp {
+            return ClientOutcome::Drop(DropReason::BadIndication);
+        }
         let Some(Ok(peer)) = msg.xor_peer_addresses().next() else {
             return ClientOutcome::Drop(DropReason::BadIndication);
         };
@@ -626,9 +687,12 @@ impl Server {
         }
         match msg.requested_transport() {
             Ok(Some(transport::UDP)) => {}
+            // RFC 6062: TCP relaying only for clients that reach us over TCP or TLS.
+            Ok(Some(transport::TCP)) if self.is_stream(&key) => {}
             Ok(Some(_)) => return Err(refuse(442, "Unsupported Transport Protocol", "unsupported_transport")),
             Ok(None) | Err(_) => return Err(BAD_REQUEST),
         }
+        let tcp = msg.requested_transport().ok().flatten() == Some(transport::TCP);
         let attr = |k| msg.get(k).map_err(|_| BAD_REQUEST);
         let even_port = match attr(kind::EVEN_PORT)? {
             Some(Attribute::EvenPort { reserve }) => Some(reserve),
@@ -646,8 +710,13 @@ impl Server {
             Some(Attribute::AdditionalAddressFamily(f)) => Some(f),
             _ => None,
         };
-        // RFC 8656 §7.2: combinations that make no sense are 400.
-        if (token.is_some() && (even_port.is_some() || requested_family.is_some()))
+        // RFC 8656 §7.2 and RFC 6062 §5.1: combinations that make no sense are 400.
+        if (tcp
+            && (token.is_some()
+                || even_port.is_some()
+                || additional.is_some()
+                || msg.find(kind::DONT_FRAGMENT).is_some()))
+            || (token.is_some() && (even_port.is_some() || requested_family.is_some()))
             || (additional.is_some() && requested_family.is_some())
             || additional.is_some_and(|f| f != AddressFamily::V6)
         {
@@ -733,9 +802,14 @@ impl Server {
             primary: family_index(primary),
             fixed_port: fixed_port.is_some(),
             dont_fragment,
+            tcp,
             attempts: 1,
         });
-        Ok(ClientOutcome::BindRelay(BindRequest { sockets, dont_fragment }))
+        Ok(ClientOutcome::BindRelay(BindRequest {
+            sockets,
+            dont_fragment,
+            tcp,
+        }))
     }
 
     /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
@@ -810,6 +884,7 @@ impl Server {
             let request = BindRequest {
                 sockets: retry,
                 dont_fragment: p.dont_fragment,
+                tcp: p.tcp,
             };
             self.pending = Some(p);
             return ClientOutcome::BindRelay(request);
@@ -849,6 +924,7 @@ impl Server {
             permissions: Vec::new(),
             channels: Vec::new(),
             reservation_token,
+            tcp: p.tcp,
         });
         for r in relays.iter().flatten() {
             if let Some(slot) = self.relays.get_mut(r.id.0 as usize) {
@@ -982,6 +1058,10 @@ impl Server {
         signing: Signing<'_>,
         out: &mut [u8],
     ) -> Handled {
+        // RFC 6062: a TCP allocation relays over connections, not channels.
+        if self.allocations.get(id).is_some_and(|a| a.tcp) {
+            return Err(BAD_REQUEST);
+        }
         let number = match msg.channel_number() {
             Ok(Some(n)) if self.config.channel_range.contains(n) => n,
             _ => return Err(BAD_REQUEST),
@@ -1009,6 +1089,195 @@ impl Server {
         }
         let software = self.config.software.as_deref();
         Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
+    }
+
+    // ----- RFC 6062: TCP allocations ---------------------------------------
+
+    fn is_stream(&self, key: &ClientKey) -> bool {
+        self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream)
+    }
+
+    fn new_connection_id(&mut self) -> u32 {
+        loop {
+            self.next_connection = (self.next_connection + 1) & 0x00FF_FFFF;
+            let id = (u32::from(self.config.worker_index) << 24) | self.next_connection;
+            if !self.tcp_connections.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Connect (RFC 6062 §5.2): the answer comes when the driver reports
+    /// whether the TCP connection to the peer was established.
+    fn connect(&mut self, id: usize, msg: &Message<'_>) -> Handled {
+        let a = self.allocations.get(id).ok_or(BAD_REQUEST)?;
+        if !a.tcp {
+            return Err(BAD_REQUEST);
+        }
+        let peer = match msg.xor_peer_addresses().next() {
+            Some(Ok(p)) => p,
+            _ => return Err(BAD_REQUEST),
+        };
+        let relay = a
+            .relay_for(&peer)
+            .ok_or(refuse(443, "Peer Address Family Mismatch", "family_mismatch"))?
+            .id;
+        // The same rule as for UDP peers: CVE-2020-26262 came through this path.
+        if let Err(r) = self.policy.check(&peer) {
+            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+            self.stats.count_peer_refusal(r);
+            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+        }
+        if self.tcp_connections.values().any(|c| c.alloc == id && c.peer == peer) {
+            return Err(refuse(446, "Connection Already Exists", "connection_exists"));
+        }
+        let connection = self.new_connection_id();
+        let state = TcpConnectionState::Connecting {
+            tid: *msg.transaction_id(),
+            fingerprint: msg.has_fingerprint(),
+        };
+        self.tcp_connections
+            .insert(connection, TcpConnection { alloc: id, peer, state });
+        Ok(ClientOutcome::TcpConnect {
+            relay,
+            peer: self.route(peer),
+            connection,
+        })
+    }
+
+    /// The driver's result for a [`ClientOutcome::TcpConnect`]: the Connect
+    /// response (success with CONNECTION-ID, or 447) for the control connection.
+    pub fn handle_tcp_connected(
+        &mut self,
+        now: Now,
+        connection: u32,
+        connected: bool,
+        out: &mut [u8],
+    ) -> Option<(ClientKey, usize)> {
+        let c = self.tcp_connections.get_mut(&connection)?;
+        let TcpConnectionState::Connecting { tid, fingerprint } = c.state else {
+            return None;
+        };
+        let a = self.allocations.get(c.alloc)?;
+        let signing = Signing {
+            key: &a.credential,
+            suite: a.suite,
+        };
+        let software = self.config.software.as_deref();
+        let written = if connected {
+            c.state = TcpConnectionState::AwaitingBind {
+                deadline: now.instant + CONNECTION_BIND_TIMEOUT,
+            };
+            let mut w = MessageWriter::new(out, Class::Success, Method::CONNECT, tid).ok()?;
+            w.connection_id(connection).ok()?;
+            finish(w, Some(signing), fingerprint, software)?
+        } else {
+            let key = a.key;
+            let credential = a.credential.clone();
+            let suite = a.suite;
+            self.tcp_connections.remove(&connection);
+            self.stats.count_error(447);
+            let signing = Signing {
+                key: &credential,
+                suite,
+            };
+            let n = error_for(
+                tid,
+                Method::CONNECT,
+                447,
+                "Connection Timeout or Failure",
+                Some(signing),
+                fingerprint,
+                software,
+                out,
+            )?;
+            return Some((key, n));
+        };
+        Some((a.key, written))
+    }
+
+    /// A peer connected to a TCP relay (RFC 6062 §5.3): with a permission it
+    /// gets a connection id and the client a ConnectionAttempt indication
+    /// (written into `out`); without one the driver closes it.
+    pub fn handle_tcp_peer_accepted(
+        &mut self,
+        now: Now,
+        relay: RelayId,
+        peer: SocketAddr,
+        out: &mut [u8],
+    ) -> Option<(ClientKey, u32, usize)> {
+        let alloc = self.relays.get(relay.0 as usize).copied().flatten()?;
+        let a = self.allocations.get(alloc)?;
+        if !a.tcp || !a.permits(peer.ip(), now.instant) {
+            return None;
+        }
+        let key = a.key;
+        let connection = self.new_connection_id();
+        let state = TcpConnectionState::AwaitingBind {
+            deadline: now.instant + CONNECTION_BIND_TIMEOUT,
+        };
+        self.tcp_connections
+            .insert(connection, TcpConnection { alloc, peer, state });
+        let tid = TransactionId(indication_tid(&mut self.stats));
+        let mut w = MessageWriter::new(out, Class::Indication, Method::CONNECTION_ATTEMPT, tid).ok()?;
+        w.xor_peer_address(&peer).ok()?;
+        w.connection_id(connection).ok()?;
+        Some((key, connection, w.finish()))
+    }
+
+    /// ConnectionBind (RFC 6062 §5.4) on a new client connection.
+    #[allow(clippy::too_many_arguments)]
+    fn connection_bind(
+        &mut self,
+        _now: Now,
+        key: ClientKey,
+        alloc_id: Option<usize>,
+        msg: &Message<'_>,
+        username: &str,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        // Only a fresh TCP/TLS connection can become a data connection.
+        if !self.is_stream(&key) || alloc_id.is_some() {
+            return Err(BAD_REQUEST);
+        }
+        let connection = match msg.connection_id() {
+            Ok(Some(c)) => c,
+            _ => return Err(BAD_REQUEST),
+        };
+        let c = self.tcp_connections.get(&connection).ok_or(BAD_REQUEST)?;
+        if !matches!(c.state, TcpConnectionState::AwaitingBind { .. }) {
+            return Err(BAD_REQUEST);
+        }
+        if self.allocations.get(c.alloc).is_none_or(|a| a.username != username) {
+            return Err(refuse(441, "Wrong Credentials", "wrong_credentials"));
+        }
+        if let Some(c) = self.tcp_connections.get_mut(&connection) {
+            c.state = TcpConnectionState::Bound;
+        }
+        let software = self.config.software.as_deref();
+        match success_response(msg, signing, software, out, |_| Ok(())) {
+            Some(len) => Ok(ClientOutcome::ConnectionBound { connection, len }),
+            None => Ok(ClientOutcome::Drop(DropReason::OutputTooSmall)),
+        }
+    }
+
+    /// A peer connection or its data connection closed: forget it.
+    pub fn handle_tcp_connection_closed(&mut self, connection: u32) {
+        self.tcp_connections.remove(&connection);
+    }
+
+    fn expire_tcp_connections(&mut self, now: Instant) {
+        let expired: Vec<u32> = self
+            .tcp_connections
+            .iter()
+            .filter(|(_, c)| matches!(c.state, TcpConnectionState::AwaitingBind { deadline } if deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.tcp_connections.remove(&id);
+            self.commands.push_back(Command::CloseConnection(id));
+        }
     }
 
     // ----- peer side ------------------------------------------------------
