@@ -339,12 +339,12 @@ async fn pipe(shared: Shared, connection: u32, mut client: BoxedStream, leftover
         let close = p.close.clone();
         p.stream.take().map(|s| (s, close))
     });
-    if let Some((mut peer, close)) = peer {
-        if peer.write_all(&leftover).await.is_ok() {
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut peer) => {}
-                _ = close.notified() => {}
-            }
+    if let Some((mut peer, close)) = peer
+        && peer.write_all(&leftover).await.is_ok()
+    {
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut peer) => {}
+            _ = close.notified() => {}
         }
     }
     let mut g = shared.borrow_mut();
