@@ -832,3 +832,119 @@ fn other_five_tuples_do_not_share_an_allocation() {
     });
     assert_eq!(code(&h.exchange(&req)), 437);
 }
+
+#[test]
+fn tcp_allocations_connect_and_connection_bind() {
+    use turnstile::proto::server::{CONNECTION_BIND_TIMEOUT, connection_owner};
+
+    let mut h = Harness::new();
+    // Over UDP a TCP relay is refused.
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 442);
+
+    // Over a stream listener (ListenerId(1)) it is granted.
+    h.key.listener = ListenerId(1);
+    let control = h.key;
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    let req = h.signed(Method::ALLOCATE, &c, |w| {
+        w.requested_transport(6).unwrap();
+        w.even_port(false).unwrap();
+    });
+    h.key.client.set_port(40100);
+    assert_eq!(code(&h.exchange(&req)), 400, "EVEN-PORT makes no sense for TCP");
+    h.key = control;
+
+    // Connect: policy first, then a request for the driver.
+    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("10.0.0.1:80")).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 403);
+    let peer = sa("8.8.8.8:443");
+    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&peer).unwrap());
+    let ClientOutcome::TcpConnect {
+        relay,
+        peer: to,
+        connection,
+    } = h.send(&req)
+    else {
+        panic!()
+    };
+    assert_eq!((relay, to), (RelayId(0), peer));
+    assert_eq!(connection_owner(connection), 0);
+    let req2 = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&peer).unwrap());
+    assert_eq!(code(&h.exchange(&req2)), 446, "one connection per peer");
+    let (key, len) = h
+        .server
+        .handle_tcp_connected(h.now, connection, true, &mut h.out)
+        .unwrap();
+    assert_eq!(key, control);
+    let m = Message::parse(&h.out[..len]).unwrap();
+    assert_eq!((m.class(), m.method()), (Class::Success, Method::CONNECT));
+    assert_eq!(m.connection_id().unwrap(), Some(connection));
+    assert!(verify_sha1(&h.out[..len], &c.key));
+
+    // ConnectionBind on a new data connection.
+    h.key = ClientKey {
+        listener: ListenerId(1),
+        client: sa("192.0.2.10:40200"),
+    };
+    let bind = h.signed(Method::CONNECTION_BIND, &c, |w| w.connection_id(connection).unwrap());
+    let ClientOutcome::ConnectionBound { connection: bound, len } = h.send(&bind) else {
+        panic!()
+    };
+    assert_eq!(bound, connection);
+    assert_eq!(code(&h.out[..len]), 0);
+    // A second bind of the same id, or an unknown id, is 400.
+    h.key.client.set_port(40201);
+    assert_eq!(code(&h.exchange(&bind)), 400);
+    let unknown = h.signed(Method::CONNECTION_BIND, &c, |w| w.connection_id(12345).unwrap());
+    assert_eq!(code(&h.exchange(&unknown)), 400);
+
+    // A failed Connect is 447.
+    h.key = control;
+    let other = sa("1.1.1.1:443");
+    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&other).unwrap());
+    let ClientOutcome::TcpConnect { connection: failed, .. } = h.send(&req) else {
+        panic!()
+    };
+    let (_, len) = h.server.handle_tcp_connected(h.now, failed, false, &mut h.out).unwrap();
+    assert_eq!(code(&h.out[..len]), 447);
+
+    // Incoming peers: a ConnectionAttempt with a permission, nothing without.
+    assert!(
+        h.server
+            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
+            .is_none()
+    );
+    assert_eq!(code(&h.permit(&c, sa("9.9.9.9:1"))), 0);
+    let (key, incoming, len) = h
+        .server
+        .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
+        .unwrap();
+    assert_eq!(key, control);
+    let m = Message::parse(&h.out[..len]).unwrap();
+    assert_eq!((m.class(), m.method()), (Class::Indication, Method::CONNECTION_ATTEMPT));
+    assert_eq!(m.connection_id().unwrap(), Some(incoming));
+    // Not bound within 30 s: closed.
+    h.commands.clear();
+    h.advance(CONNECTION_BIND_TIMEOUT.as_secs() + 1);
+    assert!(
+        h.commands.contains(&Command::CloseConnection(incoming)),
+        "{:?}",
+        h.commands
+    );
+    // Channels and Send make no sense on a TCP allocation.
+    let c = h.creds("alice", "secret");
+    assert_eq!(code(&h.bind_channel(&c, 0x4000, sa("8.8.8.8:1"))), 400);
+    // Closing the control connection deletes the allocation and its connections.
+    h.commands.clear();
+    h.server.handle_client_closed(control);
+    h.drain();
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(
+        h.commands.contains(&Command::CloseConnection(connection)),
+        "{:?}",
+        h.commands
+    );
+}

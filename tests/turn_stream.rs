@@ -462,3 +462,54 @@ async fn a_slow_reader_loses_its_own_data_and_nobody_elses() {
         "the slow client's excess was dropped"
     );
 }
+
+#[test]
+fn uclient_tcp_relay_rfc6062_with_zero_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path(), &cert());
+    let server = TestServer::start(&config(dir.path(), "", ""));
+    // -T: TCP allocations, clients Connect to each other's relayed addresses
+    // (Connect, ConnectionAttempt, ConnectionBind, data connections on
+    // whichever worker the kernel picks).
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "turnutils_uclient",
+            "-T",
+            "-u",
+            "alice",
+            "-w",
+            "secret",
+            "-z",
+            "5",
+        ])
+        .args([
+            "-p",
+            &server.tcp[0].port().to_string(),
+            "-n",
+            "100",
+            "-l",
+            "120",
+            "-m",
+            "6",
+            "127.0.0.1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let after = |needle: &str| -> Option<u64> {
+        let line = text.lines().rev().find(|l| l.contains(needle))?;
+        line.split(needle)
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    assert_eq!(after("Total lost packets "), Some(0), "{text}");
+    let (sent, recv) = (
+        after("tot_send_msgs=").unwrap_or(0),
+        after("tot_recv_msgs=").unwrap_or(0),
+    );
+    assert!(sent >= 600 && recv == sent, "{text}");
+}

@@ -422,10 +422,23 @@ impl Server {
     /// When [`Server::handle_timeout`] should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let alloc = self.timers.peek().map(|Reverse((t, _))| *t);
-        [alloc, self.ports[0].next_deadline(), self.ports[1].next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        let bind = self
+            .tcp_connections
+            .values()
+            .filter_map(|c| match c.state {
+                TcpConnectionState::AwaitingBind { deadline } => Some(deadline),
+                _ => None,
+            })
+            .min();
+        [
+            alloc,
+            bind,
+            self.ports[0].next_deadline(),
+            self.ports[1].next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Expires allocations and port holds whose time has come.
@@ -966,6 +979,16 @@ impl Server {
         let Some(a) = self.allocations.try_remove(id) else {
             return;
         };
+        let connections: Vec<u32> = self
+            .tcp_connections
+            .iter()
+            .filter(|(_, c)| c.alloc == id)
+            .map(|(cid, _)| *cid)
+            .collect();
+        for cid in connections {
+            self.tcp_connections.remove(&cid);
+            self.commands.push_back(Command::CloseConnection(cid));
+        }
         self.by_client.remove(&a.key);
         for r in a.relays.iter().flatten() {
             self.relays.try_remove(r.id.0 as usize);
