@@ -432,7 +432,8 @@ mod tests {
     #[test]
     fn demo_config_is_valid_and_loopback() {
         let c = Config::demo();
-        assert_eq!(c.listen.len(), 1);
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.listen.iter().all(|l| l.address.ip().is_loopback()));
         assert!(c.listen[0].address.ip().is_loopback());
         assert!(c.auth.users.contains_key("alice"));
         assert_eq!(c.limits.max_lifetime, 3600);

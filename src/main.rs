@@ -112,12 +112,19 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
             "running the embedded demo configuration: loopback only, demo user alice/secret, \
              loopback peers allowed; pass --config FILE for anything else"
         );
-        if let Some(addr) = started.udp.first() {
-            println!(
-                "{{\"iceServers\":[{{\"urls\":[\"stun:{addr}\",\"turn:{addr}?transport=udp\"],\
-                 \"username\":\"alice\",\"credential\":\"secret\"}}]}}"
-            );
+        let mut urls: Vec<String> = Vec::new();
+        if let Some(a) = started.udp.first() {
+            urls.push(format!("stun:{a}"));
+            urls.push(format!("turn:{a}?transport=udp"));
         }
+        if let Some(a) = started.tcp.first() {
+            urls.push(format!("turn:{a}?transport=tcp"));
+        }
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        println!(
+            "{{\"iceServers\":[{{\"urls\":[{}],\"username\":\"alice\",\"credential\":\"secret\"}}]}}",
+            urls.join(",")
+        );
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {

@@ -404,6 +404,20 @@ async fn garbage_idle_and_caps_close_only_their_own_connections() {
     assert!(four.read_frame().await.is_none());
     assert!(server.counter("turnstile_connections_refused_total{reason=\"limit\"}") >= 1.0);
 
+    drop(four);
+    drop(_two);
+    drop(_three);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A truncated TLS record, and a frame that promises more than it sends:
+    // each costs only its own connection.
+    let mut tls = TcpStream::connect(server.tls[0]).await.unwrap();
+    tls.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00]).await.unwrap();
+    drop(tls);
+    let mut partial = TcpStream::connect(server.tcp[0]).await.unwrap();
+    partial.write_all(&[0x40, 0x00, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+    drop(partial);
+
     let resp = keep.request(Method::REFRESH, true, |_| {}).await;
     assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
 }
