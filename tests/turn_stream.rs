@@ -412,7 +412,9 @@ async fn garbage_idle_and_caps_close_only_their_own_connections() {
     // A truncated TLS record, and a frame that promises more than it sends:
     // each costs only its own connection.
     let mut tls = TcpStream::connect(server.tls[0]).await.unwrap();
-    tls.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00]).await.unwrap();
+    tls.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
     drop(tls);
     let mut partial = TcpStream::connect(server.tcp[0]).await.unwrap();
     partial.write_all(&[0x40, 0x00, 0xff, 0xff, 1, 2, 3]).await.unwrap();
