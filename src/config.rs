@@ -41,6 +41,9 @@ pub struct Config {
     /// Certificate for tls listeners.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// Admin listener with the credential API; absent means none.
+    #[serde(default)]
+    pub admin: Option<Admin>,
     /// Prometheus endpoint; absent means no metrics listener.
     #[serde(default)]
     pub metrics: Option<Metrics>,
@@ -64,6 +67,21 @@ pub struct Compat {
     /// numbers above 0x4FFF; browsers do not.
     #[serde(default)]
     pub legacy_channel_numbers: bool,
+}
+
+/// The admin HTTP listener: bearer-token protected, loopback by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of the admin listener, e.g. "127.0.0.1:9642".
+    pub listen: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer …`).
+    pub token: String,
+    /// Host name put in the URLs the credential API returns (e.g.
+    /// "turn.example.org", which a turns: certificate names). Default: each
+    /// listener's address.
+    #[serde(default)]
+    pub public_host: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +423,11 @@ impl Config {
                 "relay.ports holds {ports} ports, fewer than the {} workers",
                 self.worker_count()
             ));
+        }
+        if let Some(a) = &self.admin
+            && a.token.len() < 16
+        {
+            return Err("admin.token must be at least 16 characters".into());
         }
         if self.auth.nonce_lifetime < 30 {
             return Err("auth.nonce_lifetime must be at least 30 seconds".into());

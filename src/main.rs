@@ -96,14 +96,25 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
     let metrics = match &config.metrics {
         Some(m) => {
             let handle = turnstile::io::metrics_http::install_recorder()?;
-            let listener = turnstile::io::metrics_http::bind(m.listen)?;
+            let listener = turnstile::io::http::bind(m.listen)?;
             tracing::info!("metrics listening on http://{}/metrics", listener.local_addr()?);
             Some((listener, handle))
         }
         None => None,
     };
+    let admin = match &config.admin {
+        Some(a) => {
+            let listener = turnstile::io::http::bind(a.listen)?;
+            tracing::info!("admin listening on http://{}", listener.local_addr()?);
+            Some((listener, a.clone()))
+        }
+        None => None,
+    };
     let mut services = Vec::new();
     if let Some((listener, _)) = &metrics {
+        services.push(listener.local_addr()?);
+    }
+    if let Some((listener, _)) = &admin {
         services.push(listener.local_addr()?);
     }
     let started = turnstile::io::start(&config, &services)?;
@@ -127,9 +138,23 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
         );
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
         if let Some((listener, handle)) = metrics {
-            tokio::spawn(turnstile::io::metrics_http::serve(listener, handle));
+            let handler = move |req: turnstile::io::http::Request| turnstile::io::metrics_http::handle(&handle, &req);
+            tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
+        }
+        if let Some((listener, a)) = admin {
+            let fallback = config.relay.external_address.unwrap_or(config.relay.address);
+            let api = turnstile::io::admin::CredentialApi::new(
+                a.token.clone(),
+                config.auth.secrets.first().cloned(),
+                (&started.udp, &started.tcp, &started.tls),
+                a.public_host.as_deref(),
+                fallback,
+            );
+            let handler = move |req: turnstile::io::http::Request| api.handle(&req);
+            tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
         }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;

@@ -1,5 +1,7 @@
 //! IO drivers: sockets, threads and timers around the sans-IO core.
 
+pub mod admin;
+pub mod http;
 pub mod metrics_http;
 pub mod relay;
 pub mod stats_export;

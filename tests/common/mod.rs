@@ -14,6 +14,7 @@ pub struct TestServer {
     pub tcp: Vec<SocketAddr>,
     pub tls: Vec<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     _dir: tempfile::TempDir,
     log: mpsc::Receiver<String>,
 }
@@ -66,6 +67,7 @@ impl TestServer {
             tcp: Vec::new(),
             tls: Vec::new(),
             metrics: None,
+            admin: None,
             _dir: dir,
             log,
         };
@@ -73,7 +75,9 @@ impl TestServer {
         let count = |t: &str| config.matches(&format!("transport = \"{t}\"")).count();
         let (udp, tcp, tls) = (count("udp"), count("tcp"), count("tls"));
         let deadline = Instant::now() + Duration::from_secs(20);
+        let wants_admin = config.contains("[admin]");
         while server.udp.len() < udp
+            || (wants_admin && server.admin.is_none())
             || server.tcp.len() < tcp
             || server.tls.len() < tls
             || (wants_metrics && server.metrics.is_none())
@@ -92,11 +96,34 @@ impl TestServer {
             if let Some(a) = line.split("listening tls ").nth(1) {
                 server.tls.push(a.trim().parse().unwrap());
             }
+            if let Some(a) = line.split("admin listening on http://").nth(1) {
+                server.admin = Some(a.trim().parse().unwrap());
+            }
             if let Some(a) = line.split("metrics listening on http://").nth(1) {
                 server.metrics = Some(a.trim().trim_end_matches("/metrics").parse().unwrap());
             }
         }
         server
+    }
+
+    /// Sends an HTTP request to the admin listener; returns (status, body).
+    pub fn admin_request(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let addr = self.admin.expect("admin listener configured");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
     }
 
     /// Fetches the Prometheus text.

@@ -1,0 +1,165 @@
+//! The admin listener (`[admin]`, loopback by default, bearer token): the
+//! credential API that hands out short-lived TURN REST credentials as
+//! RTCIceServer JSON, in turnstile's own shape and in the shape of a hosted
+//! TURN service's API (`POST /v1/turn/keys/{key_id}/credentials/generate-ice-servers`),
+//! so an app built for that service can use a self-hosted turnstile by
+//! changing its base URL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::io::http::{Request, Response};
+use crate::proto::auth::rest;
+
+/// Longest credential lifetime handed out (seconds).
+pub const MAX_TTL: u64 = 7 * 24 * 3600;
+/// Lifetime when the request names none.
+pub const DEFAULT_TTL: u64 = 24 * 3600;
+
+/// What the credential API needs to know.
+#[derive(Debug, Clone)]
+pub struct CredentialApi {
+    token: String,
+    secret: Option<String>,
+    stun: Vec<String>,
+    turn: Vec<String>,
+}
+
+/// Host part of a URL for a listener.
+fn url_host(listen: &SocketAddr, public_host: Option<&str>, fallback: IpAddr) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        fallback
+    } else {
+        listen.ip()
+    };
+    match public_host {
+        Some(h) => h.to_owned(),
+        None if ip.is_ipv6() => format!("[{ip}]"),
+        None => ip.to_string(),
+    }
+}
+
+impl CredentialApi {
+    /// `public_host` names the server in URLs; without it the listener's own
+    /// address is used (or `fallback` for an unspecified one).
+    pub fn new(
+        token: String,
+        secret: Option<String>,
+        listeners: (&[SocketAddr], &[SocketAddr], &[SocketAddr]),
+        public_host: Option<&str>,
+        fallback: IpAddr,
+    ) -> CredentialApi {
+        let (udp, tcp, tls) = listeners;
+        let host = |a: &SocketAddr| url_host(a, public_host, fallback);
+        let stun = udp.iter().map(|a| format!("stun:{}:{}", host(a), a.port())).collect();
+        let turn = udp
+            .iter()
+            .map(|a| format!("turn:{}:{}?transport=udp", host(a), a.port()))
+            .chain(
+                tcp.iter()
+                    .map(|a| format!("turn:{}:{}?transport=tcp", host(a), a.port())),
+            )
+            .chain(
+                tls.iter()
+                    .map(|a| format!("turns:{}:{}?transport=tcp", host(a), a.port())),
+            )
+            .collect();
+        CredentialApi {
+            token,
+            secret,
+            stun,
+            turn,
+        }
+    }
+
+    fn authorized(&self, req: &Request) -> bool {
+        let Some(given) = &req.bearer else { return false };
+        given.len() == self.token.len()
+            && given
+                .bytes()
+                .zip(self.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// A REST username and password valid for `ttl` seconds from now.
+    fn credential(&self, user: &str, ttl: u64) -> Option<(String, String)> {
+        let secret = self.secret.as_ref()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let username = format!("{}:{}", now + ttl, user);
+        let password = rest::password(secret.as_bytes(), &username);
+        Some((username, password))
+    }
+
+    /// Routes a request on the admin listener.
+    pub fn handle(&self, req: &Request) -> Response {
+        if !self.authorized(req) {
+            return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
+        }
+        let body: serde_json::Value = if req.body.is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(_) => return Response::json(400, json!({"error": "body is not JSON"}).to_string()),
+            }
+        };
+        let ttl = body
+            .get("ttl")
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| req.query_param("ttl").and_then(|t| t.parse().ok()))
+            .unwrap_or(DEFAULT_TTL);
+        if ttl == 0 || ttl > MAX_TTL {
+            return Response::json(400, json!({"error": format!("ttl must be 1..={MAX_TTL}")}).to_string());
+        }
+        let user = body
+            .get("user")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| req.query_param("user"))
+            .unwrap_or_else(|| "turnstile".to_owned());
+        if user.len() > 200 || user.chars().any(char::is_control) {
+            return Response::json(400, json!({"error": "bad user"}).to_string());
+        }
+        let path: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+        let hosted_shape = matches!(
+            path.as_slice(),
+            ["v1", "turn", "keys", _, "credentials", "generate-ice-servers"]
+        );
+        match (req.method.as_str(), path.as_slice()) {
+            ("GET" | "POST", ["v1", "ice-servers"]) => {}
+            ("POST", _) if hosted_shape => {}
+            (_, ["v1", "ice-servers"]) => return Response::json(405, json!({"error": "use GET or POST"}).to_string()),
+            _ => return Response::json(404, json!({"error": "not found"}).to_string()),
+        }
+        let Some((username, credential)) = self.credential(&user, ttl) else {
+            return Response::json(
+                503,
+                json!({"error": "no REST secret configured ([auth] secrets)"}).to_string(),
+            );
+        };
+        if hosted_shape {
+            // 201 with STUN and TURN as separate entries, like the hosted API.
+            let body = json!({
+                "iceServers": [
+                    {"urls": self.stun},
+                    {"urls": self.turn, "username": username, "credential": credential},
+                ]
+            });
+            Response::json(201, body.to_string())
+        } else {
+            let mut urls = self.stun.clone();
+            urls.extend(self.turn.iter().cloned());
+            let body = json!({
+                "iceServers": [{"urls": urls, "username": username, "credential": credential}],
+                "ttl": ttl,
+            });
+            Response::json(200, body.to_string())
+        }
+    }
+}

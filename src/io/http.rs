@@ -1,0 +1,173 @@
+//! A small HTTP/1.1 server for the metrics and admin listeners: one request
+//! per connection, bounded head and body, a handler that maps a request to
+//! a response. These endpoints see a few requests a minute; they never share
+//! a thread with relaying (they run on the main thread's runtime).
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Largest request head (request line and headers).
+const MAX_HEAD: usize = 8 * 1024;
+/// Largest request body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A parsed request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    pub query: String,
+    /// The bearer token of an `Authorization: Bearer …` header.
+    pub bearer: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// A query parameter's value (no percent-decoding beyond `+`).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| v.replace('+', " "))
+        })
+    }
+}
+
+/// A response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    pub fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    pub fn json(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body: body.into(),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Binds a listener for `serve`.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serves requests with `handler` until the process exits. Runs on a
+/// current-thread runtime (`spawn_local`), so the handler need not be `Send`.
+pub async fn serve<H>(listener: std::net::TcpListener, handler: H) -> io::Result<()>
+where
+    H: Fn(Request) -> Response + 'static,
+{
+    let listener = TcpListener::from_std(listener)?;
+    let handler = Rc::new(handler);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let handler = handler.clone();
+        tokio::task::spawn_local(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), one(stream, &*handler)).await;
+        });
+    }
+}
+
+async fn one<H: Fn(Request) -> Response>(mut stream: tokio::net::TcpStream, handler: &H) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let (request, head_len, content_length) = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let target = req.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                };
+                let bearer = header("authorization")
+                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                    .map(|t| t.trim().to_owned());
+                let content_length = header("content-length")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let request = Request {
+                    method: req.method.unwrap_or("GET").to_owned(),
+                    path: path.to_owned(),
+                    query: query.to_owned(),
+                    bearer,
+                    body: Vec::new(),
+                };
+                break (request, head_len, content_length);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            _ => return write(&mut stream, &Response::text(400, "bad request\n")).await,
+        }
+    };
+    if content_length > MAX_BODY {
+        return write(&mut stream, &Response::text(413, "body too large\n")).await;
+    }
+    let mut body = buf.split_off(head_len.min(buf.len()));
+    while body.len() < content_length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+    body.truncate(content_length);
+    let response = handler(Request { body, ..request });
+    write(&mut stream, &response).await
+}
+
+async fn write(stream: &mut tokio::net::TcpStream, r: &Response) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type,
+        r.body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(r.body.as_bytes()).await?;
+    stream.shutdown().await
+}
