@@ -165,3 +165,34 @@ async fn a_client_allocates_with_the_issued_credential() {
     assert_eq!(relay.local_addr().unwrap().ip().to_string(), "127.0.0.1");
     client.close().await.unwrap();
 }
+
+/// A Matrix homeserver (Synapse) computes TURN credentials itself from
+/// `turn_shared_secret`: username "<expiry>:<mxid>", password
+/// base64(HMAC-SHA1(secret, username)). The mxid's colons must survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_style_credentials_allocate() {
+    use turn::client::{Client, ClientConfig};
+    use webrtc_util::Conn;
+
+    let server = TestServer::start(&config("\"synapse-shared-secret\""));
+    let username = format!("{}:@alice:example.org", now() + 86_400);
+    let password = turnstile::proto::auth::rest::password(b"synapse-shared-secret", &username);
+    let addr = server.udp[0].to_string();
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: addr.clone(),
+        turn_serv_addr: addr,
+        username,
+        password,
+        realm: "test.local".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    let relay = client.allocate().await.unwrap();
+    assert!(relay.local_addr().is_ok());
+    client.close().await.unwrap();
+}
