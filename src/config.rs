@@ -21,6 +21,12 @@ pub struct Config {
     /// Worker threads; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
+    /// Sent in 300 Try Alternate to new Allocates while draining.
+    #[serde(default)]
+    pub alternate_server: Option<SocketAddr>,
+    /// Seconds existing allocations keep relaying after the first SIGTERM.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: u64,
     /// SOFTWARE attribute in responses; empty sends none.
     #[serde(default = "default_software")]
     pub software: String,
@@ -89,6 +95,10 @@ pub struct Admin {
 pub struct Metrics {
     /// Address of the HTTP listener serving `GET /metrics`.
     pub listen: SocketAddr,
+}
+
+fn default_drain_timeout() -> u64 {
+    30
 }
 
 fn default_software() -> String {

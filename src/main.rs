@@ -62,13 +62,47 @@ fn main() -> ExitCode {
         },
         None => (Config::demo(), true),
     };
-    init_logging(&config.log.level);
-    match run(config, demo) {
+    let log = init_logging(&config.log.level);
+    match run(config, demo, cli.config.clone(), log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP: re-read and validate the whole configuration, then apply it;
+/// an invalid file is refused and the running configuration stays.
+fn reload(path: Option<&std::path::Path>, started: &turnstile::io::Started, log: &LogHandle) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: running the embedded configuration; reloading the TLS certificate only");
+        if let Some(c) = &started.certificates {
+            log_reload(c.reload());
+        }
+        return;
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("configuration not reloaded, keeping the running one: {e}");
+            return;
+        }
+    };
+    if let Some(t) = &config.tls
+        && let Err(e) = turnstile::io::tls::load_pair(&t.certificate, &t.private_key)
+    {
+        tracing::error!("configuration not reloaded, keeping the running one: {e}");
+        return;
+    }
+    match started.reload(&config) {
+        Ok(()) => {
+            if let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+                let _ = log.reload(filter);
+            }
+            tracing::info!("configuration reloaded from {}", path.display());
+        }
+        Err(e) => tracing::error!("configuration reloaded partly: {e}"),
     }
 }
 
@@ -79,20 +113,30 @@ fn log_reload(result: Result<(), String>) {
     }
 }
 
-fn init_logging(level: &str) {
+type LogHandle = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs to stderr (journald under systemd); the level can change on reload.
+fn init_logging(level: &str) -> LogHandle {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TURNSTILE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colours only for a person at a terminal, never in journald or files.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    handle
 }
 
-fn run(config: Config, demo: bool) -> std::io::Result<()> {
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    let _ = sd_notify::notify(false, state);
+}
+
+fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std::io::Result<()> {
     let metrics = match &config.metrics {
         Some(m) => {
             let handle = turnstile::io::metrics_http::install_recorder()?;
@@ -137,11 +181,16 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
             urls.join(",")
         );
     }
+    // Readiness for /readyz: listeners are up; false once draining.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         if let Some((listener, handle)) = metrics {
-            let handler = move |req: turnstile::io::http::Request| turnstile::io::metrics_http::handle(&handle, &req);
+            let ready = ready.clone();
+            let handler = move |req: turnstile::io::http::Request| {
+                turnstile::io::metrics_http::handle(&handle, &req, ready.load(std::sync::atomic::Ordering::Relaxed))
+            };
             tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
         }
         if let Some((listener, a)) = admin {
@@ -161,26 +210,55 @@ fn run(config: Config, demo: bool) -> std::io::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         // Certificate files are also watched, for renewals that do not signal.
         let mut poll = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut watchdog_usec = 0u64;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+        let mut watchdog_tick = tokio::time::interval(std::time::Duration::from_micros((watchdog_usec / 2).max(1_000_000)));
         let certs = started.certificates.clone();
+        notify(&[sd_notify::NotifyState::Ready]);
+        tracing::info!("ready");
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => {
-                    tracing::info!("SIGTERM: exiting");
-                    return Ok(());
+                    if drain_deadline.is_some() {
+                        tracing::info!("second SIGTERM: exiting now");
+                        return Ok(());
+                    }
+                    // Drain: no new allocations, existing ones relay until they end or the timeout.
+                    notify(&[sd_notify::NotifyState::Stopping]);
+                    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+                    started.drain(config.alternate_server);
+                    tracing::info!(
+                        allocations = started.quotas.total(),
+                        timeout = config.drain_timeout,
+                        "SIGTERM: draining; a second SIGTERM exits at once"
+                    );
+                    drain_deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(config.drain_timeout));
                 }
                 _ = tokio::signal::ctrl_c() => {
                     tracing::info!("SIGINT: exiting");
                     return Ok(());
                 }
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the TLS certificate");
-                    if let Some(c) = &certs {
-                        log_reload(c.reload());
-                    }
+                    notify(&[sd_notify::NotifyState::Reloading]);
+                    reload(path.as_deref(), &started, &log);
+                    notify(&[sd_notify::NotifyState::Ready]);
                 }
                 _ = poll.tick() => {
                     if let Some(result) = certs.as_ref().and_then(|c| c.reload_if_changed()) {
                         log_reload(result);
+                    }
+                }
+                _ = watchdog_tick.tick(), if watchdog => notify(&[sd_notify::NotifyState::Watchdog]),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)), if drain_deadline.is_some() => {
+                    let remaining = started.quotas.total();
+                    if remaining == 0 {
+                        tracing::info!("drained: no allocations left; exiting");
+                        return Ok(());
+                    }
+                    if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        tracing::info!(allocations = remaining, "drain timeout: exiting");
+                        return Ok(());
                     }
                 }
             }

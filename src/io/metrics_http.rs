@@ -1,4 +1,5 @@
-//! The Prometheus endpoint: `GET /metrics` on the `[metrics] listen` address.
+//! The `[metrics] listen` endpoint: Prometheus text at `/metrics`, and
+//! `/healthz` and `/readyz` for load balancers and orchestrators.
 
 use std::io;
 
@@ -11,9 +12,13 @@ pub fn install_recorder() -> io::Result<PrometheusHandle> {
     PrometheusBuilder::new().install_recorder().map_err(io::Error::other)
 }
 
-/// Answers a scrape.
-pub fn handle(handle: &PrometheusHandle, req: &Request) -> Response {
+/// Answers a scrape, or a health check: `/healthz` (the process answers)
+/// and `/readyz` (listeners up and not draining).
+pub fn handle(handle: &PrometheusHandle, req: &Request, ready: bool) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/readyz") if ready => Response::text(200, "ready\n"),
+        ("GET", "/readyz") => Response::text(503, "draining\n"),
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",

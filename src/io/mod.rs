@@ -27,6 +27,51 @@ pub struct Started {
     pub tls: Vec<SocketAddr>,
     /// The TLS certificate, for reloads.
     pub certificates: Option<Arc<tls::CertStore>>,
+    /// Allocation counts shared by the workers (the total tells when a drain is done).
+    pub quotas: Arc<Quotas>,
+    controls: Vec<worker::ControlSender>,
+    nonce_secret: [u8; 32],
+    services: Vec<SocketAddr>,
+}
+
+impl Started {
+    /// Applies a new, already validated configuration to the running
+    /// workers: users, secrets, realm, peer ACLs, quotas and limits. Existing
+    /// allocations keep their keys and lifetimes. Listener changes need a
+    /// restart; the nonce key stays, so outstanding nonces remain valid.
+    pub fn reload(&self, config: &Config) -> io::Result<()> {
+        let credentials = credentials(config, &self.nonce_secret)?;
+        let policy = peer_policy(config, self.services.clone());
+        self.quotas
+            .set_limits(config.limits.user_quota, config.limits.total_quota);
+        let (applied, acks) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Reload {
+                credentials: credentials.clone(),
+                policy: policy.clone(),
+                max_lifetime: config.limits.max_lifetime,
+                max_permissions: config.limits.permissions_per_allocation,
+                max_channels: config.limits.channels_per_allocation,
+                applied: applied.clone(),
+            });
+        }
+        // Report success only once every worker applied the new settings.
+        for _ in &self.controls {
+            acks.recv_timeout(Duration::from_secs(5))
+                .map_err(|_| io::Error::other("a worker did not apply the reload"))?;
+        }
+        if let Some(store) = &self.certificates {
+            store.reload().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Stops granting new allocations on every worker.
+    pub fn drain(&self, alternate: Option<SocketAddr>) {
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Drain { alternate });
+        }
+    }
 }
 
 /// Builds the shared parts of the core from the configuration.
@@ -143,12 +188,13 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         }
     }
 
-    let credentials = credentials(config, &random_secret()?)?;
+    let nonce_secret = random_secret()?;
+    let credentials = credentials(config, &nonce_secret)?;
     let mut services = udp_bound.clone();
     services.extend_from_slice(&tcp_bound);
     services.extend_from_slice(&tls_bound);
     services.extend_from_slice(extra_services);
-    let policy = peer_policy(config, services);
+    let policy = peer_policy(config, services.clone());
     let quotas = Arc::new(Quotas::new(config.limits.user_quota, config.limits.total_quota));
     let port_seed = random_secret()?;
     let r = &config.relay;
@@ -166,6 +212,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
     handoff_receivers.reverse();
+    let mut controls = Vec::new();
     for (index, (udp, streams)) in per_worker.into_iter().zip(per_worker_streams).enumerate() {
         // Each worker hands out its own slice of the relay port range.
         let i = index as u32;
@@ -188,6 +235,8 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         let handoff_receiver = handoff_receivers
             .pop()
             .ok_or_else(|| io::Error::other("worker count"))?;
+        let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
+        controls.push(control_tx);
         worker::spawn(worker::WorkerSetup {
             index,
             udp,
@@ -195,6 +244,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             server,
             handoff_senders: handoff_senders.clone(),
             handoff_receiver,
+            control,
         })?;
     }
     Ok(Started {
@@ -202,5 +252,9 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         tcp: tcp_bound,
         tls: tls_bound,
         certificates,
+        quotas,
+        controls,
+        nonce_secret,
+        services,
     })
 }

@@ -52,6 +52,13 @@ pub fn bind(addr: SocketAddr, dont_fragment: bool) -> Result<std::net::UdpSocket
     Ok(socket.into())
 }
 
+/// Sends a datagram from a relay socket straight to the kernel (a new
+/// socket has no readiness in the runtime yet, and UDP needs none: a full
+/// buffer is a drop). False when the datagram was not sent.
+pub fn send_to(socket: &tokio::net::UdpSocket, data: &[u8], peer: SocketAddr) -> bool {
+    socket2::SockRef::from(socket).send_to(data, &peer.into()).is_ok()
+}
+
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: fd is an open socket; the option value is a live i32 of the size passed.
     let r = unsafe {

@@ -93,8 +93,9 @@ impl UdpListener {
             segment_size: None,
             src_ip: None,
         };
-        self.socket
-            .try_io(Interest::WRITABLE, || self.state.try_send((&self.socket).into(), &t))
-            .is_ok()
+        // Straight to the kernel, not through the runtime's readiness cache
+        // (which knows nothing about a socket before its first event): a full
+        // buffer is a drop, as for any UDP router.
+        self.state.try_send((&self.socket).into(), &t).is_ok()
     }
 }

@@ -24,6 +24,25 @@ use crate::proto::server::{
     Server, Transport,
 };
 
+/// Control messages from the main thread (configuration reload, drain).
+pub enum WorkerControl {
+    Reload {
+        credentials: std::sync::Arc<crate::proto::server::Credentials>,
+        policy: crate::proto::server::PeerPolicy,
+        max_lifetime: u32,
+        max_permissions: usize,
+        max_channels: usize,
+        /// Told once the worker applied it.
+        applied: std::sync::mpsc::Sender<()>,
+    },
+    Drain {
+        alternate: Option<SocketAddr>,
+    },
+}
+
+pub type ControlSender = tokio::sync::mpsc::UnboundedSender<WorkerControl>;
+pub type ControlReceiver = tokio::sync::mpsc::UnboundedReceiver<WorkerControl>;
+
 /// A TCP or TLS listener handed to a worker.
 pub struct StreamListenerSetup {
     pub listener: std::net::TcpListener,
@@ -39,6 +58,7 @@ pub struct WorkerSetup {
     /// Every worker's hand-over queue (index = worker), and this worker's own.
     pub handoff_senders: Vec<stream::HandoffSender>,
     pub handoff_receiver: stream::HandoffReceiver,
+    pub control: ControlReceiver,
 }
 
 /// Starts a worker thread. It runs until the process exits.
@@ -179,6 +199,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         }
         tokio::task::spawn_local(timers(worker.clone()));
         tokio::task::spawn_local(stream::receive_handoffs(worker.clone(), setup.handoff_receiver));
+        tokio::task::spawn_local(controls(worker.clone(), setup.control));
         for t in tasks {
             t.await.map_err(io::Error::other)??;
         }
@@ -220,7 +241,7 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -
                     w.relays.get(&relay).and_then(|r| r.udp.as_ref()),
                     packet.get(start..end),
                 ) {
-                    send_or_count(socket.try_send_to(data, peer).is_ok());
+                    send_or_count(relay::send_to(socket, data, peer));
                 }
                 break;
             }
@@ -490,5 +511,28 @@ async fn timers(shared: Shared) {
         }
         w.exporter
             .export(w.server.stats(), w.server.allocation_count(), w.relays.len());
+    }
+}
+
+/// Applies control messages from the main thread.
+async fn controls(shared: Shared, mut rx: ControlReceiver) {
+    while let Some(c) = rx.recv().await {
+        let mut w = shared.borrow_mut();
+        match c {
+            WorkerControl::Reload {
+                credentials,
+                policy,
+                max_lifetime,
+                max_permissions,
+                max_channels,
+                applied,
+            } => {
+                w.server.set_credentials(credentials);
+                w.server.set_policy(policy);
+                w.server.set_limits(max_lifetime, max_permissions, max_channels);
+                let _ = applied.send(());
+            }
+            WorkerControl::Drain { alternate } => w.server.set_draining(alternate),
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! tears it down when dropped.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -150,6 +152,37 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// The configuration file the server was started with (rewrite it, then
+    /// send HUP, to test reloads).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("turnstile.toml")
+    }
+
+    /// GET on the metrics listener; returns (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let addr = self.metrics.expect("metrics listener configured");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
     /// Sends a signal to the server process (e.g. "HUP").
     pub fn signal(&self, name: &str) {
         let st = Command::new("kill")

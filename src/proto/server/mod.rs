@@ -322,6 +322,8 @@ pub struct Server {
     pending: Option<PendingAllocate>,
     tcp_connections: FxHashMap<u32, TcpConnection>,
     next_connection: u32,
+    /// Set while draining, with the alternate server if there is one.
+    draining: Option<Option<SocketAddr>>,
     stats: Stats,
 }
 
@@ -373,6 +375,7 @@ impl Server {
             pending: None,
             tcp_connections: FxHashMap::default(),
             next_connection: 0,
+            draining: None,
             stats: Stats::default(),
         }
     }
@@ -391,6 +394,25 @@ impl Server {
     /// Replaces the peer policy (configuration reload).
     pub fn set_policy(&mut self, policy: PeerPolicy) {
         self.policy = policy;
+    }
+
+    /// New lifetime and per-allocation limits (configuration reload). They
+    /// apply to requests from now on; existing state is kept.
+    pub fn set_limits(&mut self, max_lifetime: u32, max_permissions: usize, max_channels: usize) {
+        self.config.max_lifetime = max_lifetime;
+        self.config.max_permissions = max_permissions;
+        self.config.max_channels = max_channels;
+    }
+
+    /// Stops granting new allocations (shutdown drain). Existing ones keep
+    /// relaying and refreshing. With an alternate server, Allocate is
+    /// answered 300 Try Alternate; without, 508.
+    pub fn set_draining(&mut self, alternate: Option<SocketAddr>) {
+        self.draining = Some(alternate);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -697,6 +719,27 @@ impl Server {
                 return Ok(write_or_drop(self.allocate_success(msg, id, now, signing, out)));
             }
             return Err(refuse(437, "Allocation Mismatch", "allocation_mismatch"));
+        }
+        if let Some(alternate) = self.draining {
+            return match alternate {
+                Some(server) => {
+                    self.stats.count_error(300);
+                    let signing = Signing {
+                        key: &authed.key,
+                        suite: authed.suite,
+                    };
+                    let software = self.config.software.as_deref();
+                    let written = (|| {
+                        let mut w =
+                            MessageWriter::new(out, Class::Error, Method::ALLOCATE, *msg.transaction_id()).ok()?;
+                        w.error_code(300, "Try Alternate").ok()?;
+                        w.alternate_server(&server).ok()?;
+                        finish(w, Some(signing), msg.has_fingerprint(), software)
+                    })();
+                    Ok(write_or_drop(written))
+                }
+                None => Err(refuse(508, "Insufficient Capacity", "draining")),
+            };
         }
         match msg.requested_transport() {
             Ok(Some(transport::UDP)) => {}

@@ -1,0 +1,79 @@
+//! A minimal synchronous TURN client on this crate's codec, for what the
+//! off-the-shelf clients cannot show (ICMP, exact errors, reloads).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
+use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
+
+pub struct RawClient {
+    pub socket: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    pub key: LongTermKey,
+    nonce: String,
+    tid: u8,
+}
+
+impl RawClient {
+    pub fn connect(server: SocketAddr) -> RawClient {
+        RawClient::connect_as(server, "alice", "secret")
+    }
+
+    pub fn connect_as(server: SocketAddr, user: &str, password: &str) -> RawClient {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let key = LongTermKey::derive(PasswordAlgorithm::Md5, user, "test.local", password);
+        let mut c = RawClient {
+            socket,
+            server,
+            user: user.to_owned(),
+            key,
+            nonce: String::new(),
+            tid: 0,
+        };
+        let resp = c.request(Method::ALLOCATE, false, |w| w.requested_transport(17).unwrap());
+        c.nonce = Message::parse(&resp).unwrap().nonce().unwrap().unwrap().to_owned();
+        c
+    }
+
+    pub fn request(&mut self, method: Method, sign: bool, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
+        self.tid += 1;
+        let mut buf = [0u8; 1500];
+        let mut w = MessageWriter::new(&mut buf, Class::Request, method, TransactionId([self.tid; 12])).unwrap();
+        f(&mut w);
+        if sign {
+            w.username(&self.user).unwrap();
+            w.realm("test.local").unwrap();
+            w.nonce(&self.nonce).unwrap();
+            w.message_integrity(self.key.hmac_sha1()).unwrap();
+        }
+        let n = w.finish();
+        self.socket.send_to(&buf[..n], self.server).unwrap();
+        // UDP is lossy in principle; a request is retransmitted like any client would.
+        for _ in 0..3 {
+            if let Some(r) = self.try_recv() {
+                return r;
+            }
+            self.socket.send_to(&buf[..n], self.server).unwrap();
+        }
+        panic!("no answer to {method:?} from {}", self.server)
+    }
+
+    pub fn try_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = self.socket.recv_from(&mut buf).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    pub fn indication(&mut self, method: Method, f: impl FnOnce(&mut MessageWriter<'_>)) {
+        self.tid += 1;
+        let mut buf = [0u8; 1500];
+        let mut w = MessageWriter::new(&mut buf, Class::Indication, method, TransactionId([self.tid; 12])).unwrap();
+        f(&mut w);
+        let n = w.finish();
+        self.socket.send_to(&buf[..n], self.server).unwrap();
+    }
+}

@@ -1,0 +1,184 @@
+//! Operating the server: reload on SIGHUP without dropping allocations,
+//! drain on SIGTERM, health endpoints, and metrics that count exactly what
+//! was relayed.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::raw::RawClient;
+use common::{TestServer, loopback_config};
+use turnstile::proto::stun::{Attribute, Class, Message, Method, kind};
+
+fn config(password: &str, secret: &str, top_level: &str) -> String {
+    let rest = loopback_config(&format!(
+        r#"
+[relay]
+address = "127.0.0.1"
+ports = "61500-61999"
+
+[auth]
+users = {{ alice = "{password}" }}
+secrets = ["{secret}"]
+
+[peers]
+allow = ["127.0.0.0/8"]
+"#
+    ));
+    // Top-level keys must come before the first table.
+    format!("{top_level}\n{rest}")
+}
+
+fn class(resp: &[u8]) -> Class {
+    Message::parse(resp).unwrap().class()
+}
+
+fn code(resp: &[u8]) -> u16 {
+    Message::parse(resp)
+        .unwrap()
+        .error_code()
+        .ok()
+        .flatten()
+        .map(|e| e.code)
+        .unwrap_or(0)
+}
+
+/// Allocates, permits `peer`, and checks a Send reaches it.
+fn relaying_client(server: &TestServer, user: &str, password: &str, peer: &UdpSocket) -> RawClient {
+    let mut c = RawClient::connect_as(server.udp[0], user, password);
+    let resp = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert_eq!(class(&resp), Class::Success, "error {}", code(&resp));
+    let peer_addr = peer.local_addr().unwrap();
+    let resp = c.request(Method::CREATE_PERMISSION, true, |w| {
+        w.xor_peer_address(&peer_addr).unwrap()
+    });
+    assert_eq!(class(&resp), Class::Success);
+    let data = format!("hello {user}");
+    let peer_addr = peer.local_addr().unwrap();
+    c.indication(Method::SEND, |w| {
+        w.xor_peer_address(&peer_addr).unwrap();
+        w.data(data.as_bytes()).unwrap();
+    });
+    let mut buf = [0u8; 1500];
+    match peer.recv_from(&mut buf) {
+        Ok((n, _)) => assert_eq!(&buf[..n], data.as_bytes()),
+        Err(e) => {
+            std::thread::sleep(Duration::from_millis(1200));
+            panic!("{data} not relayed: {e}\n{}", server.scrape());
+        }
+    }
+    c
+}
+
+fn send_and_receive(c: &mut RawClient, peer: &UdpSocket, data: &[u8]) {
+    let peer_addr = peer.local_addr().unwrap();
+    c.indication(Method::SEND, |w| {
+        w.xor_peer_address(&peer_addr).unwrap();
+        w.data(data).unwrap();
+    });
+    let mut buf = [0u8; 1500];
+    let (n, _) = peer
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("relayed data {:?} did not arrive: {e}", String::from_utf8_lossy(data)));
+    assert_eq!(&buf[..n], data);
+}
+
+fn peer() -> UdpSocket {
+    let p = UdpSocket::bind("127.0.0.1:0").unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    p
+}
+
+#[test]
+fn sighup_changes_credentials_without_dropping_allocations() {
+    let server = TestServer::start(&config("old-password", "old-secret", ""));
+    let peer = peer();
+    let mut old = relaying_client(&server, "alice", "old-password", &peer);
+
+    // An invalid file is refused; the running configuration stays.
+    std::fs::write(
+        server.config_path(),
+        "realm = \"x\"\n[[listen]]\ntransport = \"udp\"\nbogus = 1\n",
+    )
+    .unwrap();
+    server.signal("HUP");
+    assert!(server.wait_log("configuration not reloaded"));
+    relaying_client(&server, "alice", "old-password", &peer);
+
+    std::fs::write(server.config_path(), config("new-password", "new-secret", "")).unwrap();
+    server.signal("HUP");
+    assert!(server.wait_log("configuration reloaded"));
+
+    // The existing allocation refreshes with its own key and keeps relaying.
+    let resp = old.request(Method::REFRESH, true, |_| {});
+    assert_eq!(class(&resp), Class::Success);
+    send_and_receive(&mut old, &peer, b"still here");
+
+    // New allocations need the new credentials.
+    let mut stale = RawClient::connect_as(server.udp[0], "alice", "old-password");
+    let resp = stale.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert_eq!(code(&resp), 401);
+    relaying_client(&server, "alice", "new-password", &peer);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let user = format!("{}:app", now + 600);
+    let new_rest = turnstile::proto::auth::rest::password(b"new-secret", &user);
+    relaying_client(&server, &user, &new_rest, &peer);
+    let old_rest = turnstile::proto::auth::rest::password(b"old-secret", &user);
+    let mut c = RawClient::connect_as(server.udp[0], &user, &old_rest);
+    let resp = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert_eq!(code(&resp), 401, "the removed secret no longer verifies");
+}
+
+#[test]
+fn sigterm_drains_then_exits() {
+    let mut server = TestServer::start(&config(
+        "pw",
+        "s",
+        "alternate_server = \"192.0.2.9:3478\"\ndrain_timeout = 20",
+    ));
+    let peer = peer();
+    let mut c = relaying_client(&server, "alice", "pw", &peer);
+    assert_eq!(server.http_get("/readyz").0, 200);
+    assert_eq!(server.http_get("/healthz").0, 200);
+
+    server.signal("TERM");
+    assert!(server.wait_log("draining"));
+    assert_eq!(server.http_get("/readyz").0, 503);
+    // New allocations are sent elsewhere.
+    let mut newcomer = RawClient::connect_as(server.udp[0], "alice", "pw");
+    let resp = newcomer.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert_eq!(code(&resp), 300);
+    assert_eq!(
+        Message::parse(&resp).unwrap().get(kind::ALTERNATE_SERVER).unwrap(),
+        Some(Attribute::AlternateServer("192.0.2.9:3478".parse().unwrap()))
+    );
+    // The existing one keeps relaying; when it ends, the server exits 0.
+    send_and_receive(&mut c, &peer, b"during drain");
+    let resp = c.request(Method::REFRESH, true, |w| w.lifetime(0).unwrap());
+    assert_eq!(class(&resp), Class::Success);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("server did not exit after draining");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn metrics_count_exactly_what_was_relayed() {
+    let server = TestServer::start(&config("pw", "s", ""));
+    let peer = peer();
+    let mut c = relaying_client(&server, "alice", "pw", &peer);
+    let series = "turnstile_relayed_packets_total{direction=\"client_to_peer\"}";
+    assert!(server.wait_counter(series, 1.0));
+    std::thread::sleep(Duration::from_millis(1200)); // one export period: the counter has settled
+    let before = server.counter(series);
+    for i in 0..50u8 {
+        send_and_receive(&mut c, &peer, &[i; 100]);
+    }
+    assert!(server.wait_counter(series, before + 50.0));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(server.counter(series), before + 50.0);
+}
