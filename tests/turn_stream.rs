@@ -313,7 +313,7 @@ async fn certificate_swapped_under_a_live_allocation() {
 
     write_cert(dir.path(), &b);
     server.signal("HUP");
-    assert!(server.wait_log("TLS certificate reloaded"));
+    assert!(server.wait_log("configuration reloaded from"));
     let new = tls_connect(server.tls[0], &b.der, true).await.unwrap();
     let presented = new.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     assert_eq!(presented, b.der, "new handshakes get the new certificate");
