@@ -5,5 +5,6 @@
 //! and the core; [`config`] reads the operator's TOML.
 
 pub mod config;
+pub mod coturn_import;
 pub mod io;
 pub mod proto;

@@ -31,10 +31,32 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print a turnstile.toml equivalent to a coturn turnserver.conf, with a
+    /// note for each option that cannot be carried over.
+    ImportCoturn {
+        /// The coturn configuration, e.g. /etc/turnserver.conf.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::ImportCoturn { file }) = &cli.command {
+        return match std::fs::read_to_string(file) {
+            Ok(text) => {
+                let imported = turnstile::coturn_import::import(&text);
+                print!("{}", imported.toml);
+                for n in &imported.notes {
+                    eprintln!("note: {n}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(file).and_then(|c| match &c.tls {
             Some(t) => turnstile::io::tls::load_pair(&t.certificate, &t.private_key)

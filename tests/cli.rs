@@ -1,0 +1,47 @@
+//! The command line an operator uses: import-coturn on Debian's own
+//! turnserver.conf (from the coturn package) gives a file check-config accepts.
+
+use std::process::Command;
+
+#[test]
+fn import_coturn_on_debians_turnserver_conf() {
+    let debian = std::path::Path::new("/etc/turnserver.conf");
+    assert!(
+        debian.exists(),
+        "Debian's coturn package (installed by .ci/run) ships /etc/turnserver.conf"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("import-coturn")
+        .arg(debian)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let notes = String::from_utf8_lossy(&out.stderr);
+    assert!(notes.contains("realm"), "the missing realm is pointed out:\n{notes}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("imported.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&check.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn help_names_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["--config", "check-config", "import-coturn"] {
+        assert!(text.contains(word), "{word} missing from --help:\n{text}");
+    }
+}
