@@ -332,6 +332,17 @@ pub struct Log {
     /// trace, debug, info, warn or error (or a tracing filter directive).
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// "text" (default) or "json" (one object per line, for log shippers).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn default_log_level() -> String {
@@ -342,6 +353,7 @@ impl Default for Log {
     fn default() -> Self {
         Log {
             level: default_log_level(),
+            format: LogFormat::Text,
         }
     }
 }

@@ -392,8 +392,11 @@ async fn garbage_idle_and_caps_close_only_their_own_connections() {
     drop(idle);
     // Three connections per IP: the fourth is closed at once.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _two = TcpStream::connect(server.tcp[0]).await.unwrap();
-    let _three = TcpStream::connect(server.tcp[0]).await.unwrap();
+    // Make sure both are accepted (workers accept concurrently) before the fourth.
+    let mut two = StreamClient::new(TcpStream::connect(server.tcp[0]).await.unwrap());
+    two.binding().await;
+    let mut three = StreamClient::new(TcpStream::connect(server.tcp[0]).await.unwrap());
+    three.binding().await;
     let mut four = StreamClient::new(TcpStream::connect(server.tcp[0]).await.unwrap());
     four.io
         .write_all(&[
@@ -405,8 +408,8 @@ async fn garbage_idle_and_caps_close_only_their_own_connections() {
     assert!(server.counter("turnstile_connections_refused_total{reason=\"limit\"}") >= 1.0);
 
     drop(four);
-    drop(_two);
-    drop(_three);
+    drop(two);
+    drop(three);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // A truncated TLS record, and a frame that promises more than it sends:

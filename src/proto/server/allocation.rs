@@ -43,6 +43,15 @@ pub struct Relay {
     pub advertised: SocketAddr,
 }
 
+/// Packets and bytes relayed by one allocation, both ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Permission {
     pub ip: IpAddr,
@@ -84,6 +93,10 @@ pub struct Allocation {
     pub permissions: Vec<Permission>,
     pub channels: Vec<Channel>,
     pub reservation_token: Option<[u8; 8]>,
+    /// What this allocation relayed, for the log line when it ends and the admin API.
+    pub traffic: Traffic,
+    /// When it was created (for its age in the admin API).
+    pub created: Instant,
     /// RFC 6062: the relayed address is a TCP listener; data flows over
     /// connections, not channels or Send.
     pub tcp: bool,

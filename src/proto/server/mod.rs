@@ -433,7 +433,7 @@ impl Server {
     pub fn handle_client_closed(&mut self, key: ClientKey) {
         if let Some(id) = self.by_client.get(&key).copied() {
             self.stats.allocations_deleted += 1;
-            self.remove_allocation(id);
+            self.remove_allocation(id, "connection closed");
         }
     }
 
@@ -473,7 +473,7 @@ impl Server {
             // Refreshes push new entries; act only when the allocation really expired.
             if self.allocations.get(id).is_some_and(|a| a.expires <= now) {
                 self.stats.allocations_expired += 1;
-                self.remove_allocation(id);
+                self.remove_allocation(id, "expired");
             }
         }
         for p in &mut self.ports {
@@ -500,24 +500,32 @@ impl Server {
             Ok(cd) => cd,
             Err(e) => return ClientOutcome::Drop(DropReason::BadChannelData(e)),
         };
-        let Some(alloc) = self.by_client.get(key).and_then(|&i| self.allocations.get(i)) else {
+        let Some(alloc) = self
+            .by_client
+            .get(key)
+            .copied()
+            .and_then(|i| self.allocations.get_mut(i))
+        else {
             return ClientOutcome::Drop(DropReason::NoAllocation);
         };
         let Some(channel) = alloc.channel(cd.channel, now) else {
             return ClientOutcome::Drop(DropReason::UnboundChannel);
         };
-        if !alloc.permits(channel.peer.ip(), now) {
+        let peer = channel.peer;
+        if !alloc.permits(peer.ip(), now) {
             return ClientOutcome::Drop(DropReason::NoPermission);
         }
-        let Some(relay) = alloc.relay_for(&channel.peer) else {
+        let Some(relay) = alloc.relay_for(&peer).map(|r| r.id) else {
             return ClientOutcome::Drop(DropReason::FamilyMismatch);
         };
         let len = cd.data.len();
+        alloc.traffic.to_peer_packets += 1;
+        alloc.traffic.to_peer_bytes += len as u64;
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += len as u64;
         ClientOutcome::Forward {
-            relay: relay.id,
-            peer: self.route(channel.peer),
+            relay,
+            peer: self.route(peer),
             start: channel_data::HEADER_LEN,
             end: channel_data::HEADER_LEN + len,
         }
@@ -671,10 +679,15 @@ impl Server {
             return ClientOutcome::Drop(DropReason::PeerRefused(r));
         }
         let start = data.offset + 4;
+        let (relay_id, alloc_idx) = (relay.id, self.by_client.get(key).copied());
+        if let Some(a) = alloc_idx.and_then(|i| self.allocations.get_mut(i)) {
+            a.traffic.to_peer_packets += 1;
+            a.traffic.to_peer_bytes += data.value.len() as u64;
+        }
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += data.value.len() as u64;
         ClientOutcome::Forward {
-            relay: relay.id,
+            relay: relay_id,
             peer: self.route(peer),
             start,
             end: start + data.value.len(),
@@ -981,6 +994,8 @@ impl Server {
             channels: Vec::new(),
             reservation_token,
             tcp: p.tcp,
+            traffic: allocation::Traffic::default(),
+            created: now.instant,
         });
         for r in relays.iter().flatten() {
             if let Some(slot) = self.relays.get_mut(r.id.0 as usize) {
@@ -990,6 +1005,16 @@ impl Server {
         self.by_client.insert(p.key, id);
         self.timers.push(Reverse((expires, id)));
         self.stats.allocations_created += 1;
+        if let Some(a) = self.allocations.get(id) {
+            tracing::info!(
+                client = %a.key.client,
+                user = %a.username,
+                relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
+                lifetime = p.lifetime,
+                transport = if a.tcp { "tcp" } else { "udp" },
+                "allocation created"
+            );
+        }
 
         let family_error = p.family_error;
         let software = self.config.software.as_deref();
@@ -1018,10 +1043,21 @@ impl Server {
         finish(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
     }
 
-    fn remove_allocation(&mut self, id: usize) {
+    fn remove_allocation(&mut self, id: usize, why: &'static str) {
         let Some(a) = self.allocations.try_remove(id) else {
             return;
         };
+        let t = a.traffic;
+        tracing::info!(
+            client = %a.key.client,
+            user = %a.username,
+            relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
+            to_peer_packets = t.to_peer_packets,
+            to_peer_bytes = t.to_peer_bytes,
+            to_client_packets = t.to_client_packets,
+            to_client_bytes = t.to_client_bytes,
+            "allocation ended: {why}"
+        );
         let connections: Vec<u32> = self
             .tcp_connections
             .iter()
@@ -1059,13 +1095,14 @@ impl Server {
         }
         let lifetime = if requested == Some(0) {
             self.stats.allocations_deleted += 1;
-            self.remove_allocation(id);
+            self.remove_allocation(id, "deleted by the client");
             0
         } else {
             let lifetime = self.granted_lifetime(requested);
             let expires = now.instant + Duration::from_secs(u64::from(lifetime));
             if let Some(a) = self.allocations.get_mut(id) {
                 a.expires = expires;
+                tracing::info!(client = %a.key.client, user = %a.username, lifetime, "allocation refreshed");
             }
             self.timers.push(Reverse((expires, id)));
             lifetime
@@ -1428,6 +1465,16 @@ impl Server {
                 None => PeerOutcome::Drop(DropReason::OutputTooSmall),
             }
         };
+        if let Some(a) = self
+            .relays
+            .get(relay.0 as usize)
+            .copied()
+            .flatten()
+            .and_then(|i| self.allocations.get_mut(i))
+        {
+            a.traffic.to_client_packets += 1;
+            a.traffic.to_client_bytes += len as u64;
+        }
         self.stats.peer_to_client_packets += 1;
         self.stats.peer_to_client_bytes += len as u64;
         outcome
