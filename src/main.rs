@@ -31,6 +31,14 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// List the running server's allocations (through its admin listener;
+    /// uses the [admin] section of --config, default /etc/turnstile/turnstile.toml).
+    Sessions,
+    /// Delete every allocation of a user on the running server.
+    Kick {
+        /// The username.
+        user: String,
+    },
     /// Print a turnstile.toml equivalent to a coturn turnserver.conf, with a
     /// note for each option that cannot be carried over.
     ImportCoturn {
@@ -41,6 +49,29 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(cmd @ (Command::Sessions | Command::Kick { .. })) = &cli.command {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/turnstile/turnstile.toml"));
+        let (method, target) = match cmd {
+            Command::Kick { user } => ("DELETE", format!("/v1/allocations?user={user}")),
+            _ => ("GET", "/v1/allocations".to_owned()),
+        };
+        return match Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| admin_call(&c, method, &target))
+        {
+            Ok(body) => {
+                println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::ImportCoturn { file }) = &cli.command {
         return match std::fs::read_to_string(file) {
             Ok(text) => {
@@ -135,6 +166,30 @@ fn log_reload(result: Result<(), String>) {
     }
 }
 
+/// One request to the admin listener named by the configuration.
+fn admin_call(config: &Config, method: &str, target: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let admin = config
+        .admin
+        .as_ref()
+        .ok_or("the configuration has no [admin] section")?;
+    let mut s = std::net::TcpStream::connect(admin.listen).map_err(|e| format!("{}: {e}", admin.listen))?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nhost: turnstile\r\nauthorization: Bearer {}\r\ncontent-length: 0\r\n\r\n",
+        admin.token
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(body.to_owned())
+    } else {
+        Err(format!("{head}\n{body}"))
+    }
+}
+
 type LogHandle = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 /// Logs to stderr (journald under systemd); the level can change on reload.
@@ -195,7 +250,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     if let Some((listener, _)) = &admin {
         services.push(listener.local_addr()?);
     }
-    let started = turnstile::io::start(&config, &services)?;
+    let started = std::rc::Rc::new(turnstile::io::start(&config, &services)?);
     if demo {
         tracing::warn!(
             "running the embedded demo configuration: loopback only, demo user alice/secret, \
@@ -236,7 +291,8 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                 a.public_host.as_deref(),
                 fallback,
             );
-            let handler = move |req: turnstile::io::http::Request| api.handle(&req);
+            let admin = turnstile::io::admin::AdminApi { credentials: api, started: started.clone() };
+            let handler = move |req: turnstile::io::http::Request| admin.handle(&req);
             tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
         }
         use tokio::signal::unix::{SignalKind, signal};

@@ -182,3 +182,45 @@ fn metrics_count_exactly_what_was_relayed() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(server.counter(series), before + 50.0);
 }
+
+#[test]
+fn admin_lists_and_kicks_allocations() {
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"operations-token-123456\"\n";
+    let server = TestServer::start(&format!("{}\n{admin}", config("pw", "s", "")));
+    let peer = peer();
+    let mut c = relaying_client(&server, "alice", "pw", &peer);
+    let client = c.socket.local_addr().unwrap();
+
+    let (status, body) = server.admin_request("GET", "/v1/allocations", Some("operations-token-123456"), "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = v["allocations"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{body}");
+    assert_eq!(list[0]["user"], "alice");
+    assert_eq!(list[0]["client"], client.to_string());
+    assert_eq!(list[0]["permissions"], 1);
+    assert!(list[0]["to_peer"]["packets"].as_u64().unwrap() >= 1);
+    assert_eq!(server.admin_request("GET", "/v1/allocations", None, "").0, 401);
+
+    // The CLI front-ends read the admin address and token from the configuration
+    // (written here with the port the server actually bound).
+    let text = std::fs::read_to_string(server.config_path()).unwrap();
+    let real = format!("listen = \"{}\"\ntoken", server.admin.unwrap());
+    std::fs::write(
+        server.config_path(),
+        text.replace("listen = \"127.0.0.1:0\"\ntoken", &real),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["--config", server.config_path().to_str().unwrap(), "sessions"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"user\":\"alice\""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["--config", server.config_path().to_str().unwrap(), "kick", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{\"deleted\":1}");
+    let resp = c.request(Method::REFRESH, true, |_| {});
+    assert_eq!(code(&resp), 437, "the allocation is gone");
+}

@@ -74,7 +74,7 @@ impl CredentialApi {
         }
     }
 
-    fn authorized(&self, req: &Request) -> bool {
+    pub fn authorized(&self, req: &Request) -> bool {
         let Some(given) = &req.bearer else { return false };
         given.len() == self.token.len()
             && given
@@ -160,6 +160,63 @@ impl CredentialApi {
                 "ttl": ttl,
             });
             Response::json(200, body.to_string())
+        }
+    }
+}
+
+/// The whole admin listener: allocations (list, delete by user or client)
+/// and the credential API, behind the same bearer token.
+pub struct AdminApi {
+    pub credentials: CredentialApi,
+    pub started: std::rc::Rc<crate::io::Started>,
+}
+
+impl AdminApi {
+    pub fn handle(&self, req: &Request) -> Response {
+        if req.path.trim_end_matches('/') != "/v1/allocations" {
+            return self.credentials.handle(req);
+        }
+        if !self.credentials.authorized(req) {
+            return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
+        }
+        match req.method.as_str() {
+            "GET" => {
+                let list: Vec<serde_json::Value> = self
+                    .started
+                    .allocations()
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "user": a.user,
+                            "client": a.client.to_string(),
+                            "transport": a.transport,
+                            "relay": a.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            "tcp_relay": a.tcp_relay,
+                            "age_seconds": a.age_secs,
+                            "expires_in_seconds": a.expires_in_secs,
+                            "permissions": a.permissions,
+                            "channels": a.channels,
+                            "to_peer": {"packets": a.traffic.to_peer_packets, "bytes": a.traffic.to_peer_bytes},
+                            "to_client": {"packets": a.traffic.to_client_packets, "bytes": a.traffic.to_client_bytes},
+                        })
+                    })
+                    .collect();
+                Response::json(200, json!({ "allocations": list }).to_string())
+            }
+            "DELETE" => {
+                let user = req.query_param("user");
+                let client = match req.query_param("client").map(|c| c.parse::<SocketAddr>()) {
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(_)) => return Response::json(400, json!({"error": "client is ip:port"}).to_string()),
+                    None => None,
+                };
+                if user.is_none() && client.is_none() {
+                    return Response::json(400, json!({"error": "name a user or a client"}).to_string());
+                }
+                let deleted = self.started.kick(user.as_deref(), client);
+                Response::json(200, json!({ "deleted": deleted }).to_string())
+            }
+            _ => Response::json(405, json!({"error": "use GET or DELETE"}).to_string()),
         }
     }
 }

@@ -66,6 +66,36 @@ impl Started {
         Ok(())
     }
 
+    /// Every worker's allocations (admin API).
+    pub fn allocations(&self) -> Vec<crate::proto::server::AllocationInfo> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::ListAllocations { reply: tx.clone() });
+        }
+        let mut all = Vec::new();
+        for _ in &self.controls {
+            if let Ok(list) = rx.recv_timeout(Duration::from_secs(2)) {
+                all.extend(list);
+            }
+        }
+        all
+    }
+
+    /// Deletes allocations by user and/or client address on every worker.
+    pub fn kick(&self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Kick {
+                user: user.map(str::to_owned),
+                client,
+                reply: tx.clone(),
+            });
+        }
+        (0..self.controls.len())
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .sum()
+    }
+
     /// Stops granting new allocations on every worker.
     pub fn drain(&self, alternate: Option<SocketAddr>) {
         for c in &self.controls {

@@ -38,6 +38,14 @@ pub enum WorkerControl {
     Drain {
         alternate: Option<SocketAddr>,
     },
+    ListAllocations {
+        reply: std::sync::mpsc::Sender<Vec<crate::proto::server::AllocationInfo>>,
+    },
+    Kick {
+        user: Option<String>,
+        client: Option<SocketAddr>,
+        reply: std::sync::mpsc::Sender<usize>,
+    },
 }
 
 pub type ControlSender = tokio::sync::mpsc::UnboundedSender<WorkerControl>;
@@ -533,6 +541,14 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
                 let _ = applied.send(());
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),
+            WorkerControl::ListAllocations { reply } => {
+                let _ = reply.send(w.server.allocations_info(Instant::now()));
+            }
+            WorkerControl::Kick { user, client, reply } => {
+                let n = w.server.kick(user.as_deref(), client);
+                run_commands(&mut w);
+                let _ = reply.send(n);
+            }
         }
     }
 }

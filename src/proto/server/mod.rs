@@ -125,6 +125,22 @@ impl Default for ServerConfig {
     }
 }
 
+/// One allocation as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationInfo {
+    pub user: String,
+    pub client: SocketAddr,
+    /// "udp" or "stream" (TCP/TLS) to the client.
+    pub transport: &'static str,
+    pub relays: Vec<SocketAddr>,
+    pub tcp_relay: bool,
+    pub age_secs: u64,
+    pub expires_in_secs: u64,
+    pub permissions: usize,
+    pub channels: usize,
+    pub traffic: allocation::Traffic,
+}
+
 /// What to do with one packet from a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientOutcome {
@@ -435,6 +451,44 @@ impl Server {
             self.stats.allocations_deleted += 1;
             self.remove_allocation(id, "connection closed");
         }
+    }
+
+    /// A description of every allocation, for the admin API.
+    pub fn allocations_info(&self, now: Instant) -> Vec<AllocationInfo> {
+        self.allocations
+            .iter()
+            .map(|(_, a)| AllocationInfo {
+                user: a.username.clone(),
+                client: a.key.client,
+                transport: match self.listeners.get(usize::from(a.key.listener.0)) {
+                    Some(Transport::Stream) => "stream",
+                    _ => "udp",
+                },
+                relays: a.relays.iter().flatten().map(|r| r.advertised).collect(),
+                tcp_relay: a.tcp,
+                age_secs: now.saturating_duration_since(a.created).as_secs(),
+                expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                permissions: a.permissions.iter().filter(|p| p.expires > now).count(),
+                channels: a.channels.iter().filter(|c| c.expires > now).count(),
+                traffic: a.traffic,
+            })
+            .collect()
+    }
+
+    /// Deletes the allocations of `user` and/or of client address `client`
+    /// (admin API); returns how many.
+    pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+        let ids: Vec<usize> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| user.is_none_or(|u| a.username == u) && client.is_none_or(|c| a.key.client == c))
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &ids {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id, "removed by the operator");
+        }
+        ids.len()
     }
 
     pub fn poll_command(&mut self) -> Option<Command> {
