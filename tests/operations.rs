@@ -181,6 +181,29 @@ fn metrics_count_exactly_what_was_relayed() {
     assert!(server.wait_counter(series, before + 50.0));
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(server.counter(series), before + 50.0);
+    // Requests by method, state gauges and the setup-time histogram are there too.
+    let text = server.scrape();
+    assert!(
+        server.counter("turnstile_requests_total{method=\"allocate\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        server.counter("turnstile_requests_total{method=\"create_permission\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("turnstile_allocations_active{")
+            && l.contains("transport=\"udp\"")
+            && l.contains("family=\"ipv4\"")
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("turnstile_permissions_active{") && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(text.contains("turnstile_allocation_setup_seconds"), "{text}");
 }
 
 #[test]

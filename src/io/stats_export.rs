@@ -1,7 +1,7 @@
 //! Turns a worker's plain counters into Prometheus metrics: deltas are
 //! added once a second, so the packet path never touches a shared atomic.
 
-use crate::proto::server::Stats;
+use crate::proto::server::{Gauges, REQUEST_METHODS, Stats};
 
 pub struct StatsExporter {
     worker: String,
@@ -16,7 +16,7 @@ impl StatsExporter {
         }
     }
 
-    pub fn export(&mut self, now: &Stats, allocations: usize, relay_sockets: usize) {
+    pub fn export(&mut self, now: &Stats, gauges: &Gauges, relay_sockets: usize) {
         let last = &self.last;
         let add = |name: &'static str, labels: &[(&'static str, &'static str)], cur: u64, prev: u64| {
             if cur > prev {
@@ -118,7 +118,28 @@ impl StatsExporter {
         for ((code, cur), (_, prev)) in now.errors.iter().zip(last.errors.iter()) {
             add("turnstile_error_responses_total", &[("code", code)], cur, prev);
         }
-        metrics::gauge!("turnstile_allocations_active", "worker" => self.worker.clone()).set(allocations as f64);
+        for (method, (cur, prev)) in REQUEST_METHODS
+            .iter()
+            .zip(now.requests.iter().zip(last.requests.iter()))
+        {
+            add("turnstile_requests_total", &[("method", method)], *cur, *prev);
+        }
+        for (t, transport) in ["udp", "stream"].iter().enumerate() {
+            for (f, family) in ["ipv4", "ipv6"].iter().enumerate() {
+                let n = gauges.allocations.get(t).and_then(|r| r.get(f)).copied().unwrap_or(0);
+                metrics::gauge!(
+                    "turnstile_allocations_active",
+                    "worker" => self.worker.clone(),
+                    "transport" => *transport,
+                    "family" => *family
+                )
+                .set(n as f64);
+            }
+        }
+        metrics::gauge!("turnstile_permissions_active", "worker" => self.worker.clone()).set(gauges.permissions as f64);
+        metrics::gauge!("turnstile_channels_active", "worker" => self.worker.clone()).set(gauges.channels as f64);
+        metrics::gauge!("turnstile_tcp_relay_connections", "worker" => self.worker.clone())
+            .set(gauges.tcp_connections as f64);
         metrics::gauge!("turnstile_relay_sockets", "worker" => self.worker.clone()).set(relay_sockets as f64);
         self.last = now.clone();
     }

@@ -269,6 +269,7 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -
                 return Handled::Bound(connection);
             }
             ClientOutcome::BindRelay(request) => {
+                let started = Instant::now();
                 let mut results = [None, None];
                 for (slot, result) in request.sockets.iter().zip(results.iter_mut()) {
                     if let Some((rid, addr)) = slot {
@@ -280,6 +281,8 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -
                     }
                 }
                 outcome = w.server.relay_bound(now, results, &mut w.out);
+                // Allocation setup: relay sockets bound and the response written.
+                metrics::histogram!("turnstile_allocation_setup_seconds").record(started.elapsed().as_secs_f64());
             }
             ClientOutcome::Consumed => break,
             ClientOutcome::Drop(reason) => {
@@ -517,8 +520,8 @@ async fn timers(shared: Shared) {
             w.server.handle_timeout(now);
             run_commands(w);
         }
-        w.exporter
-            .export(w.server.stats(), w.server.allocation_count(), w.relays.len());
+        let gauges = w.server.gauges(now);
+        w.exporter.export(w.server.stats(), &gauges, w.relays.len());
     }
 }
 

@@ -37,7 +37,7 @@ pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
 pub use auth::{AuthFailure, Credentials, IntegritySuite};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaRefusal, Quotas};
-pub use stats::Stats;
+pub use stats::{Gauges, REQUEST_METHODS, Stats};
 
 use crate::proto::auth::LongTermKey;
 use crate::proto::channel_data::{self, ChannelData, ChannelDataError, ChannelRange};
@@ -453,6 +453,28 @@ impl Server {
         }
     }
 
+    /// Counts for gauges: allocations by transport and family, live
+    /// permissions and channels, RFC 6062 connections.
+    pub fn gauges(&self, now: Instant) -> Gauges {
+        let mut g = Gauges {
+            tcp_connections: self.tcp_connections.len() as u64,
+            ..Gauges::default()
+        };
+        for (_, a) in &self.allocations {
+            let t = usize::from(self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream));
+            for (f, r) in a.relays.iter().enumerate() {
+                if r.is_some()
+                    && let Some(n) = g.allocations.get_mut(t).and_then(|row| row.get_mut(f))
+                {
+                    *n += 1;
+                }
+            }
+            g.permissions += a.permissions.iter().filter(|p| p.expires > now).count() as u64;
+            g.channels += a.channels.iter().filter(|c| c.expires > now).count() as u64;
+        }
+        g
+    }
+
     /// A description of every allocation, for the admin API.
     pub fn allocations_info(&self, now: Instant) -> Vec<AllocationInfo> {
         self.allocations
@@ -611,6 +633,7 @@ impl Server {
             Class::Indication => return self.handle_indication(now.instant, &key, &msg),
             Class::Success | Class::Error => return ClientOutcome::Drop(DropReason::UnexpectedClass),
         }
+        self.stats.count_request(msg.method());
         if !msg.unknown_comprehension_required().is_empty() {
             self.stats.count_error(420);
             return write_or_drop(error_response(&msg, 420, "Unknown Attribute", None, out, |w| {

@@ -28,6 +28,31 @@ pub struct Stats {
     pub auth_expired: u64,
     pub auth_stale_nonce: u64,
     pub auth_bid_down: u64,
+    /// Requests by method: binding, allocate, refresh, create_permission,
+    /// channel_bind, connect, connection_bind, other.
+    pub requests: [u64; 8],
+}
+
+/// Method labels, in the order of [`Stats::requests`].
+pub const REQUEST_METHODS: [&str; 8] = [
+    "binding",
+    "allocate",
+    "refresh",
+    "create_permission",
+    "channel_bind",
+    "connect",
+    "connection_bind",
+    "other",
+];
+
+/// Point-in-time counts of one worker's state, for gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Allocations by client transport (0: UDP, 1: TCP/TLS) and relay family (0: IPv4, 1: IPv6).
+    pub allocations: [[u64; 2]; 2],
+    pub permissions: u64,
+    pub channels: u64,
+    pub tcp_connections: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +95,23 @@ impl ErrorCounts {
 }
 
 impl Stats {
+    pub(crate) fn count_request(&mut self, method: crate::proto::stun::Method) {
+        use crate::proto::stun::Method;
+        let i = match method {
+            Method::BINDING => 0,
+            Method::ALLOCATE => 1,
+            Method::REFRESH => 2,
+            Method::CREATE_PERMISSION => 3,
+            Method::CHANNEL_BIND => 4,
+            Method::CONNECT => 5,
+            Method::CONNECTION_BIND => 6,
+            _ => 7,
+        };
+        if let Some(n) = self.requests.get_mut(i) {
+            *n += 1;
+        }
+    }
+
     pub(crate) fn count_error(&mut self, code: u16) {
         let e = &mut self.errors;
         let slot = match code {
