@@ -21,6 +21,12 @@ pub struct Config {
     /// Worker threads; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
+    /// When started as root: the user (and group) to switch to once the
+    /// listeners are bound.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
     /// Sent in 300 Try Alternate to new Allocates while draining.
     #[serde(default)]
     pub alternate_server: Option<SocketAddr>,

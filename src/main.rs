@@ -251,6 +251,9 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         services.push(listener.local_addr()?);
     }
     let started = std::rc::Rc::new(turnstile::io::start(&config, &services)?);
+    if let Some(user) = &config.user {
+        turnstile::io::privileges::drop_to(user, config.group.as_deref())?;
+    }
     if demo {
         tracing::warn!(
             "running the embedded demo configuration: loopback only, demo user alice/secret, \

@@ -247,3 +247,20 @@ fn admin_lists_and_kicks_allocations() {
     let resp = c.request(Method::REFRESH, true, |_| {});
     assert_eq!(code(&resp), 437, "the allocation is gone");
 }
+
+#[test]
+fn started_as_root_it_drops_to_the_configured_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: privilege drop cannot be observed here");
+        return;
+    }
+    let server = TestServer::start(&config("pw", "s", "user = \"nobody\"\ngroup = \"nogroup\""));
+    assert!(server.wait_log("dropped privileges to nobody"));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
+    // Still serving, as nobody.
+    let peer = peer();
+    relaying_client(&server, "alice", "pw", &peer);
+}

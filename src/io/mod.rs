@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod http;
 pub mod metrics_http;
+pub mod privileges;
 pub mod relay;
 pub mod stats_export;
 pub mod stream;

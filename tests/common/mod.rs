@@ -183,6 +183,10 @@ impl TestServer {
         None
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal to the server process (e.g. "HUP").
     pub fn signal(&self, name: &str) {
         let st = Command::new("kill")
