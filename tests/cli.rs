@@ -49,13 +49,23 @@ fn help_names_every_command() {
 #[test]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnstile.service")).unwrap();
-    for directive in ["Type=notify", "ExecReload=", "WatchdogSec=", "User=turnstile", "NoNewPrivileges=yes"] {
+    for directive in [
+        "Type=notify",
+        "ExecReload=",
+        "WatchdogSec=",
+        "User=turnstile",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(unit.contains(directive), "{directive} missing");
     }
     // Verify it as installed, with the binary path pointing at the one just built.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("turnstile.service");
-    std::fs::write(&file, unit.replace("/usr/local/bin/turnstile", env!("CARGO_BIN_EXE_turnstile"))).unwrap();
+    std::fs::write(
+        &file,
+        unit.replace("/usr/local/bin/turnstile", env!("CARGO_BIN_EXE_turnstile")),
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&file)
