@@ -280,8 +280,11 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     local.block_on(&rt, async move {
         if let Some((listener, handle)) = metrics {
             let ready = ready.clone();
+            let quotas = started.quotas.clone();
+            // Ready: listeners up, not draining, room for another allocation.
             let handler = move |req: turnstile::io::http::Request| {
-                turnstile::io::metrics_http::handle(&handle, &req, ready.load(std::sync::atomic::Ordering::Relaxed))
+                let ready = ready.load(std::sync::atomic::Ordering::Relaxed) && quotas.has_capacity();
+                turnstile::io::metrics_http::handle(&handle, &req, ready)
             };
             tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
         }

@@ -204,6 +204,18 @@ fn metrics_count_exactly_what_was_relayed() {
         "{text}"
     );
     assert!(text.contains("turnstile_allocation_setup_seconds"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("turnstile_responses_total{")
+            && l.contains("method=\"allocate\"")
+            && l.contains("code=\"401\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("turnstile_responses_total{")
+            && l.contains("method=\"allocate\"")
+            && l.contains("code=\"200\"")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub fn handle(handle: &PrometheusHandle, req: &Request, ready: bool) -> Response
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/healthz") => Response::text(200, "ok\n"),
         ("GET", "/readyz") if ready => Response::text(200, "ready\n"),
-        ("GET", "/readyz") => Response::text(503, "draining\n"),
+        ("GET", "/readyz") => Response::text(503, "not ready: draining or full\n"),
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",

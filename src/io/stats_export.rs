@@ -1,7 +1,7 @@
 //! Turns a worker's plain counters into Prometheus metrics: deltas are
 //! added once a second, so the packet path never touches a shared atomic.
 
-use crate::proto::server::{Gauges, REQUEST_METHODS, Stats};
+use crate::proto::server::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 
 pub struct StatsExporter {
     worker: String,
@@ -123,6 +123,19 @@ impl StatsExporter {
             .zip(now.requests.iter().zip(last.requests.iter()))
         {
             add("turnstile_requests_total", &[("method", method)], *cur, *prev);
+        }
+        for (method, (cur_row, prev_row)) in REQUEST_METHODS
+            .iter()
+            .zip(now.responses.iter().zip(last.responses.iter()))
+        {
+            for (code, (cur, prev)) in RESPONSE_CODES.iter().zip(cur_row.iter().zip(prev_row.iter())) {
+                add(
+                    "turnstile_responses_total",
+                    &[("method", method), ("code", code)],
+                    *cur,
+                    *prev,
+                );
+            }
         }
         for (t, transport) in ["udp", "stream"].iter().enumerate() {
             for (f, family) in ["ipv4", "ipv6"].iter().enumerate() {

@@ -37,7 +37,7 @@ pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
 pub use auth::{AuthFailure, Credentials, IntegritySuite};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaRefusal, Quotas};
-pub use stats::{Gauges, REQUEST_METHODS, Stats};
+pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 
 use crate::proto::auth::LongTermKey;
 use crate::proto::channel_data::{self, ChannelData, ChannelDataError, ChannelRange};
@@ -564,7 +564,11 @@ impl Server {
     pub fn handle_client_packet(&mut self, now: Now, key: ClientKey, packet: &[u8], out: &mut [u8]) -> ClientOutcome {
         match classify_in(packet, self.config.channel_range) {
             PacketKind::ChannelData => self.handle_channel_data(now.instant, &key, packet),
-            PacketKind::Stun => self.handle_stun(now, key, packet, out),
+            PacketKind::Stun => {
+                let outcome = self.handle_stun(now, key, packet, out);
+                self.count_response(&outcome, out);
+                outcome
+            }
             PacketKind::Other => ClientOutcome::Drop(DropReason::NotTurn),
         }
     }
@@ -604,6 +608,19 @@ impl Server {
             peer: self.route(peer),
             start: channel_data::HEADER_LEN,
             end: channel_data::HEADER_LEN + len,
+        }
+    }
+
+    /// Counts an answer by method and code (control plane: the answer is
+    /// read back from `out`).
+    fn count_response(&mut self, outcome: &ClientOutcome, out: &[u8]) {
+        let len = match *outcome {
+            ClientOutcome::Reply { len } | ClientOutcome::ConnectionBound { len, .. } => len,
+            _ => return,
+        };
+        if let Some(m) = out.get(..len).and_then(|b| Message::parse(b).ok()) {
+            let code = m.error_code().ok().flatten().map(|e| e.code).unwrap_or(0);
+            self.stats.count_response(m.method(), code);
         }
     }
 
@@ -973,6 +990,12 @@ impl Server {
     /// binding went. Returns the Allocate response, or another bind request
     /// for the sockets that must try other ports.
     pub fn relay_bound(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
+        let outcome = self.finish_allocate(now, results, out);
+        self.count_response(&outcome, out);
+        outcome
+    }
+
+    fn finish_allocate(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
         let Some(mut p) = self.pending.take() else {
             return ClientOutcome::Drop(DropReason::OutputTooSmall);
         };

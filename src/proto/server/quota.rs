@@ -69,6 +69,12 @@ impl Quotas {
         }
     }
 
+    /// Whether another allocation fits under the total quota.
+    pub fn has_capacity(&self) -> bool {
+        let total_quota = self.limits.lock().map(|l| l.1).unwrap_or(0);
+        total_quota == 0 || self.total() < total_quota
+    }
+
     pub fn total(&self) -> u32 {
         self.counts.lock().map(|c| c.total).unwrap_or(0)
     }

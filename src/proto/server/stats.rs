@@ -31,7 +31,15 @@ pub struct Stats {
     /// Requests by method: binding, allocate, refresh, create_permission,
     /// channel_bind, connect, connection_bind, other.
     pub requests: [u64; 8],
+    /// Responses by method (as `requests`) and code (as [`RESPONSE_CODES`]).
+    pub responses: [[u64; 17]; 8],
 }
+
+/// Response code labels, in the order of [`Stats::responses`] columns.
+pub const RESPONSE_CODES: [&str; 17] = [
+    "200", "300", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "446", "447", "486", "508",
+    "other",
+];
 
 /// Method labels, in the order of [`Stats::requests`].
 pub const REQUEST_METHODS: [&str; 8] = [
@@ -96,8 +104,32 @@ impl ErrorCounts {
 
 impl Stats {
     pub(crate) fn count_request(&mut self, method: crate::proto::stun::Method) {
+        if let Some(n) = self.requests.get_mut(method_index(method)) {
+            *n += 1;
+        }
+    }
+
+    /// Counts a response by method and code (0 for success).
+    pub(crate) fn count_response(&mut self, method: crate::proto::stun::Method, code: u16) {
+        let label = if code == 0 { "200".to_owned() } else { code.to_string() };
+        let column = RESPONSE_CODES
+            .iter()
+            .position(|c| *c == label)
+            .unwrap_or(RESPONSE_CODES.len() - 1);
+        if let Some(n) = self
+            .responses
+            .get_mut(method_index(method))
+            .and_then(|row| row.get_mut(column))
+        {
+            *n += 1;
+        }
+    }
+}
+
+fn method_index(method: crate::proto::stun::Method) -> usize {
+    {
         use crate::proto::stun::Method;
-        let i = match method {
+        match method {
             Method::BINDING => 0,
             Method::ALLOCATE => 1,
             Method::REFRESH => 2,
@@ -106,12 +138,11 @@ impl Stats {
             Method::CONNECT => 5,
             Method::CONNECTION_BIND => 6,
             _ => 7,
-        };
-        if let Some(n) = self.requests.get_mut(i) {
-            *n += 1;
         }
     }
+}
 
+impl Stats {
     pub(crate) fn count_error(&mut self, code: u16) {
         let e = &mut self.errors;
         let slot = match code {
