@@ -161,6 +161,11 @@ fn uclient_over_tcp_and_tls_with_zero_loss() {
     assert!(sent >= 800 && recv == sent && lost == Some(0), "TLS:\n{out}");
     // Closing the connections deleted their allocations.
     assert!(server.wait_counter("turnstile_allocations_deleted_total", 8.0));
+    // Relayed traffic is also counted by the client's transport.
+    assert!(server.wait_counter(
+        "turnstile_relayed_packets_by_transport_total{direction=\"client_to_peer\",transport=\"stream\"}",
+        1600.0
+    ));
 }
 
 // ----- a small async TURN client over any stream -------------------------

@@ -48,6 +48,60 @@ impl StatsExporter {
             now.peer_to_client_bytes,
             last.peer_to_client_bytes,
         );
+        // By the client's transport: stream (TCP/TLS) is counted, UDP is the rest.
+        let by_transport = [
+            (
+                "client_to_peer",
+                "packets",
+                now.client_to_peer_packets,
+                now.stream_client_to_peer_packets,
+                last.client_to_peer_packets,
+                last.stream_client_to_peer_packets,
+            ),
+            (
+                "peer_to_client",
+                "packets",
+                now.peer_to_client_packets,
+                now.stream_peer_to_client_packets,
+                last.peer_to_client_packets,
+                last.stream_peer_to_client_packets,
+            ),
+            (
+                "client_to_peer",
+                "bytes",
+                now.client_to_peer_bytes,
+                now.stream_client_to_peer_bytes,
+                last.client_to_peer_bytes,
+                last.stream_client_to_peer_bytes,
+            ),
+            (
+                "peer_to_client",
+                "bytes",
+                now.peer_to_client_bytes,
+                now.stream_peer_to_client_bytes,
+                last.peer_to_client_bytes,
+                last.stream_peer_to_client_bytes,
+            ),
+        ];
+        for (direction, unit, total, stream, last_total, last_stream) in by_transport {
+            let name = if unit == "packets" {
+                "turnstile_relayed_packets_by_transport_total"
+            } else {
+                "turnstile_relayed_bytes_by_transport_total"
+            };
+            add(
+                name,
+                &[("direction", direction), ("transport", "stream")],
+                stream,
+                last_stream,
+            );
+            add(
+                name,
+                &[("direction", direction), ("transport", "udp")],
+                total - stream,
+                last_total - last_stream,
+            );
+        }
         add(
             "turnstile_allocations_created_total",
             &[],

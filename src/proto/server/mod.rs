@@ -603,6 +603,10 @@ impl Server {
         alloc.traffic.to_peer_bytes += len as u64;
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += len as u64;
+        if self.is_stream(key) {
+            self.stats.stream_client_to_peer_packets += 1;
+            self.stats.stream_client_to_peer_bytes += len as u64;
+        }
         ClientOutcome::Forward {
             relay,
             peer: self.route(peer),
@@ -780,6 +784,10 @@ impl Server {
         }
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += data.value.len() as u64;
+        if self.is_stream(key) {
+            self.stats.stream_client_to_peer_packets += 1;
+            self.stats.stream_client_to_peer_bytes += data.value.len() as u64;
+        }
         ClientOutcome::Forward {
             relay: relay_id,
             peer: self.route(peer),
@@ -1577,6 +1585,10 @@ impl Server {
         }
         self.stats.peer_to_client_packets += 1;
         self.stats.peer_to_client_bytes += len as u64;
+        if stream {
+            self.stats.stream_peer_to_client_packets += 1;
+            self.stats.stream_peer_to_client_bytes += len as u64;
+        }
         outcome
     }
 

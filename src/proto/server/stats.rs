@@ -11,6 +11,11 @@ pub struct Stats {
     pub client_to_peer_bytes: u64,
     pub peer_to_client_packets: u64,
     pub peer_to_client_bytes: u64,
+    /// The part of the four totals above whose client is on TCP or TLS.
+    pub stream_client_to_peer_packets: u64,
+    pub stream_client_to_peer_bytes: u64,
+    pub stream_peer_to_client_packets: u64,
+    pub stream_peer_to_client_bytes: u64,
     pub allocations_created: u64,
     pub allocations_expired: u64,
     pub allocations_deleted: u64,
