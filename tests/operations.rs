@@ -276,3 +276,46 @@ fn started_as_root_it_drops_to_the_configured_user() {
     let peer = peer();
     relaying_client(&server, "alice", "pw", &peer);
 }
+
+#[test]
+fn sighup_adds_and_removes_listeners() {
+    use std::io::{Read, Write};
+
+    let server = TestServer::start(&config("pw", "s", ""));
+    let peer = peer();
+    let mut c = relaying_client(&server, "alice", "pw", &peer);
+
+    let with_tcp = format!(
+        "{}\n[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:0\"\n",
+        config("pw", "s", "")
+    );
+    std::fs::write(server.config_path(), &with_tcp).unwrap();
+    server.signal("HUP");
+    let tcp: std::net::SocketAddr = server
+        .wait_log_after("listening tcp ")
+        .expect("no tcp listener")
+        .parse()
+        .unwrap();
+    assert!(server.wait_log("configuration reloaded"));
+    // A Binding over the new TCP listener is answered.
+    let mut s = std::net::TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[
+        0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ])
+    .unwrap();
+    let mut resp = [0u8; 64];
+    let n = s.read(&mut resp).unwrap();
+    let m = Message::parse(&resp[..n]).unwrap();
+    assert_eq!(m.xor_mapped_address().unwrap(), Some(s.local_addr().unwrap()));
+    // The UDP allocation was not disturbed.
+    send_and_receive(&mut c, &peer, b"after adding");
+
+    std::fs::write(server.config_path(), config("pw", "s", "")).unwrap();
+    server.signal("HUP");
+    assert!(server.wait_log("closing listener"));
+    assert!(server.wait_log("configuration reloaded"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(std::net::TcpStream::connect(tcp).is_err(), "the TCP listener is gone");
+    send_and_receive(&mut c, &peer, b"after removing");
+}

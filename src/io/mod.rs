@@ -21,7 +21,7 @@ use crate::proto::channel_data::ChannelRange;
 use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
 
 /// What `start` bound, for logs and for the iceServers hint.
-#[derive(Debug, Clone)]
+
 pub struct Started {
     pub udp: Vec<SocketAddr>,
     pub tcp: Vec<SocketAddr>,
@@ -32,17 +32,21 @@ pub struct Started {
     pub quotas: Arc<Quotas>,
     controls: Vec<worker::ControlSender>,
     nonce_secret: [u8; 32],
-    services: Vec<SocketAddr>,
+    /// Listen entries by listener id, with where each is bound.
+    listening: std::sync::Mutex<Vec<Option<(crate::config::Listen, SocketAddr)>>>,
+    extra_services: Vec<SocketAddr>,
+    stream_context: StreamContext,
 }
 
 impl Started {
     /// Applies a new, already validated configuration to the running
     /// workers: users, secrets, realm, peer ACLs, quotas and limits. Existing
-    /// allocations keep their keys and lifetimes. Listener changes need a
-    /// restart; the nonce key stays, so outstanding nonces remain valid.
+    /// allocations keep their keys and lifetimes; listeners are added and
+    /// removed. The nonce key stays, so outstanding nonces remain valid.
     pub fn reload(&self, config: &Config) -> io::Result<()> {
+        self.reload_listeners(config)?;
         let credentials = credentials(config, &self.nonce_secret)?;
-        let policy = peer_policy(config, self.services.clone());
+        let policy = peer_policy(config, self.services());
         self.quotas
             .set_limits(config.limits.user_quota, config.limits.total_quota);
         let (applied, acks) = std::sync::mpsc::channel();
@@ -63,6 +67,63 @@ impl Started {
         }
         if let Some(store) = &self.certificates {
             store.reload().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// The server's own sockets (listeners, metrics, admin), which relayed
+    /// traffic must never reach.
+    fn services(&self) -> Vec<SocketAddr> {
+        let mut services: Vec<SocketAddr> = self
+            .listening
+            .lock()
+            .map(|l| l.iter().flatten().map(|(_, a)| *a).collect())
+            .unwrap_or_default();
+        services.extend_from_slice(&self.extra_services);
+        services
+    }
+
+    /// Opens listeners the new configuration adds and closes the ones it
+    /// drops; the others (and their clients) are untouched.
+    fn reload_listeners(&self, config: &Config) -> io::Result<()> {
+        let Ok(mut listening) = self.listening.lock() else {
+            return Ok(());
+        };
+        let same = |a: &crate::config::Listen, b: &crate::config::Listen| {
+            a.transport == b.transport
+                && a.address == b.address
+                && a.autodetect == b.autodetect
+                && a.proxy_protocol == b.proxy_protocol
+        };
+        for (index, slot) in listening.iter_mut().enumerate() {
+            if let Some((listen, addr)) = slot
+                && !config.listen.iter().any(|l| same(l, listen))
+            {
+                tracing::info!("closing listener {:?} {addr}", listen.transport);
+                for c in &self.controls {
+                    let _ = c.send(worker::WorkerControl::RemoveListener(index));
+                }
+                *slot = None;
+            }
+        }
+        let workers = self.controls.len();
+        for listen in &config.listen {
+            if listening.iter().flatten().any(|(l, _)| same(l, listen)) {
+                continue;
+            }
+            if listen.transport == Transport::Udp {
+                let (addr, sockets) = bind_udp(listen.address, workers)?;
+                for (c, socket) in self.controls.iter().zip(sockets) {
+                    let _ = c.send(worker::WorkerControl::AddUdpListener(socket));
+                }
+                listening.push(Some((listen.clone(), addr)));
+            } else {
+                let (addr, setups) = bind_stream(listen, config, &self.stream_context, workers)?;
+                for (c, setup) in self.controls.iter().zip(setups) {
+                    let _ = c.send(worker::WorkerControl::AddStreamListener(setup));
+                }
+                listening.push(Some((listen.clone(), addr)));
+            }
         }
         Ok(())
     }
@@ -152,21 +213,82 @@ fn random_secret() -> io::Result<[u8; 32]> {
 
 /// Binds every listener for every worker and starts the workers. Port 0 in
 /// a listen address is resolved once, so all workers share the port.
+/// Binds one UDP listen address once per worker (port 0 resolved once).
+fn bind_udp(address: SocketAddr, workers: usize) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
+    let first = udp::bind_reuseport(address)?;
+    let addr = first.local_addr()?;
+    tracing::info!("listening udp {addr}");
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(udp::bind_reuseport(addr)?);
+    }
+    Ok((addr, sockets))
+}
+
+/// What stream listeners need beyond their address.
+struct StreamContext {
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<stream::ConnLimits>,
+}
+
+/// Binds one TCP/TLS listen address once per worker, with its settings.
+fn bind_stream(
+    listen: &crate::config::Listen,
+    config: &Config,
+    ctx: &StreamContext,
+    workers: usize,
+) -> io::Result<(SocketAddr, Vec<worker::StreamListenerSetup>)> {
+    let is_tls = listen.transport == Transport::Tls;
+    if is_tls && ctx.acceptor.is_none() {
+        return Err(io::Error::other(format!(
+            "listen {}: tls needs a [tls] certificate",
+            listen.address
+        )));
+    }
+    let first = stream::bind_reuseport(listen.address)?;
+    let addr = first.local_addr()?;
+    tracing::info!("listening {} {addr}", if is_tls { "tls" } else { "tcp" });
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(stream::bind_reuseport(addr)?);
+    }
+    let channel_range = if config.compat.legacy_channel_numbers {
+        ChannelRange::Rfc5766
+    } else {
+        ChannelRange::Rfc8656
+    };
+    let setups = sockets
+        .into_iter()
+        .map(|listener| worker::StreamListenerSetup {
+            listener,
+            settings: stream::StreamSettings {
+                tls: if is_tls { ctx.acceptor.clone() } else { None },
+                autodetect: listen.autodetect,
+                proxy_protocol: listen.proxy_protocol,
+                limits: ctx.limits.clone(),
+                idle_timeout: Duration::from_secs(config.limits.idle_timeout),
+                handshake_timeout: Duration::from_secs(config.limits.handshake_timeout),
+                send_buffer: config.limits.stream_send_buffer,
+                channel_range,
+            },
+        })
+        .collect();
+    Ok((addr, setups))
+}
+
 /// `extra_services` are sockets bound elsewhere (the metrics listener) that
 /// relayed traffic must never reach.
 pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Started> {
     let workers = config.worker_count();
     let mut per_worker: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    // Listener ids are positions in this list: UDP first, then TCP/TLS, then
+    // whatever reloads add; removed ones keep their place as `None`.
+    let mut listening = Vec::new();
     let mut udp_bound = Vec::new();
     for listen in config.listen.iter().filter(|l| l.transport == Transport::Udp) {
-        let first = udp::bind_reuseport(listen.address)?;
-        let addr = first.local_addr()?;
-        tracing::info!("listening udp {addr}");
+        let (addr, sockets) = bind_udp(listen.address, workers)?;
         udp_bound.push(addr);
-        let mut sockets = vec![first];
-        for _ in 1..workers {
-            sockets.push(udp::bind_reuseport(addr)?);
-        }
+        listening.push(Some((listen.clone(), addr)));
         for (slot, socket) in per_worker.iter_mut().zip(sockets) {
             slot.push(socket);
         }
@@ -180,7 +302,10 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         Some(store) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(store.clone())?)),
         None => None,
     };
-    let conn_limits = stream::ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip);
+    let ctx = StreamContext {
+        acceptor,
+        limits: stream::ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip),
+    };
     let channel_range = if config.compat.legacy_channel_numbers {
         ChannelRange::Rfc5766
     } else {
@@ -189,33 +314,15 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let mut per_worker_streams: Vec<Vec<worker::StreamListenerSetup>> = (0..workers).map(|_| Vec::new()).collect();
     let (mut tcp_bound, mut tls_bound) = (Vec::new(), Vec::new());
     for listen in config.listen.iter().filter(|l| l.transport != Transport::Udp) {
-        let first = stream::bind_reuseport(listen.address)?;
-        let addr = first.local_addr()?;
-        let is_tls = listen.transport == Transport::Tls;
-        tracing::info!("listening {} {addr}", if is_tls { "tls" } else { "tcp" });
-        if is_tls {
+        let (addr, setups) = bind_stream(listen, config, &ctx, workers)?;
+        if listen.transport == Transport::Tls {
             tls_bound.push(addr)
         } else {
             tcp_bound.push(addr)
         }
-        let mut sockets = vec![first];
-        for _ in 1..workers {
-            sockets.push(stream::bind_reuseport(addr)?);
-        }
-        for (slot, listener) in per_worker_streams.iter_mut().zip(sockets) {
-            slot.push(worker::StreamListenerSetup {
-                listener,
-                settings: stream::StreamSettings {
-                    tls: if is_tls { acceptor.clone() } else { None },
-                    autodetect: listen.autodetect,
-                    proxy_protocol: listen.proxy_protocol,
-                    limits: conn_limits.clone(),
-                    idle_timeout: Duration::from_secs(config.limits.idle_timeout),
-                    handshake_timeout: Duration::from_secs(config.limits.handshake_timeout),
-                    send_buffer: config.limits.stream_send_buffer,
-                    channel_range,
-                },
-            });
+        listening.push(Some((listen.clone(), addr)));
+        for (slot, setup) in per_worker_streams.iter_mut().zip(setups) {
+            slot.push(setup);
         }
     }
 
@@ -286,6 +393,8 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         quotas,
         controls,
         nonce_secret,
-        services,
+        listening: std::sync::Mutex::new(listening),
+        extra_services: extra_services.to_vec(),
+        stream_context: ctx,
     })
 }

@@ -38,6 +38,9 @@ pub enum WorkerControl {
     Drain {
         alternate: Option<SocketAddr>,
     },
+    AddUdpListener(std::net::UdpSocket),
+    AddStreamListener(StreamListenerSetup),
+    RemoveListener(usize),
     ListAllocations {
         reply: std::sync::mpsc::Sender<Vec<crate::proto::server::AllocationInfo>>,
     },
@@ -122,6 +125,8 @@ enum Listener {
     Udp(Rc<UdpListener>),
     /// Per connection, in `Worker::streams`.
     Stream,
+    /// Taken out by a configuration reload; its id is not reused.
+    Removed,
 }
 
 /// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`,
@@ -135,6 +140,8 @@ pub struct Worker {
     pub(crate) handoff: Vec<stream::HandoffSender>,
     pub(crate) tcp_peers: FxHashMap<u32, TcpPeer>,
     pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
+    /// The task serving each listener, by listener id (to stop it on removal).
+    listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
     relays: FxHashMap<RelayId, RelaySocket>,
     /// Responses are written here.
     out: Vec<u8>,
@@ -152,7 +159,7 @@ impl Worker {
         match self.listeners.get(usize::from(key.listener.0)) {
             Some(Listener::Udp(l)) => l.send(key.client, bytes),
             Some(Listener::Stream) => self.streams.get(key).is_some_and(|o| o.push(bytes)),
-            None => false,
+            Some(Listener::Removed) | None => false,
         }
     }
 }
@@ -161,58 +168,76 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let mut server = setup.server;
-        let mut listeners = Vec::new();
-        let mut stream_settings = Vec::new();
-        let mut udp = Vec::new();
-        for socket in setup.udp {
-            let id = server.add_listener(Transport::Udp);
-            let l = Rc::new(UdpListener::new(socket)?);
-            udp.push((id, l.clone()));
-            listeners.push(Listener::Udp(l));
-            stream_settings.push(None);
-        }
-        let mut tcp = Vec::new();
-        for s in setup.streams {
-            let id = server.add_listener(Transport::Stream);
-            let settings = Rc::new(s.settings);
-            tcp.push((id, tokio::net::TcpListener::from_std(s.listener)?, settings.clone()));
-            listeners.push(Listener::Stream);
-            stream_settings.push(Some(settings));
-        }
         let worker: Shared = Rc::new(RefCell::new(Worker {
             index: setup.index,
-            server,
-            listeners,
-            stream_settings,
+            server: setup.server,
+            listeners: Vec::new(),
+            stream_settings: Vec::new(),
             handoff: setup.handoff_senders,
             tcp_peers: FxHashMap::default(),
             streams: FxHashMap::default(),
+            listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
             out: vec![0u8; 2048],
             peer_buf: vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM],
             exporter: StatsExporter::new(setup.index),
         }));
-        let mut tasks = Vec::new();
-        for (id, listener) in udp {
-            tasks.push(tokio::task::spawn_local(listen_udp(worker.clone(), id, listener)));
+        for socket in setup.udp {
+            add_udp_listener(&worker, socket)?;
         }
-        for (id, listener, settings) in tcp {
-            tasks.push(tokio::task::spawn_local(stream::accept_loop(
-                worker.clone(),
-                id,
-                listener,
-                settings,
-            )));
+        for s in setup.streams {
+            add_stream_listener(&worker, s)?;
         }
         tokio::task::spawn_local(timers(worker.clone()));
         tokio::task::spawn_local(stream::receive_handoffs(worker.clone(), setup.handoff_receiver));
         tokio::task::spawn_local(controls(worker.clone(), setup.control));
-        for t in tasks {
-            t.await.map_err(io::Error::other)??;
-        }
+        // The worker lives as long as the process; listeners come and go with reloads.
+        std::future::pending::<()>().await;
         Ok(())
     })
+}
+
+/// Starts serving a UDP listener socket (at start-up or on reload). Every
+/// worker adds listeners in the same order, so ids agree across workers.
+pub fn add_udp_listener(shared: &Shared, socket: std::net::UdpSocket) -> io::Result<()> {
+    let listener = Rc::new(UdpListener::new(socket)?);
+    let mut w = shared.borrow_mut();
+    let id = w.server.add_listener(Transport::Udp);
+    w.listeners.push(Listener::Udp(listener.clone()));
+    w.stream_settings.push(None);
+    let task = tokio::task::spawn_local(log_end(listen_udp(shared.clone(), id, listener)));
+    w.listener_tasks.push(Some(task.abort_handle()));
+    Ok(())
+}
+
+/// Starts serving a TCP or TLS listener.
+pub fn add_stream_listener(shared: &Shared, setup: StreamListenerSetup) -> io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(setup.listener)?;
+    let settings = Rc::new(setup.settings);
+    let mut w = shared.borrow_mut();
+    let id = w.server.add_listener(Transport::Stream);
+    w.listeners.push(Listener::Stream);
+    w.stream_settings.push(Some(settings.clone()));
+    let task = tokio::task::spawn_local(log_end(stream::accept_loop(shared.clone(), id, listener, settings)));
+    w.listener_tasks.push(Some(task.abort_handle()));
+    Ok(())
+}
+
+/// Stops serving a listener (configuration reload). Its clients' answers
+/// have nowhere to go any more; their allocations expire.
+fn remove_listener(w: &mut Worker, index: usize) {
+    if let Some(t) = w.listener_tasks.get_mut(index).and_then(Option::take) {
+        t.abort();
+    }
+    if let Some(l) = w.listeners.get_mut(index) {
+        *l = Listener::Removed;
+    }
+}
+
+async fn log_end(task: impl std::future::Future<Output = io::Result<()>>) {
+    if let Err(e) = task.await {
+        tracing::error!("listener stopped: {e}");
+    }
 }
 
 /// Receives client datagrams on one UDP listener and hands them to the core.
@@ -528,8 +553,25 @@ async fn timers(shared: Shared) {
 /// Applies control messages from the main thread.
 async fn controls(shared: Shared, mut rx: ControlReceiver) {
     while let Some(c) = rx.recv().await {
+        let c = match c {
+            WorkerControl::AddUdpListener(socket) => {
+                if let Err(e) = add_udp_listener(&shared, socket) {
+                    tracing::error!("new listener: {e}");
+                }
+                continue;
+            }
+            WorkerControl::AddStreamListener(setup) => {
+                if let Err(e) = add_stream_listener(&shared, setup) {
+                    tracing::error!("new listener: {e}");
+                }
+                continue;
+            }
+            other => other,
+        };
         let mut w = shared.borrow_mut();
         match c {
+            WorkerControl::RemoveListener(index) => remove_listener(&mut w, index),
+            WorkerControl::AddUdpListener(_) | WorkerControl::AddStreamListener(_) => {}
             WorkerControl::Reload {
                 credentials,
                 policy,

@@ -196,6 +196,20 @@ impl TestServer {
         assert!(st.success());
     }
 
+    /// Waits for a log line containing `needle` and returns what follows it.
+    pub fn wait_log_after(&self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(rest) = line.split(needle).nth(1) {
+                return Some(rest.trim().to_owned());
+            }
+        }
+        None
+    }
+
     /// Waits until a log line containing `needle` appears (up to 10 s).
     pub fn wait_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
