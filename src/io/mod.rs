@@ -21,7 +21,6 @@ use crate::proto::channel_data::ChannelRange;
 use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
 
 /// What `start` bound, for logs and for the iceServers hint.
-
 pub struct Started {
     pub udp: Vec<SocketAddr>,
     pub tcp: Vec<SocketAddr>,
