@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::uclient::parse_report;
 use common::{TestServer, loopback_config};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -124,21 +125,8 @@ fn uclient(port: u16, peer: &Peer, flags: &[&str]) -> (u64, u64, Option<u64>, St
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let after = |needle: &str| -> Option<u64> {
-        let line = text.lines().rev().find(|l| l.contains(needle))?;
-        line.split(needle)
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    (
-        after("tot_send_msgs=").unwrap_or(0),
-        after("tot_recv_msgs=").unwrap_or(0),
-        after("Total lost packets "),
-        text,
-    )
+    let r = parse_report(text);
+    (r.sent, r.received, r.lost, r.output)
 }
 
 #[test]
@@ -524,19 +512,7 @@ fn uclient_tcp_relay_rfc6062_with_zero_loss() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let after = |needle: &str| -> Option<u64> {
-        let line = text.lines().rev().find(|l| l.contains(needle))?;
-        line.split(needle)
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    assert_eq!(after("Total lost packets "), Some(0), "{text}");
-    let (sent, recv) = (
-        after("tot_send_msgs=").unwrap_or(0),
-        after("tot_recv_msgs=").unwrap_or(0),
-    );
-    assert!(sent >= 600 && recv == sent, "{text}");
+    let r = parse_report(text);
+    assert_eq!(r.lost, Some(0), "{}", r.output);
+    assert!(r.sent >= 600 && r.received == r.sent, "{}", r.output);
 }

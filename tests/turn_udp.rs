@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::uclient::{Report, parse_report};
 use common::{TestServer, loopback_config};
 
 // Relay ports above Linux's ephemeral range (32768-60999), so a peer's
@@ -73,15 +74,6 @@ impl Drop for Peer {
     }
 }
 
-/// What turnutils_uclient reported.
-#[derive(Debug)]
-struct Report {
-    sent: u64,
-    received: u64,
-    lost: Option<u64>,
-    output: String,
-}
-
 fn uclient(server: &TestServer, peer: &Peer, extra: &[&str]) -> Report {
     let port = server.udp[0].port().to_string();
     let peer_port = peer.port.to_string();
@@ -101,24 +93,6 @@ fn uclient(server: &TestServer, peer: &Peer, extra: &[&str]) -> Report {
         String::from_utf8_lossy(&out.stderr)
     );
     parse_report(output)
-}
-
-fn parse_report(output: String) -> Report {
-    let number_after = |needle: &str| -> Option<u64> {
-        let line = output.lines().rev().find(|l| l.contains(needle))?;
-        let rest = line.split(needle).nth(1)?;
-        rest.trim_start_matches(['=', ' '])
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Report {
-        sent: number_after("tot_send_msgs=").unwrap_or(0),
-        received: number_after("tot_recv_msgs=").unwrap_or(0),
-        lost: number_after("Total lost packets "),
-        output,
-    }
 }
 
 #[test]

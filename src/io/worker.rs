@@ -366,20 +366,25 @@ fn open_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr, do
     BindResult::Bound
 }
 
+/// A TCP socket bound to a relayed address. The relay's listener and its
+/// outgoing connections share the address, so all set SO_REUSEADDR and
+/// SO_REUSEPORT.
+fn tcp_relay_socket(addr: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    Ok(s)
+}
+
 /// Binds an RFC 6062 TCP relay: a listener for peers, on a port that the
 /// allocation's outgoing connections share (SO_REUSEADDR and SO_REUSEPORT).
 fn open_tcp_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr) -> BindResult {
-    let listener = (|| {
-        let s = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.set_reuseport(true)?;
-        s.bind(addr)?;
-        s.listen(64)
-    })();
+    let listener = tcp_relay_socket(addr).and_then(|s| s.listen(64));
     let listener = match listener {
         Ok(l) => l,
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return BindResult::InUse,
@@ -426,17 +431,7 @@ async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::Tcp
 /// Connect (RFC 6062): a TCP connection from the relayed address to the
 /// peer; the Connect response goes out when it succeeds or fails.
 async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: SocketAddr) {
-    let attempt = async {
-        let s = if from.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.set_reuseport(true)?;
-        s.bind(from)?;
-        s.connect(peer).await
-    };
+    let attempt = async { tcp_relay_socket(from)?.connect(peer).await };
     let result = tokio::time::timeout(stream::CONNECT_TIMEOUT, attempt).await;
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
