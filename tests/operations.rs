@@ -319,3 +319,30 @@ fn sighup_adds_and_removes_listeners() {
     assert!(std::net::TcpStream::connect(tcp).is_err(), "the TCP listener is gone");
     send_and_receive(&mut c, &peer, b"after removing");
 }
+
+#[test]
+fn systemd_notifications() {
+    // A stand-in for systemd's notification socket.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut server = TestServer::start_with_env(
+        &config("pw", "s", "drain_timeout = 5"),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut next = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("no notification");
+        String::from_utf8_lossy(&buf[..n]).trim().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    server.signal("HUP");
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    server.signal("TERM");
+    assert_eq!(next(), "STOPPING=1");
+    // Nothing allocated: the drain ends at once.
+    let status = server.wait_exit(Duration::from_secs(10)).expect("no exit");
+    assert!(status.success());
+}

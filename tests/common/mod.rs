@@ -42,12 +42,18 @@ listen = "127.0.0.1:0"
 
 impl TestServer {
     pub fn start(config: &str) -> TestServer {
+        TestServer::start_with_env(config, &[])
+    }
+
+    /// Starts with extra environment variables (e.g. NOTIFY_SOCKET).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("turnstile.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .env("TURNSTILE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
