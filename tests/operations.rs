@@ -331,7 +331,7 @@ fn systemd_notifications() {
         &config("pw", "s", "drain_timeout = 5"),
         &[("NOTIFY_SOCKET", path.to_str().unwrap())],
     );
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("no notification");
         String::from_utf8_lossy(&buf[..n]).trim().to_string()
