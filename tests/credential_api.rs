@@ -132,51 +132,11 @@ fn without_a_rest_secret_the_api_says_so() {
     assert_eq!(status, 503, "{body}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_allocates_with_the_issued_credential() {
+/// Allocates with the webrtc-rs TURN client; returns the relayed address.
+async fn allocate_with(server: &TestServer, username: String, password: String) -> std::net::SocketAddr {
     use turn::client::{Client, ClientConfig};
     use webrtc_util::Conn;
 
-    let server = TestServer::start(&config("\"app-secret\""));
-    let (_, body) = server.admin_request(
-        "POST",
-        "/v1/ice-servers",
-        Some(TOKEN),
-        "{\"ttl\": 300, \"user\": \"phone-42\"}",
-    );
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let s = &v["iceServers"][0];
-    let addr = server.udp[0].to_string();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: addr.clone(),
-        turn_serv_addr: addr,
-        username: s["username"].as_str().unwrap().to_owned(),
-        password: s["credential"].as_str().unwrap().to_owned(),
-        realm: "test.local".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()),
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
-    let relay = client.allocate().await.unwrap();
-    assert_eq!(relay.local_addr().unwrap().ip().to_string(), "127.0.0.1");
-    client.close().await.unwrap();
-}
-
-/// A Matrix homeserver (Synapse) computes TURN credentials itself from
-/// `turn_shared_secret`: username "<expiry>:<mxid>", password
-/// base64(HMAC-SHA1(secret, username)). The mxid's colons must survive.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synapse_style_credentials_allocate() {
-    use turn::client::{Client, ClientConfig};
-    use webrtc_util::Conn;
-
-    let server = TestServer::start(&config("\"synapse-shared-secret\""));
-    let username = format!("{}:@alice:example.org", now() + 86_400);
-    let password = turnstile::proto::auth::rest::password(b"synapse-shared-secret", &username);
     let addr = server.udp[0].to_string();
     let client = Client::new(ClientConfig {
         stun_serv_addr: addr.clone(),
@@ -193,6 +153,36 @@ async fn synapse_style_credentials_allocate() {
     .unwrap();
     client.listen().await.unwrap();
     let relay = client.allocate().await.unwrap();
-    assert!(relay.local_addr().is_ok());
+    let relayed = relay.local_addr().unwrap();
     client.close().await.unwrap();
+    relayed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_allocates_with_the_issued_credential() {
+    let server = TestServer::start(&config("\"app-secret\""));
+    let (_, body) = server.admin_request(
+        "POST",
+        "/v1/ice-servers",
+        Some(TOKEN),
+        "{\"ttl\": 300, \"user\": \"phone-42\"}",
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let s = &v["iceServers"][0];
+    let username = s["username"].as_str().unwrap().to_owned();
+    let password = s["credential"].as_str().unwrap().to_owned();
+    let relayed = allocate_with(&server, username, password).await;
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+}
+
+/// A Matrix homeserver (Synapse) computes TURN credentials itself from
+/// `turn_shared_secret`: username "<expiry>:<mxid>", password
+/// base64(HMAC-SHA1(secret, username)). The mxid's colons must survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_style_credentials_allocate() {
+    let server = TestServer::start(&config("\"synapse-shared-secret\""));
+    let username = format!("{}:@alice:example.org", now() + 86_400);
+    let password = turnstile::proto::auth::rest::password(b"synapse-shared-secret", &username);
+    let relayed = allocate_with(&server, username, password).await;
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
 }

@@ -113,6 +113,15 @@ pub(crate) struct TcpPeer {
     pub(crate) close: Rc<tokio::sync::Notify>,
 }
 
+impl TcpPeer {
+    fn new(stream: tokio::net::TcpStream) -> TcpPeer {
+        TcpPeer {
+            stream: Some(stream),
+            close: Rc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
 /// What became of a client frame, for the stream driver.
 pub enum Handled {
     Done,
@@ -413,14 +422,8 @@ async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::Tcp
         let mut guard = shared.borrow_mut();
         let w = &mut *guard;
         if let Some((key, connection, len)) = w.server.handle_tcp_peer_accepted(now(), id, peer, &mut w.out) {
-            let close = Rc::new(tokio::sync::Notify::new());
-            w.tcp_peers.insert(
-                connection,
-                TcpPeer {
-                    stream: Some(stream),
-                    close,
-                },
-            );
+            let _ = stream.set_nodelay(true);
+            w.tcp_peers.insert(connection, TcpPeer::new(stream));
             send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
         } else {
             metrics::counter!("turnstile_dropped_packets_total", "reason" => "tcp_peer_no_permission").increment(1);
@@ -438,14 +441,7 @@ async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: So
     let connected = matches!(result, Ok(Ok(_)));
     if let Ok(Ok(stream)) = result {
         let _ = stream.set_nodelay(true);
-        let close = Rc::new(tokio::sync::Notify::new());
-        w.tcp_peers.insert(
-            connection,
-            TcpPeer {
-                stream: Some(stream),
-                close,
-            },
-        );
+        w.tcp_peers.insert(connection, TcpPeer::new(stream));
     }
     if let Some((key, len)) = w.server.handle_tcp_connected(now(), connection, connected, &mut w.out) {
         send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
