@@ -9,7 +9,9 @@ use turnstile::proto::framer::{FrameKind, StreamFramer};
 use turnstile::proto::stun::Message;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, stream)) = data.split_first() else { return };
+    let Some((&chunk, stream)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1);
     let framer = StreamFramer::new(2048);
     let mut buf: Vec<u8> = Vec::new();

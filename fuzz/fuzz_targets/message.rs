@@ -4,9 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::Arc;
 
-use turnstile::proto::server::{Credentials, Now, PeerPolicy, Quotas, Server, ServerConfig};
+#[path = "support.rs"]
+mod support;
+
 use turnstile::proto::stun::Message;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,20 +24,5 @@ fuzz_target!(|data: &[u8]| {
         // What the parser accepted must re-parse from its own bytes.
         assert!(Message::parse(m.as_bytes()).is_ok());
     }
-    let mut out = [0u8; 1500];
-    let client = "192.0.2.1:4000".parse().unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    std::hint::black_box(test_server().handle_client_packet(now(), key(client), data, &mut out));
+    support::feed_server(data);
 });
-
-fn test_server() -> Server {
-    let creds = Credentials::new("realm", [("user", "pass")], &["secret".to_owned()], &[1; 32], 600).unwrap();
-    Server::new(ServerConfig::default(), Arc::new(creds), PeerPolicy::default(), Arc::new(Quotas::new(10, 0)))
-}
-
-fn key(client: std::net::SocketAddr) -> turnstile::proto::server::ClientKey {
-    turnstile::proto::server::ClientKey { listener: turnstile::proto::server::ListenerId(0), client }
-}
-
-fn now() -> Now {
-    Now { instant: std::time::Instant::now(), unix: 1_700_000_000 }
-}

@@ -75,13 +75,9 @@ impl CredentialApi {
     }
 
     pub fn authorized(&self, req: &Request) -> bool {
-        let Some(given) = &req.bearer else { return false };
-        given.len() == self.token.len()
-            && given
-                .bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        req.bearer
+            .as_ref()
+            .is_some_and(|given| crate::proto::stun::integrity::ct_eq(given.as_bytes(), self.token.as_bytes()))
     }
 
     /// A REST username and password valid for `ttl` seconds from now.

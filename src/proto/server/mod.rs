@@ -1505,13 +1505,11 @@ impl Server {
         start: usize,
         len: usize,
     ) -> PeerOutcome {
-        let Some(alloc) = self
-            .relays
-            .get(relay.0 as usize)
-            .copied()
-            .flatten()
-            .and_then(|i| self.allocations.get(i))
-        else {
+        // One lookup of the allocation's index serves the whole packet.
+        let Some(alloc_idx) = self.relays.get(relay.0 as usize).copied().flatten() else {
+            return PeerOutcome::Drop(DropReason::UnknownRelay);
+        };
+        let Some(alloc) = self.allocations.get(alloc_idx) else {
             return PeerOutcome::Drop(DropReason::UnknownRelay);
         };
         if !alloc.permits(peer.ip(), now) {
@@ -1573,13 +1571,7 @@ impl Server {
                 None => PeerOutcome::Drop(DropReason::OutputTooSmall),
             }
         };
-        if let Some(a) = self
-            .relays
-            .get(relay.0 as usize)
-            .copied()
-            .flatten()
-            .and_then(|i| self.allocations.get_mut(i))
-        {
+        if let Some(a) = self.allocations.get_mut(alloc_idx) {
             a.traffic.to_client_packets += 1;
             a.traffic.to_client_bytes += len as u64;
         }
