@@ -1,0 +1,157 @@
+//! Authenticated Allocate throughput: N clients each loop Allocate →
+//! Refresh(lifetime 0) as fast as the server answers, with the server's
+//! 401/438 rounds answered on the fly.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use turnstile::proto::stun::{Class, Message, Method, TransactionId};
+
+use crate::server_process;
+use crate::session::Session;
+use crate::syscalls::{BATCH, Epoll, RecvSlots};
+
+#[derive(Debug, serde::Serialize)]
+pub struct AllocateReport {
+    pub clients: usize,
+    pub seconds: f64,
+    pub allocations: u64,
+    pub allocations_per_s: f64,
+    pub refreshes: u64,
+    pub auth_retries: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_us_per_allocation: Option<f64>,
+}
+
+enum Step {
+    Allocate,
+    Release,
+}
+
+struct Client {
+    session: Session,
+    step: Step,
+    pending: Option<(TransactionId, Instant)>,
+}
+
+fn send(c: &mut Client, buf: &mut [u8]) {
+    let (id, n) = match c.step {
+        Step::Allocate => c.session.write_request(buf, Method::ALLOCATE, |w| {
+            w.requested_transport(17).expect("buffer");
+        }),
+        Step::Release => c.session.write_request(buf, Method::REFRESH, |w| {
+            w.lifetime(0).expect("buffer");
+        }),
+    };
+    let _ = c.session.socket.send(&buf[..n]);
+    c.pending = Some((id, Instant::now()));
+}
+
+pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) -> std::io::Result<AllocateReport> {
+    let mut epoll = Epoll::new()?;
+    let mut clients: Vec<Client> = Vec::with_capacity(sessions.len());
+    for (i, s) in sessions.into_iter().enumerate() {
+        s.socket.set_nonblocking(true)?;
+        epoll.add(s.socket.as_raw_fd(), i as u64)?;
+        clients.push(Client {
+            session: s,
+            step: Step::Allocate,
+            pending: None,
+        });
+    }
+    let mut buf = [0u8; 1500];
+    let mut slots = RecvSlots::new(2048, 0);
+    let (mut allocations, mut refreshes, mut retries, mut errors, mut timeouts) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let cpu_before = server_pid.and_then(server_process::cpu_time);
+    let start = Instant::now();
+    for c in clients.iter_mut() {
+        send(c, &mut buf);
+    }
+    let mut ready = Vec::with_capacity(256);
+    let mut last_sweep = Instant::now();
+    while start.elapsed() < duration {
+        ready.clear();
+        epoll.wait(10, |t| ready.push(t as usize))?;
+        for &i in &ready {
+            let fd = clients[i].session.socket.as_raw_fd();
+            loop {
+                let n = slots.recv(fd)?;
+                for s in 0..n {
+                    let c = &mut clients[i];
+                    let Ok(m) = Message::parse(slots.datagram(s)) else {
+                        continue;
+                    };
+                    if c.pending.as_ref().map(|p| &p.0) != Some(m.transaction_id()) {
+                        continue;
+                    }
+                    c.pending = None;
+                    match m.class() {
+                        Class::Success => match c.step {
+                            Step::Allocate => {
+                                allocations += 1;
+                                c.step = Step::Release;
+                            }
+                            Step::Release => {
+                                refreshes += 1;
+                                c.step = Step::Allocate;
+                            }
+                        },
+                        _ => {
+                            if c.session.learn(&m) {
+                                retries += 1;
+                            } else {
+                                errors += 1;
+                                // 437 after a lost Refresh answer: release and go on.
+                                c.step = match m.error_code().ok().flatten().map(|e| e.code) {
+                                    Some(437) => Step::Release,
+                                    _ => Step::Allocate,
+                                };
+                            }
+                        }
+                    }
+                    send(c, &mut buf);
+                }
+                if n < BATCH {
+                    break;
+                }
+            }
+        }
+        if last_sweep.elapsed() > Duration::from_millis(100) {
+            last_sweep = Instant::now();
+            for c in clients.iter_mut() {
+                if c.pending
+                    .as_ref()
+                    .is_some_and(|p| p.1.elapsed() > Duration::from_secs(1))
+                {
+                    timeouts += 1;
+                    send(c, &mut buf);
+                }
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let server_cpu = match (cpu_before, server_pid.and_then(server_process::cpu_time)) {
+        (Some(a), Some(b)) => Some((b - a).as_secs_f64()),
+        _ => None,
+    };
+    // Leave nothing allocated behind.
+    for c in clients.iter_mut() {
+        if matches!(c.step, Step::Release) {
+            send(c, &mut buf);
+        }
+    }
+    Ok(AllocateReport {
+        clients: clients.len(),
+        seconds,
+        allocations,
+        allocations_per_s: allocations as f64 / seconds,
+        refreshes,
+        auth_retries: retries,
+        errors,
+        timeouts,
+        server_cpu_s: server_cpu,
+        server_cpu_us_per_allocation: server_cpu.map(|c| c * 1e6 / allocations.max(1) as f64),
+    })
+}
