@@ -59,6 +59,103 @@ pub fn send_to(socket: &tokio::net::UdpSocket, data: &[u8], peer: SocketAddr) ->
     socket2::SockRef::from(socket).send_to(data, &peer.into()).is_ok()
 }
 
+/// Datagrams read from a relay socket per system call.
+pub const RECV_BATCH: usize = 32;
+
+/// Receive slots for recvmmsg on relay sockets, shared by all of a worker's
+/// relays (one thread, one batch at a time). Each slot leaves `headroom`
+/// bytes in front of the datagram and `tailroom` after it, so the core can
+/// frame it for the client in place.
+pub struct PeerBatch {
+    storage: Vec<u8>,
+    slot: usize,
+    headroom: usize,
+    addrs: Vec<libc::sockaddr_storage>,
+    lens: [usize; RECV_BATCH],
+}
+
+impl PeerBatch {
+    pub fn new(headroom: usize, max_datagram: usize, tailroom: usize) -> PeerBatch {
+        let slot = headroom + max_datagram + tailroom;
+        PeerBatch {
+            storage: vec![0u8; slot * RECV_BATCH],
+            slot,
+            headroom,
+            // SAFETY: an all-zero sockaddr_storage is a valid value.
+            addrs: vec![unsafe { std::mem::zeroed() }; RECV_BATCH],
+            lens: [0; RECV_BATCH],
+        }
+    }
+
+    /// One recvmmsg; WouldBlock when nothing is waiting.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let room = self.slot - self.headroom;
+        let mut iovs: [libc::iovec; RECV_BATCH] = std::array::from_fn(|_| libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        for (iov, chunk) in iovs.iter_mut().zip(self.storage.chunks_mut(self.slot)) {
+            if let Some(tail) = chunk.get_mut(self.headroom..) {
+                iov.iov_base = tail.as_mut_ptr().cast();
+                // The tailroom stays free for the core.
+                iov.iov_len = room.min(tail.len());
+            }
+        }
+        // SAFETY: zeroed mmsghdr is valid; the pointers set below outlive the call.
+        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        for ((h, iov), addr) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(self.addrs.iter_mut()) {
+            h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: fd is an open socket; hdrs point at live buffers of the sizes given.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = r as usize;
+        for (len, h) in self.lens.iter_mut().zip(hdrs.iter()).take(n) {
+            *len = h.msg_len as usize;
+        }
+        for (h, addr) in hdrs.iter().zip(self.addrs.iter_mut()).take(n) {
+            if h.msg_hdr.msg_namelen == 0 {
+                addr.ss_family = 0;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last receive: its source, its slot (headroom,
+    /// datagram, tailroom), and where in the whole buffer that slot starts.
+    pub fn slot_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8], usize)> {
+        let addr = self.addrs.get(i)?;
+        // SAFETY: the kernel wrote a socket address of the family it set (zeroed otherwise).
+        let peer = unsafe { sockaddr_to_std(addr, std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t) }?;
+        let at = i * self.slot;
+        let slot = self.storage.get_mut(at..at + self.slot)?;
+        Some((peer, slot, at))
+    }
+
+    /// Length of datagram `i` of the last receive.
+    pub fn len(&self, i: usize) -> usize {
+        self.lens.get(i).copied().unwrap_or(0)
+    }
+
+    /// The whole buffer, for sending what the core framed in place.
+    pub fn storage(&self) -> &[u8] {
+        &self.storage
+    }
+}
+
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: fd is an open socket; the option value is a live i32 of the size passed.
     let r = unsafe {

@@ -393,7 +393,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         buf.advance(consumed);
                         return (ReadEnd::Handoff(owner, buf), rd);
                     }
-                    let handled = handle_client(shared, now(), key, frame);
+                    let handled = handle_client(shared, now(), key, frame, None);
                     consumed += f.frame_len;
                     if let Handled::Bound(connection) = handled {
                         buf.advance(consumed);

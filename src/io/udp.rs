@@ -40,6 +40,13 @@ pub struct RecvBatch {
     meta: [RecvMeta; BATCH],
 }
 
+impl RecvBatch {
+    /// The buffer the offsets given by [`UdpListener::recv`] refer to.
+    pub fn storage(&self) -> &[u8] {
+        &self.storage
+    }
+}
+
 impl UdpListener {
     /// Wraps a bound, non-blocking socket; must run inside the worker's runtime.
     pub fn new(socket: std::net::UdpSocket) -> io::Result<UdpListener> {
@@ -61,8 +68,14 @@ impl UdpListener {
         }
     }
 
-    /// Waits for datagrams and calls `each(source, datagram)` for every one.
-    pub async fn recv(&self, batch: &mut RecvBatch, mut each: impl FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+    /// The socket, for sends batched outside this type.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
+    }
+
+    /// Waits for datagrams and calls `each(source, offset, datagram)` for
+    /// every one; `offset` is where the datagram lies in `batch.storage()`.
+    pub async fn recv(&self, batch: &mut RecvBatch, mut each: impl FnMut(SocketAddr, usize, &[u8])) -> io::Result<()> {
         let RecvBatch { storage, slot, meta } = batch;
         let mut bufs: [IoSliceMut<'_>; BATCH] = {
             let mut chunks = storage.chunks_mut(*slot);
@@ -74,10 +87,10 @@ impl UdpListener {
                 self.state.recv((&self.socket).into(), &mut bufs, meta)
             })
             .await?;
-        for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+        for (i, (m, buf)) in meta.iter().zip(bufs.iter()).take(n).enumerate() {
             let stride = m.stride.max(1);
-            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
-                each(m.addr, datagram);
+            for (j, datagram) in buf.get(..m.len).unwrap_or_default().chunks(stride).enumerate() {
+                each(m.addr, i * *slot + j * stride, datagram);
             }
         }
         Ok(())

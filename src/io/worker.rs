@@ -15,7 +15,8 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle as TaskHandle;
 
-use crate::io::relay;
+use crate::io::relay::{self, PeerBatch};
+use crate::io::send_queue::{Flushed, SendQueue, Source};
 use crate::io::stats_export::StatsExporter;
 use crate::io::stream::{self, StreamOut, StreamSettings};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
@@ -154,8 +155,12 @@ pub struct Worker {
     relays: FxHashMap<RelayId, RelaySocket>,
     /// Responses are written here.
     out: Vec<u8>,
-    /// Peer datagrams are received here, after PEER_HEADROOM bytes.
-    peer_buf: Vec<u8>,
+    /// Peer datagrams are received here (recvmmsg), each after PEER_HEADROOM bytes.
+    peer_batch: PeerBatch,
+    /// What the core framed in `peer_batch` for UDP clients, sent per batch.
+    peer_queue: SendQueue,
+    /// Batched-send counters since the last export.
+    sent: Flushed,
     exporter: StatsExporter,
 }
 
@@ -188,7 +193,9 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
             out: vec![0u8; 2048],
-            peer_buf: vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM],
+            peer_batch: PeerBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+            peer_queue: SendQueue::new(true),
+            sent: Flushed::default(),
             exporter: StatsExporter::new(setup.index),
         }));
         for socket in setup.udp {
@@ -249,21 +256,36 @@ async fn log_end(task: impl std::future::Future<Output = io::Result<()>>) {
     }
 }
 
-/// Receives client datagrams on one UDP listener and hands them to the core.
+/// Receives client datagrams on one UDP listener and hands them to the
+/// core; what they relay to peers leaves together once the batch is read.
 async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -> io::Result<()> {
     let mut batch = listener.batch();
+    let mut queue = SendQueue::new(true);
     loop {
         let now = now();
         listener
-            .recv(&mut batch, |client, datagram| {
-                handle_client(&worker, now, ClientKey { listener: id, client }, datagram);
+            .recv(&mut batch, |client, at, datagram| {
+                let key = ClientKey { listener: id, client };
+                handle_client(&worker, now, key, datagram, Some((&mut queue, at)));
             })
             .await?;
+        if !queue.is_empty() {
+            let done = queue.flush(batch.storage());
+            worker.borrow_mut().sent.add(done);
+        }
     }
 }
 
 /// One datagram or stream frame from a client, through the core and out.
-pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -> Handled {
+/// With `batch` (the UDP listener's send queue and where `packet` lies in
+/// the buffer it flushes), relayed data is queued instead of sent.
+pub fn handle_client(
+    shared: &Shared,
+    now: Now,
+    key: ClientKey,
+    packet: &[u8],
+    mut batch: Option<(&mut SendQueue, usize)>,
+) -> Handled {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
     let mut outcome = w.server.handle_client_packet(now, key, packet, &mut w.out);
@@ -279,11 +301,14 @@ pub fn handle_client(shared: &Shared, now: Now, key: ClientKey, packet: &[u8]) -
                 start,
                 end,
             } => {
-                if let (Some(socket), Some(data)) = (
-                    w.relays.get(&relay).and_then(|r| r.udp.as_ref()),
-                    packet.get(start..end),
-                ) {
-                    send_or_count(relay::send_to(socket, data, peer));
+                if let Some(socket) = w.relays.get(&relay).and_then(|r| r.udp.as_ref()) {
+                    match batch.as_mut() {
+                        Some((queue, at)) => queue.push(Source::Relay(socket.clone()), peer, *at + start, end - start),
+                        None => {
+                            let data = packet.get(start..end).unwrap_or_default();
+                            send_or_count(relay::send_to(socket, data, peer));
+                        }
+                    }
                 }
                 break;
             }
@@ -463,38 +488,59 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
         if !ready.is_readable() {
             continue;
         }
-        // Drain what is there, with a budget so one busy peer cannot starve the worker.
-        for _ in 0..64 {
+        // Drain what is there, a batch at a time, with a budget so one busy
+        // peer cannot starve the worker.
+        let mut exhausted = true;
+        for _ in 0..4 {
             let mut guard = shared.borrow_mut();
             let w = &mut *guard;
-            let Some(recv_buf) = w.peer_buf.get_mut(PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM) else {
-                return;
-            };
-            match socket.try_recv_from(recv_buf) {
-                Ok((len, peer)) => {
-                    let now = Instant::now();
-                    match w
-                        .server
-                        .handle_peer_packet(now, id, peer, &mut w.peer_buf, PEER_HEADROOM, len)
-                    {
-                        PeerOutcome::ToClient { key, start, end } => {
-                            send_or_count(w.deliver(&key, w.peer_buf.get(start..end).unwrap_or_default()));
-                        }
-                        PeerOutcome::Drop(reason) => {
-                            metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label())
-                                .increment(1);
-                        }
-                    }
+            let batch = &mut w.peer_batch;
+            let n = match socket.try_io(Interest::READABLE, || batch.recv(socket.as_raw_fd())) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    exhausted = false;
+                    break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     // With IP_RECVERR a pending ICMP error also fails the next receive.
                     drop(guard);
                     relay_errors(&shared, id, &socket);
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            for i in 0..n {
+                let len = w.peer_batch.len(i);
+                let Some((peer, slot, at)) = w.peer_batch.slot_mut(i) else {
+                    continue;
+                };
+                match w.server.handle_peer_packet(now, id, peer, slot, PEER_HEADROOM, len) {
+                    PeerOutcome::ToClient { key, start, end } => match w.listeners.get(usize::from(key.listener.0)) {
+                        Some(Listener::Udp(l)) => {
+                            w.peer_queue
+                                .push(Source::Listener(l.fd()), key.client, at + start, end - start)
+                        }
+                        Some(Listener::Stream) => {
+                            let bytes = slot.get(start..end).unwrap_or_default();
+                            send_or_count(w.streams.get(&key).is_some_and(|o| o.push(bytes)));
+                        }
+                        Some(Listener::Removed) | None => send_or_count(false),
+                    },
+                    PeerOutcome::Drop(reason) => {
+                        metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
+                    }
                 }
             }
+            let done = w.peer_queue.flush(w.peer_batch.storage());
+            w.sent.add(done);
+            if n < relay::RECV_BATCH {
+                exhausted = false;
+                break;
+            }
         }
-        tokio::task::yield_now().await;
+        if exhausted {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -536,6 +582,9 @@ async fn timers(shared: Shared) {
             w.server.handle_timeout(now);
             run_commands(w);
         }
+        let sent = std::mem::take(&mut w.sent);
+        metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
+        metrics::counter!("turnstile_send_dropped_total").increment(sent.dropped);
         let gauges = w.server.gauges(now);
         w.exporter.export(w.server.stats(), &gauges, w.relays.len());
     }

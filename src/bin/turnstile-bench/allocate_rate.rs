@@ -20,6 +20,8 @@ pub struct AllocateReport {
     pub refreshes: u64,
     pub auth_retries: u64,
     pub errors: u64,
+    /// Error responses by code.
+    pub error_codes: std::collections::BTreeMap<u16, u64>,
     pub timeouts: u64,
     pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_allocation: Option<f64>,
@@ -62,6 +64,7 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
         });
     }
     let mut buf = [0u8; 1500];
+    let mut error_codes = std::collections::BTreeMap::new();
     let mut slots = RecvSlots::new(2048, 0);
     let (mut allocations, mut refreshes, mut retries, mut errors, mut timeouts) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let cpu_before = server_pid.and_then(server_process::cpu_time);
@@ -75,8 +78,8 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
         ready.clear();
         epoll.wait(10, |t| ready.push(t as usize))?;
         for &i in &ready {
-            let fd = clients[i].session.socket.as_raw_fd();
             loop {
+                let fd = clients[i].session.socket.as_raw_fd();
                 let n = slots.recv(fd)?;
                 for s in 0..n {
                     let c = &mut clients[i];
@@ -96,6 +99,11 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
                             Step::Release => {
                                 refreshes += 1;
                                 c.step = Step::Allocate;
+                                // The next Allocate comes from a new 5-tuple, as a new
+                                // client's would (servers may hold a released one back).
+                                epoll.remove(c.session.socket.as_raw_fd());
+                                c.session.new_port()?;
+                                epoll.add(c.session.socket.as_raw_fd(), i as u64)?;
                             }
                         },
                         _ => {
@@ -103,6 +111,8 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
                                 retries += 1;
                             } else {
                                 errors += 1;
+                                let code = m.error_code().ok().flatten().map_or(0, |e| e.code);
+                                *error_codes.entry(code).or_default() += 1;
                                 // 437 after a lost Refresh answer: release and go on.
                                 c.step = match m.error_code().ok().flatten().map(|e| e.code) {
                                     Some(437) => Step::Release,
@@ -150,6 +160,7 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
         refreshes,
         auth_retries: retries,
         errors,
+        error_codes,
         timeouts,
         server_cpu_s: server_cpu,
         server_cpu_us_per_allocation: server_cpu.map(|c| c * 1e6 / allocations.max(1) as f64),

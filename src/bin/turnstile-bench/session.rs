@@ -79,6 +79,17 @@ impl Session {
         })
     }
 
+    /// Moves to a fresh local port (a new 5-tuple), keeping realm and nonce.
+    pub fn new_port(&mut self) -> io::Result<()> {
+        let local = self.socket.local_addr()?;
+        let server = self.socket.peer_addr()?;
+        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+        socket.connect(server)?;
+        socket.set_nonblocking(true)?;
+        self.socket = socket;
+        Ok(())
+    }
+
     /// Copies the nonce and realm of another session (servers that do not
     /// bind nonces to the client's port accept them), skipping one 401 round.
     pub fn share_auth(&mut self, other: &Session) {
