@@ -87,6 +87,14 @@ impl UdpListener {
                 self.state.recv((&self.socket).into(), &mut bufs, meta)
             })
             .await?;
+        if n < BATCH {
+            // A short batch drained the queue: drop the readiness now rather
+            // than pay a system call to hear EAGAIN. Edge-triggered epoll
+            // reports anything that arrived since, so nothing is stranded.
+            let _ = self
+                .socket
+                .try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+        }
         for (i, (m, buf)) in meta.iter().zip(bufs.iter()).take(n).enumerate() {
             let stride = m.stride.max(1);
             for (j, datagram) in buf.get(..m.len).unwrap_or_default().chunks(stride).enumerate() {

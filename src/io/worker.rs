@@ -534,6 +534,9 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
             let done = w.peer_queue.flush(w.peer_batch.storage());
             w.sent.add(done);
             if n < relay::RECV_BATCH {
+                // Drained: drop the readiness without a system call to hear
+                // EAGAIN (edge-triggered epoll reports later arrivals).
+                let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                 exhausted = false;
                 break;
             }
