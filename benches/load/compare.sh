@@ -24,7 +24,7 @@ TURNSTILE_CONFIG=${TURNSTILE_CONFIG:-benches/load/turnstile.toml}
 EXTRA=${EXTRA:-}
 
 cargo build --release --bins >&2
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" || true
 declare -A port pid
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

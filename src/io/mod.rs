@@ -1,6 +1,7 @@
 //! IO drivers: sockets, threads and timers around the sans-IO core.
 
 pub mod admin;
+pub mod coalesce;
 pub mod http;
 pub mod metrics_http;
 pub mod privileges;
@@ -383,6 +384,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             handoff_senders: handoff_senders.clone(),
             handoff_receiver,
             control,
+            coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
         })?;
     }
     Ok(Started {

@@ -71,6 +71,8 @@ pub struct WorkerSetup {
     pub handoff_senders: Vec<stream::HandoffSender>,
     pub handoff_receiver: stream::HandoffReceiver,
     pub control: ControlReceiver,
+    /// See `[performance] coalesce_wakeups_us`.
+    pub coalesce_wakeups: Duration,
 }
 
 /// Starts a worker thread. It runs until the process exits.
@@ -179,7 +181,12 @@ impl Worker {
 }
 
 fn run(setup: WorkerSetup) -> io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    crate::io::coalesce::configure(setup.coalesce_wakeups);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(crate::io::coalesce::on_park)
+        .on_thread_unpark(crate::io::coalesce::on_unpark)
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let worker: Shared = Rc::new(RefCell::new(Worker {
@@ -269,6 +276,7 @@ async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -
                 handle_client(&worker, now, key, datagram, Some((&mut queue, at)));
             })
             .await?;
+        crate::io::coalesce::handled(1);
         if !queue.is_empty() {
             let done = queue.flush(batch.storage());
             worker.borrow_mut().sent.add(done);
@@ -509,6 +517,7 @@ async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
                 }
             };
             let now = Instant::now();
+            crate::io::coalesce::handled(n);
             for i in 0..n {
                 let len = w.peer_batch.len(i);
                 let Some((peer, slot, at)) = w.peer_batch.slot_mut(i) else {

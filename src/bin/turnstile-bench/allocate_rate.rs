@@ -14,6 +14,7 @@ use crate::syscalls::{BATCH, Epoll, RecvSlots};
 #[derive(Debug, serde::Serialize)]
 pub struct AllocateReport {
     pub clients: usize,
+    pub cold: bool,
     pub seconds: f64,
     pub allocations: u64,
     pub allocations_per_s: f64,
@@ -51,7 +52,14 @@ fn send(c: &mut Client, buf: &mut [u8]) {
     c.pending = Some((id, Instant::now()));
 }
 
-pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) -> std::io::Result<AllocateReport> {
+/// `cold`: every Allocate comes from a client that meets the 401 challenge
+/// first (two transactions per allocation, as for a new client).
+pub fn run(
+    sessions: Vec<Session>,
+    duration: Duration,
+    cold: bool,
+    server_pid: Option<u32>,
+) -> std::io::Result<AllocateReport> {
     let mut epoll = Epoll::new()?;
     let mut clients: Vec<Client> = Vec::with_capacity(sessions.len());
     for (i, s) in sessions.into_iter().enumerate() {
@@ -103,6 +111,9 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
                                 // client's would (servers may hold a released one back).
                                 epoll.remove(c.session.socket.as_raw_fd());
                                 c.session.new_port()?;
+                                if cold {
+                                    c.session.forget_key();
+                                }
                                 epoll.add(c.session.socket.as_raw_fd(), i as u64)?;
                             }
                         },
@@ -154,6 +165,7 @@ pub fn run(sessions: Vec<Session>, duration: Duration, server_pid: Option<u32>) 
     }
     Ok(AllocateReport {
         clients: clients.len(),
+        cold,
         seconds,
         allocations,
         allocations_per_s: allocations as f64 / seconds,

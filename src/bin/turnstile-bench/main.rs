@@ -115,6 +115,10 @@ struct AllocateArgs {
     /// Seconds (at most 600).
     #[arg(short = 'd', long, default_value_t = 10)]
     duration: u64,
+    /// Every allocation from a new client that meets the 401 challenge first
+    /// (otherwise the realm and nonce are reused where the server accepts them).
+    #[arg(long)]
+    cold: bool,
 }
 
 #[derive(Args)]
@@ -298,7 +302,7 @@ fn run_allocate_rate(a: AllocateArgs) -> Fallible<()> {
     for s in rest {
         s.share_auth(&first[0]);
     }
-    let report = allocate_rate::run(all, duration, a.target.server_pid)?;
+    let report = allocate_rate::run(all, duration, a.cold, a.target.server_pid)?;
     print(a.target.json, &report)
 }
 

@@ -90,6 +90,12 @@ impl Session {
         Ok(())
     }
 
+    /// Forgets the credentials' key, so the next request goes unsigned
+    /// and meets the 401 challenge, as a new client's first request does.
+    pub fn forget_key(&mut self) {
+        self.key = None;
+    }
+
     /// Copies the nonce and realm of another session (servers that do not
     /// bind nonces to the client's port accept them), skipping one 401 round.
     pub fn share_auth(&mut self, other: &Session) {
