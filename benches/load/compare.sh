@@ -39,7 +39,7 @@ start() {
     coturn)
         port[coturn]=3479
         taskset -c "$SERVER_CPU" turnserver -n --listening-ip=127.0.0.1 --listening-port=3479 \
-            --relay-ip=127.0.0.1 --min-port=46000 --max-port=60000 --lt-cred-mech \
+            --relay-ip=127.0.0.1 --min-port=16001 --max-port=30000 --lt-cred-mech \
             --user=alice:secret --realm=bench.local --allow-loopback-peers --no-cli --no-tls \
             --no-dtls --no-tcp --relay-threads=1 --total-quota=0 --user-quota=0 \
             --log-file=target/load-coturn.log --simple-log --no-stdout-log >/dev/null 2>&1 &

@@ -58,8 +58,10 @@ pub fn run(
     sessions: Vec<Session>,
     duration: Duration,
     cold: bool,
+    rotate_ips: u8,
     server_pid: Option<u32>,
 ) -> std::io::Result<AllocateReport> {
+    let mut next_ip = 0u32;
     let mut epoll = Epoll::new()?;
     let mut clients: Vec<Client> = Vec::with_capacity(sessions.len());
     for (i, s) in sessions.into_iter().enumerate() {
@@ -82,7 +84,22 @@ pub fn run(
     }
     let mut ready = Vec::with_capacity(256);
     let mut last_sweep = Instant::now();
-    while start.elapsed() < duration {
+    // After the measured time, no new Allocate: every client waits for its
+    // answer and releases what it holds, so nothing outlives the run.
+    let mut measured: Option<(f64, Option<Duration>)> = None;
+    loop {
+        if measured.is_none() && start.elapsed() >= duration {
+            measured = Some((
+                start.elapsed().as_secs_f64(),
+                server_pid.and_then(server_process::cpu_time),
+            ));
+        }
+        let stopping = measured.is_some();
+        if stopping
+            && (clients.iter().all(|c| c.pending.is_none()) || start.elapsed() > duration + Duration::from_secs(3))
+        {
+            break;
+        }
         ready.clear();
         epoll.wait(10, |t| ready.push(t as usize))?;
         for &i in &ready {
@@ -101,16 +118,26 @@ pub fn run(
                     match m.class() {
                         Class::Success => match c.step {
                             Step::Allocate => {
-                                allocations += 1;
+                                if !stopping {
+                                    allocations += 1;
+                                }
                                 c.step = Step::Release;
                             }
                             Step::Release => {
-                                refreshes += 1;
                                 c.step = Step::Allocate;
+                                if stopping {
+                                    continue;
+                                }
+                                refreshes += 1;
                                 // The next Allocate comes from a new 5-tuple, as a new
                                 // client's would (servers may hold a released one back).
                                 epoll.remove(c.session.socket.as_raw_fd());
-                                c.session.new_port()?;
+                                let ip = (rotate_ips > 0).then(|| {
+                                    next_ip = (next_ip + 1) % u32::from(rotate_ips);
+                                    std::net::IpAddr::from([127, 0, 1, 1 + next_ip as u8])
+                                });
+                                c.session.new_port(ip)?;
+                                c.session.socket.set_nonblocking(true)?;
                                 if cold {
                                     c.session.forget_key();
                                 }
@@ -121,14 +148,20 @@ pub fn run(
                             if c.session.learn(&m) {
                                 retries += 1;
                             } else {
-                                errors += 1;
                                 let code = m.error_code().ok().flatten().map_or(0, |e| e.code);
+                                if stopping && matches!(c.step, Step::Release) {
+                                    continue;
+                                }
+                                errors += 1;
                                 *error_codes.entry(code).or_default() += 1;
-                                // 437 after a lost Refresh answer: release and go on.
-                                c.step = match m.error_code().ok().flatten().map(|e| e.code) {
-                                    Some(437) => Step::Release,
+                                // 437 on Allocate: this 5-tuple holds an allocation; release it.
+                                c.step = match code {
+                                    437 if matches!(c.step, Step::Allocate) => Step::Release,
                                     _ => Step::Allocate,
                                 };
+                                if stopping && matches!(c.step, Step::Allocate) {
+                                    continue;
+                                }
                             }
                         }
                     }
@@ -152,17 +185,11 @@ pub fn run(
             }
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let server_cpu = match (cpu_before, server_pid.and_then(server_process::cpu_time)) {
+    let (seconds, cpu_after) = measured.unwrap_or((start.elapsed().as_secs_f64(), None));
+    let server_cpu = match (cpu_before, cpu_after) {
         (Some(a), Some(b)) => Some((b - a).as_secs_f64()),
         _ => None,
     };
-    // Leave nothing allocated behind.
-    for c in clients.iter_mut() {
-        if matches!(c.step, Step::Release) {
-            send(c, &mut buf);
-        }
-    }
     Ok(AllocateReport {
         clients: clients.len(),
         cold,

@@ -119,6 +119,12 @@ struct AllocateArgs {
     /// (otherwise the realm and nonce are reused where the server accepts them).
     #[arg(long)]
     cold: bool,
+    /// Each new client comes from the next of this many loopback addresses
+    /// (127.0.1.1, 127.0.1.2, …), so no 5-tuple recurs while a server may
+    /// still hold it; 0 keeps the client address. Implies new nonces on
+    /// servers that bind nonces to the client's address.
+    #[arg(long, default_value_t = 0)]
+    rotate_ips: u8,
 }
 
 #[derive(Args)]
@@ -302,7 +308,7 @@ fn run_allocate_rate(a: AllocateArgs) -> Fallible<()> {
     for s in rest {
         s.share_auth(&first[0]);
     }
-    let report = allocate_rate::run(all, duration, a.cold, a.target.server_pid)?;
+    let report = allocate_rate::run(all, duration, a.cold, a.rotate_ips, a.target.server_pid)?;
     print(a.target.json, &report)
 }
 
@@ -327,7 +333,15 @@ fn run_hold(a: HoldArgs) -> Fallible<()> {
     let started = Instant::now();
     let mut all = sessions(&a.target, a.allocations)?;
     for s in all.iter_mut() {
-        s.allocate(600)?;
+        // A server may hold a just-released 5-tuple back (437): move on to another port.
+        let mut tries = 0;
+        while let Err(e) = s.allocate(600) {
+            tries += 1;
+            if e.code != Some(437) || tries > 5 {
+                return Err(e.into());
+            }
+            s.new_port(None)?;
+        }
     }
     let seconds_to_open = started.elapsed().as_secs_f64();
     std::thread::sleep(hold);

@@ -79,13 +79,14 @@ impl Session {
         })
     }
 
-    /// Moves to a fresh local port (a new 5-tuple), keeping realm and nonce.
-    pub fn new_port(&mut self) -> io::Result<()> {
+    /// Moves to a fresh local port (a new 5-tuple), keeping realm and nonce;
+    /// on `ip` when given, else on the current address.
+    pub fn new_port(&mut self, ip: Option<std::net::IpAddr>) -> io::Result<()> {
         let local = self.socket.local_addr()?;
         let server = self.socket.peer_addr()?;
-        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+        let socket = UdpSocket::bind(SocketAddr::new(ip.unwrap_or(local.ip()), 0))?;
         socket.connect(server)?;
-        socket.set_nonblocking(true)?;
+        socket.set_read_timeout(self.socket.read_timeout()?)?;
         self.socket = socket;
         Ok(())
     }
