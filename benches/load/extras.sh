@@ -52,13 +52,17 @@ sed 's/^workers = 1$/workers = 2/' "$one" >"$two"
 turnstile 0 "$one"
 run "allocate-rate warm turnstile" taskset -c 1 $bench allocate-rate --json --server 127.0.0.1:3478 --server-pid "$p" -c 64 -d "$DURATION"
 run "allocate-rate new-clients turnstile" taskset -c 1 $bench allocate-rate --cold --rotate-ips 200 --json --server 127.0.0.1:3478 --server-pid "$p" -c 64 -d "$DURATION"
-sleep 3 # let released allocations go before reusing ports
+stop "$p"
+# Memory per idle allocation on a fresh process (allocator state left by the
+# churn above would blur it).
+turnstile 0 "$one"
 run "hold turnstile" taskset -c 1 $bench hold --json --server 127.0.0.1:3478 --server-pid "$p" -k "$HOLD"
 stop "$p"
 coturn 0
 run "allocate-rate warm coturn" taskset -c 1 $bench allocate-rate --json --server 127.0.0.1:3479 --server-pid "$p" -c 64 -d "$DURATION"
 run "allocate-rate new-clients coturn" taskset -c 1 $bench allocate-rate --cold --rotate-ips 200 --json --server 127.0.0.1:3479 --server-pid "$p" -c 64 -d "$DURATION"
-sleep 3 # coturn frees a released allocation on its next timer tick
+stop "$p"
+coturn 0
 run "hold coturn" taskset -c 1 $bench hold --json --server 127.0.0.1:3479 --server-pid "$p" -k "$HOLD"
 stop "$p"
 

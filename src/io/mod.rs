@@ -6,6 +6,7 @@ pub mod http;
 pub mod metrics_http;
 pub mod privileges;
 pub mod relay;
+pub mod relay_poll;
 pub mod send_queue;
 pub mod stats_export;
 pub mod stream;

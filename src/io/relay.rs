@@ -55,7 +55,7 @@ pub fn bind(addr: SocketAddr, dont_fragment: bool) -> Result<std::net::UdpSocket
 /// Sends a datagram from a relay socket straight to the kernel (a new
 /// socket has no readiness in the runtime yet, and UDP needs none: a full
 /// buffer is a drop). False when the datagram was not sent.
-pub fn send_to(socket: &tokio::net::UdpSocket, data: &[u8], peer: SocketAddr) -> bool {
+pub fn send_to(socket: &std::net::UdpSocket, data: &[u8], peer: SocketAddr) -> bool {
     socket2::SockRef::from(socket).send_to(data, &peer.into()).is_ok()
 }
 
@@ -87,14 +87,19 @@ impl PeerBatch {
         }
     }
 
-    /// One recvmmsg; WouldBlock when nothing is waiting.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// One recvmmsg into slots `first..`; WouldBlock when nothing is waiting.
+    /// Returns how many slots (from `first`) were filled.
+    pub fn recv(&mut self, fd: RawFd, first: usize) -> io::Result<usize> {
         let room = self.slot - self.headroom;
+        let free = RECV_BATCH.saturating_sub(first);
+        if free == 0 {
+            return Ok(0);
+        }
         let mut iovs: [libc::iovec; RECV_BATCH] = std::array::from_fn(|_| libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         });
-        for (iov, chunk) in iovs.iter_mut().zip(self.storage.chunks_mut(self.slot)) {
+        for (iov, chunk) in iovs.iter_mut().zip(self.storage.chunks_mut(self.slot).skip(first)) {
             if let Some(tail) = chunk.get_mut(self.headroom..) {
                 iov.iov_base = tail.as_mut_ptr().cast();
                 // The tailroom stays free for the core.
@@ -103,18 +108,22 @@ impl PeerBatch {
         }
         // SAFETY: zeroed mmsghdr is valid; the pointers set below outlive the call.
         let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
-        for ((h, iov), addr) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(self.addrs.iter_mut()) {
+        for ((h, iov), addr) in hdrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .zip(self.addrs.iter_mut().skip(first))
+        {
             h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = iov;
             h.msg_hdr.msg_iovlen = 1;
         }
-        // SAFETY: fd is an open socket; hdrs point at live buffers of the sizes given.
+        // SAFETY: fd is an open socket; the first `free` hdrs point at live buffers of the sizes given.
         let r = unsafe {
             libc::recvmmsg(
                 fd,
                 hdrs.as_mut_ptr(),
-                RECV_BATCH as libc::c_uint,
+                free as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -123,10 +132,10 @@ impl PeerBatch {
             return Err(io::Error::last_os_error());
         }
         let n = r as usize;
-        for (len, h) in self.lens.iter_mut().zip(hdrs.iter()).take(n) {
+        for (len, h) in self.lens.iter_mut().skip(first).zip(hdrs.iter()).take(n) {
             *len = h.msg_len as usize;
         }
-        for (h, addr) in hdrs.iter().zip(self.addrs.iter_mut()).take(n) {
+        for (h, addr) in hdrs.iter().zip(self.addrs.iter_mut().skip(first)).take(n) {
             if h.msg_hdr.msg_namelen == 0 {
                 addr.ss_family = 0;
             }

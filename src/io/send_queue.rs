@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
 
 /// The kernel's limit on segments in one GSO send (UDP_MAX_SEGMENTS).
 const MAX_SEGMENTS: usize = 64;

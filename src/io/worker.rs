@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashMap;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle as TaskHandle;
 
 use crate::io::relay::{self, PeerBatch};
+use crate::io::relay_poll::{RelayEvent, RelayPoll};
 use crate::io::send_queue::{Flushed, SendQueue, Source};
 use crate::io::stats_export::StatsExporter;
 use crate::io::stream::{self, StreamOut, StreamSettings};
@@ -101,12 +102,13 @@ pub fn now() -> Now {
 }
 
 struct RelaySocket {
-    /// The UDP relay socket; `None` for an RFC 6062 TCP relay (a listener
-    /// owned by its accept task).
-    udp: Option<Rc<UdpSocket>>,
+    /// The UDP relay socket, served by the worker's relay poll; `None` for
+    /// an RFC 6062 TCP relay (a listener owned by its accept task).
+    udp: Option<Rc<std::net::UdpSocket>>,
     /// Where the relay is bound (TCP connections to peers start from here).
     bound: SocketAddr,
-    task: TaskHandle<()>,
+    /// The accept task of a TCP relay.
+    task: Option<TaskHandle<()>>,
 }
 
 /// An RFC 6062 peer connection: its stream until a data connection takes
@@ -155,6 +157,8 @@ pub struct Worker {
     /// The task serving each listener, by listener id (to stop it on removal).
     listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
     relays: FxHashMap<RelayId, RelaySocket>,
+    /// Every UDP relay socket of this worker, in one epoll set.
+    relay_poll: RelayPoll,
     /// Responses are written here.
     out: Vec<u8>,
     /// Peer datagrams are received here (recvmmsg), each after PEER_HEADROOM bytes.
@@ -188,6 +192,8 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         .on_thread_unpark(crate::io::coalesce::on_unpark)
         .build()?;
     let local = tokio::task::LocalSet::new();
+    let relay_poll = RelayPoll::new()?;
+    let relay_watch = relay_poll.try_clone_fd()?;
     local.block_on(&rt, async move {
         let worker: Shared = Rc::new(RefCell::new(Worker {
             index: setup.index,
@@ -199,6 +205,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             streams: FxHashMap::default(),
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
+            relay_poll,
             out: vec![0u8; 2048],
             peer_batch: PeerBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
             peer_queue: SendQueue::new(true),
@@ -211,6 +218,11 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         for s in setup.streams {
             add_stream_listener(&worker, s)?;
         }
+        // SAFETY: an OwnedFd is a valid descriptor that stays open, and the
+        // same, for as long as the AsyncFd owns it.
+        let relay_watch = unsafe { AsyncFd::register_with_interest(relay_watch, Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        tokio::task::spawn_local(relay_events(worker.clone(), relay_watch));
         tokio::task::spawn_local(timers(worker.clone()));
         tokio::task::spawn_local(stream::receive_handoffs(worker.clone(), setup.handoff_receiver));
         tokio::task::spawn_local(controls(worker.clone(), setup.control));
@@ -343,7 +355,7 @@ pub fn handle_client(
                         *result = Some(if request.tcp {
                             open_tcp_relay(shared, w, *rid, *addr)
                         } else {
-                            open_relay(shared, w, *rid, *addr, request.dont_fragment)
+                            open_relay(w, *rid, *addr, request.dont_fragment)
                         });
                     }
                 }
@@ -374,7 +386,12 @@ pub fn run_commands(w: &mut Worker) {
         match cmd {
             Command::CloseRelay(id) => {
                 if let Some(r) = w.relays.remove(&id) {
-                    r.task.abort();
+                    if let Some(socket) = &r.udp {
+                        w.relay_poll.remove(socket.as_raw_fd());
+                    }
+                    if let Some(task) = r.task {
+                        task.abort();
+                    }
                 }
             }
             Command::CloseConnection(id) => {
@@ -386,23 +403,21 @@ pub fn run_commands(w: &mut Worker) {
     }
 }
 
-/// Binds a relay socket and starts its receive task.
-fn open_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr, dont_fragment: bool) -> BindResult {
-    let std_socket = match relay::bind(addr, dont_fragment) {
+/// Binds a relay socket and adds it to the worker's relay poll.
+fn open_relay(w: &mut Worker, id: RelayId, addr: SocketAddr, dont_fragment: bool) -> BindResult {
+    let socket = match relay::bind(addr, dont_fragment) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let socket = match UdpSocket::from_std(std_socket) {
-        Ok(s) => Rc::new(s),
-        Err(_) => return BindResult::Failed,
-    };
-    let task = tokio::task::spawn_local(relay_loop(shared.clone(), id, socket.clone()));
+    if w.relay_poll.add(socket.as_raw_fd(), id).is_err() {
+        return BindResult::Failed;
+    }
     w.relays.insert(
         id,
         RelaySocket {
-            udp: Some(socket),
+            udp: Some(Rc::new(socket)),
             bound: addr,
-            task,
+            task: None,
         },
     );
     BindResult::Bound
@@ -438,7 +453,7 @@ fn open_tcp_relay(shared: &Shared, w: &mut Worker, id: RelayId, addr: SocketAddr
         RelaySocket {
             udp: None,
             bound: addr,
-            task,
+            task: Some(task),
         },
     );
     BindResult::Bound
@@ -483,94 +498,151 @@ async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: So
     }
 }
 
-/// Receives peer datagrams on one relay socket, and the ICMP errors the
-/// kernel queues for it.
-async fn relay_loop(shared: Shared, id: RelayId, socket: Rc<UdpSocket>) {
+/// Serves every UDP relay socket of the worker: waits for the relay poll,
+/// reads each ready socket with recvmmsg into the shared peer batch (slots
+/// filled across sockets), hands the datagrams to the core and sends what
+/// it framed in place, batch by batch.
+async fn relay_events(shared: Shared, watch: AsyncFd<std::os::fd::OwnedFd>) {
+    let mut space = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut work: Vec<RelayEvent> = Vec::with_capacity(256);
+    // Sockets left with data when their budget ran out (edge-triggered:
+    // epoll will not report them again until more arrives).
+    let mut carry: Vec<RelayId> = Vec::new();
+    let mut errors: Vec<RelayId> = Vec::new();
     loop {
-        let Ok(ready) = socket.ready(Interest::READABLE | Interest::ERROR).await else {
+        let Ok(mut ready) = watch.readable().await else {
             return;
         };
-        if ready.is_error() {
-            relay_errors(&shared, id, &socket);
-        }
-        if !ready.is_readable() {
-            continue;
-        }
-        // Drain what is there, a batch at a time, with a budget so one busy
-        // peer cannot starve the worker.
-        let mut exhausted = true;
-        for _ in 0..4 {
-            let mut guard = shared.borrow_mut();
-            let w = &mut *guard;
-            let batch = &mut w.peer_batch;
-            let n = match socket.try_io(Interest::READABLE, || batch.recv(socket.as_raw_fd())) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    exhausted = false;
-                    break;
-                }
-                Err(_) => {
-                    // With IP_RECVERR a pending ICMP error also fails the next receive.
-                    drop(guard);
-                    relay_errors(&shared, id, &socket);
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            crate::io::coalesce::handled(n);
-            for i in 0..n {
-                let len = w.peer_batch.len(i);
-                let Some((peer, slot, at)) = w.peer_batch.slot_mut(i) else {
-                    continue;
-                };
-                match w.server.handle_peer_packet(now, id, peer, slot, PEER_HEADROOM, len) {
-                    PeerOutcome::ToClient { key, start, end } => match w.listeners.get(usize::from(key.listener.0)) {
-                        Some(Listener::Udp(l)) => {
-                            w.peer_queue
-                                .push(Source::Listener(l.fd()), key.client, at + start, end - start)
-                        }
-                        Some(Listener::Stream) => {
-                            let bytes = slot.get(start..end).unwrap_or_default();
-                            send_or_count(w.streams.get(&key).is_some_and(|o| o.push(bytes)));
-                        }
-                        Some(Listener::Removed) | None => send_or_count(false),
-                    },
-                    PeerOutcome::Drop(reason) => {
-                        metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
-                    }
-                }
+        let mut rounds = 0;
+        loop {
+            work.clear();
+            work.extend(carry.drain(..).map(|relay| RelayEvent {
+                relay,
+                readable: true,
+                error: false,
+            }));
+            let reported = shared.borrow().relay_poll.poll(&mut space, &mut work).unwrap_or(0);
+            if work.is_empty() {
+                ready.clear_ready();
+                break;
             }
-            let done = w.peer_queue.flush(w.peer_batch.storage());
-            w.sent.add(done);
-            if n < relay::RECV_BATCH {
-                // Drained: drop the readiness without a system call to hear
-                // EAGAIN (edge-triggered epoll reports later arrivals).
-                let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-                exhausted = false;
+            relay_round(&shared, &work, &mut carry, &mut errors);
+            for id in errors.drain(..) {
+                relay_errors(&shared, id);
+            }
+            rounds += 1;
+            if reported < space.len() && carry.is_empty() {
+                // Every reported socket was read dry; anything newer raises
+                // a new edge on the poll, so no further epoll_wait is needed.
+                ready.clear_ready();
+                break;
+            }
+            if rounds == 8 {
                 break;
             }
         }
-        if exhausted {
+        if rounds == 8 {
+            // Busy: let the listeners and timers run; readiness was kept.
             tokio::task::yield_now().await;
         }
     }
 }
 
-/// Reads the socket's error queue and tells each affected client.
-fn relay_errors(shared: &Shared, id: RelayId, socket: &UdpSocket) {
-    let mut errors = Vec::new();
-    let fd = socket.as_raw_fd();
-    // Clear the error readiness first, then drain: an error queued after the
-    // clear raises a new edge, so none is left unread.
-    let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-    while let Ok(Some(e)) = relay::recv_icmp_error(fd) {
-        if errors.len() < 64 {
-            errors.push(e);
-        }
-    }
+/// Datagrams read from one relay socket per wake-up before it waits its turn.
+const RELAY_BUDGET: usize = 4 * relay::RECV_BATCH;
+
+/// Reads the ready relay sockets of one poll round and relays what they hold.
+fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, errors: &mut Vec<RelayId>) {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
-    for e in errors {
+    let now = Instant::now();
+    let mut used = 0;
+    for ev in work {
+        if ev.error {
+            errors.push(ev.relay);
+        }
+        if !ev.readable {
+            continue;
+        }
+        let Some(socket) = w.relays.get(&ev.relay).and_then(|r| r.udp.clone()) else {
+            continue;
+        };
+        let mut taken = 0;
+        loop {
+            if used == relay::RECV_BATCH {
+                let done = w.peer_queue.flush(w.peer_batch.storage());
+                w.sent.add(done);
+                used = 0;
+            }
+            let want = relay::RECV_BATCH - used;
+            let n = match w.peer_batch.recv(socket.as_raw_fd(), used) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // With IP_RECVERR a queued ICMP error fails the receive;
+                    // drain the error queue, then read again.
+                    errors.push(ev.relay);
+                    carry.push(ev.relay);
+                    break;
+                }
+            };
+            crate::io::coalesce::handled(n);
+            for i in used..used + n {
+                relay_one(w, ev.relay, i, now);
+            }
+            used += n;
+            taken += n;
+            if n < want {
+                break;
+            }
+            if taken >= RELAY_BUDGET {
+                carry.push(ev.relay);
+                break;
+            }
+        }
+    }
+    if used > 0 {
+        let done = w.peer_queue.flush(w.peer_batch.storage());
+        w.sent.add(done);
+    }
+}
+
+/// One peer datagram (slot `i` of the peer batch) through the core; what
+/// goes to a UDP client is queued, to a stream client pushed at once.
+fn relay_one(w: &mut Worker, relay: RelayId, i: usize, now: Instant) {
+    let len = w.peer_batch.len(i);
+    let Some((peer, slot, at)) = w.peer_batch.slot_mut(i) else {
+        return;
+    };
+    match w.server.handle_peer_packet(now, relay, peer, slot, PEER_HEADROOM, len) {
+        PeerOutcome::ToClient { key, start, end } => match w.listeners.get(usize::from(key.listener.0)) {
+            Some(Listener::Udp(l)) => w
+                .peer_queue
+                .push(Source::Listener(l.fd()), key.client, at + start, end - start),
+            Some(Listener::Stream) => {
+                let bytes = slot.get(start..end).unwrap_or_default();
+                send_or_count(w.streams.get(&key).is_some_and(|o| o.push(bytes)));
+            }
+            Some(Listener::Removed) | None => send_or_count(false),
+        },
+        PeerOutcome::Drop(reason) => {
+            metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
+        }
+    }
+}
+
+/// Reads a relay socket's error queue and tells each affected client.
+fn relay_errors(shared: &Shared, id: RelayId) {
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    let Some(fd) = w.relays.get(&id).and_then(|r| r.udp.as_ref()).map(|s| s.as_raw_fd()) else {
+        return;
+    };
+    // Edge-triggered: drain the whole queue so the next error raises a new edge.
+    for _ in 0..1024 {
+        let Ok(Some(e)) = relay::recv_icmp_error(fd) else {
+            break;
+        };
         let now = Instant::now();
         if let Some((key, len)) =
             w.server

@@ -12,7 +12,7 @@ use turnstile::proto::stun::{Class, Message, MessageWriter, Method};
 
 use crate::server_process;
 use crate::session::{Session, tid};
-use crate::syscalls::{BATCH, Epoll, RecvSlots, Ticker, send_batch};
+use crate::syscalls::{BATCH, Epoll, RecvSlots, Ticker, send_batch, send_gso};
 
 /// Bytes at the start of every payload: magic, flow, sequence, send time.
 pub const PAYLOAD_HEADER: usize = 24;
@@ -35,6 +35,8 @@ pub struct LoadSpec {
     pub send_indications: bool,
     /// Stop sending while this many packets are unanswered (0: no limit).
     pub window: u64,
+    /// Send each flow's burst as one GSO train (as a QUIC-style sender would).
+    pub gso: bool,
     pub server_pid: Option<u32>,
 }
 
@@ -208,9 +210,15 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
                     p[8..16].copy_from_slice(&(seq + c as u64).to_be_bytes());
                     p[16..24].copy_from_slice(&t_ns.to_be_bytes());
                 }
-                let batch: Vec<(&[u8], Option<SocketAddr>)> =
-                    scratch.chunks(packet_len).take(n).map(|c| (c, None)).collect();
-                let ok = send_batch(flows[flow].session.socket.as_raw_fd(), &batch).unwrap_or(0);
+                let fd = flows[flow].session.socket.as_raw_fd();
+                let ok = if spec.gso && n > 1 {
+                    let taken = send_gso(fd, &scratch[..n * packet_len], packet_len as u16).unwrap_or(false);
+                    if taken { n } else { 0 }
+                } else {
+                    let batch: Vec<(&[u8], Option<SocketAddr>)> =
+                        scratch.chunks(packet_len).take(n).map(|c| (c, None)).collect();
+                    send_batch(fd, &batch).unwrap_or(0)
+                };
                 sent += ok as u64;
                 send_failed += (n - ok) as u64;
                 seq += n as u64;
@@ -280,7 +288,11 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
     Ok(LoadReport {
         allocations: k,
         size: spec.size,
-        mode: if spec.send_indications { "send" } else { "channel" },
+        mode: match (spec.send_indications, spec.gso) {
+            (true, _) => "send",
+            (false, true) => "channel+gso",
+            (false, false) => "channel",
+        },
         target_pps: spec.rate,
         seconds,
         sent,

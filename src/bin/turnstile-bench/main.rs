@@ -97,6 +97,9 @@ struct LoadArgs {
     /// Send indications instead of ChannelData.
     #[arg(long)]
     send_indications: bool,
+    /// Send each allocation's bursts as UDP GSO trains (clients that batch).
+    #[arg(long)]
+    gso: bool,
     /// Echo peer sockets (default: min(allocations, 4)).
     #[arg(long)]
     peers: Option<usize>,
@@ -286,6 +289,7 @@ fn run_load(a: LoadArgs) -> Fallible<()> {
         rate: a.rate,
         send_indications: a.send_indications,
         window: a.window,
+        gso: a.gso,
         server_pid: a.target.server_pid,
     };
     let report = load::run(&flows, &peers, &spec)?;
