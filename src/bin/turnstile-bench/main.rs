@@ -306,7 +306,7 @@ fn run_allocate_rate(a: AllocateArgs) -> Fallible<()> {
     let duration = bounded(a.duration)?;
     let mut all = sessions(&a.target, a.clients.clamp(1, 10_000))?;
     // One full round on the first client, so the others start with realm and nonce.
-    all[0].allocate(600)?;
+    allocate_somewhere(&mut all[0])?;
     all[0].refresh(0)?;
     let (first, rest) = all.split_at_mut(1);
     for s in rest {
@@ -314,6 +314,22 @@ fn run_allocate_rate(a: AllocateArgs) -> Fallible<()> {
     }
     let report = allocate_rate::run(all, duration, a.cold, a.rotate_ips, a.target.server_pid)?;
     print(a.target.json, &report)
+}
+
+/// Allocates; a server may still hold a just-released 5-tuple (437), so
+/// move on to other ports a few times.
+fn allocate_somewhere(s: &mut Session) -> Fallible<std::net::SocketAddr> {
+    let mut tries = 0;
+    loop {
+        match s.allocate(600) {
+            Ok(relay) => return Ok(relay),
+            Err(e) if e.code == Some(437) && tries < 20 => {
+                tries += 1;
+                s.new_port(None)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -337,15 +353,7 @@ fn run_hold(a: HoldArgs) -> Fallible<()> {
     let started = Instant::now();
     let mut all = sessions(&a.target, a.allocations)?;
     for s in all.iter_mut() {
-        // A server may hold a just-released 5-tuple back (437): move on to another port.
-        let mut tries = 0;
-        while let Err(e) = s.allocate(600) {
-            tries += 1;
-            if e.code != Some(437) || tries > 5 {
-                return Err(e.into());
-            }
-            s.new_port(None)?;
-        }
+        allocate_somewhere(s)?;
     }
     let seconds_to_open = started.elapsed().as_secs_f64();
     std::thread::sleep(hold);
