@@ -295,6 +295,29 @@ pub struct Limits {
     /// Bytes queued towards one TCP/TLS client before relayed data to it is dropped.
     #[serde(default = "default_stream_send_buffer")]
     pub stream_send_buffer: usize,
+    /// Bytes per second of unauthenticated answers over UDP (Binding, 401
+    /// challenges, errors before authentication) one source address may
+    /// receive; beyond it they are not sent. 0 turns the limit off.
+    #[serde(default = "default_unauthenticated_rate")]
+    pub unauthenticated_rate: u64,
+    /// Bytes of such answers a source may receive at once.
+    #[serde(default = "default_unauthenticated_burst")]
+    pub unauthenticated_burst: u64,
+    /// Bits per second one allocation may relay, in each direction; packets
+    /// beyond it are dropped. 0: unlimited.
+    #[serde(default)]
+    pub max_bps: u64,
+    /// Bits per second the whole server may relay, in each direction. 0: unlimited.
+    #[serde(default)]
+    pub bps_capacity: u64,
+}
+
+fn default_unauthenticated_rate() -> u64 {
+    8 * 1024
+}
+
+fn default_unauthenticated_burst() -> u64 {
+    16 * 1024
 }
 
 fn default_max_connections() -> usize {
@@ -342,6 +365,10 @@ impl Default for Limits {
             idle_timeout: default_idle_timeout(),
             handshake_timeout: default_handshake_timeout(),
             stream_send_buffer: default_stream_send_buffer(),
+            unauthenticated_rate: default_unauthenticated_rate(),
+            unauthenticated_burst: default_unauthenticated_burst(),
+            max_bps: 0,
+            bps_capacity: 0,
         }
     }
 }
@@ -390,6 +417,33 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl Limits {
+    /// The unauthenticated answer budget of one source, in one worker's share.
+    pub fn unauthenticated(&self, workers: usize) -> crate::proto::server::Rate {
+        crate::proto::server::Rate {
+            bytes_per_second: self.unauthenticated_rate,
+            burst: self.unauthenticated_burst.max(self.unauthenticated_rate.min(1)),
+        }
+        .per_worker(workers)
+    }
+
+    /// Per-allocation bandwidth (an allocation lives on one worker).
+    pub fn allocation_bandwidth(&self) -> crate::proto::server::Rate {
+        if self.max_bps == 0 {
+            return crate::proto::server::Rate::OFF;
+        }
+        crate::proto::server::Rate::from_bits_per_second(self.max_bps)
+    }
+
+    /// One worker's share of the server's bandwidth.
+    pub fn worker_bandwidth(&self, workers: usize) -> crate::proto::server::Rate {
+        if self.bps_capacity == 0 {
+            return crate::proto::server::Rate::OFF;
+        }
+        crate::proto::server::Rate::from_bits_per_second(self.bps_capacity).per_worker(workers)
+    }
+}
 
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.

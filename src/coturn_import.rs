@@ -39,7 +39,6 @@ fn not_carried(key: &str) -> Option<&'static str> {
             "turnstile logs to stderr (journald under systemd)"
         }
         "pidfile" => "systemd tracks the process; no pid file is written",
-        "max-bps" | "bps-capacity" => "bandwidth limits are not implemented yet",
         "no-dtls" | "dtls-listening-port" => "turnstile has no DTLS listener (browsers do not use TURN over DTLS)",
         "no-rfc5780" | "rfc5780" | "response-origin-only-with-rfc5780" | "no-stun-backward-compatibility" => {
             "turnstile answers plain RFC 8489 Binding; RFC 5780 NAT behaviour discovery and RFC 3489 are not offered"
@@ -252,6 +251,13 @@ pub fn import(text: &str) -> Imported {
     if let Some(l) = one("max-allocate-lifetime").and_then(|l| l.parse::<u32>().ok()) {
         out.push_str(&format!("max_lifetime = {}\n", l.max(600)));
     }
+    // coturn's max-bps and bps-capacity are bytes per second despite the
+    // names; turnstile's keys are bits per second.
+    for (coturn, ours) in [("max-bps", "max_bps"), ("bps-capacity", "bps_capacity")] {
+        if let Some(v) = one(coturn).and_then(|v| v.parse::<u64>().ok()) {
+            out.push_str(&format!("{ours} = {}\n", v.saturating_mul(8)));
+        }
+    }
 
     if has("prometheus") {
         let port = one("prometheus-port").unwrap_or_else(|| "9641".into());
@@ -284,6 +290,8 @@ pub fn import(text: &str) -> Imported {
         "prometheus",
         "prometheus-port",
         "max-allocate-lifetime",
+        "max-bps",
+        "bps-capacity",
     ];
     for key in values.keys() {
         if handled.contains(&key.as_str()) {
@@ -350,7 +358,11 @@ verbose
         assert!(i.toml.contains("\"192.168.0.0/16\""));
         assert!(i.toml.contains("allow = [\"10.0.0.5/32\"]"));
         assert!(i.toml.contains("transport = \"tls\""));
-        assert!(i.notes.iter().any(|n| n.starts_with("max-bps")), "{:?}", i.notes);
+        assert!(
+            i.toml.contains("max_bps = 512000"),
+            "coturn's bytes become bits: {}",
+            i.toml
+        );
         assert!(i.notes.iter().any(|n| n.contains("bob")), "{:?}", i.notes);
         assert!(i.notes.iter().any(|n| n.starts_with("no-dtls")), "{:?}", i.notes);
         // The certificate files do not exist here, so only the TOML is checked.

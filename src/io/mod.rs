@@ -59,6 +59,11 @@ impl Started {
                 max_lifetime: config.limits.max_lifetime,
                 max_permissions: config.limits.permissions_per_allocation,
                 max_channels: config.limits.channels_per_allocation,
+                rates: [
+                    config.limits.unauthenticated(self.controls.len()),
+                    config.limits.allocation_bandwidth(),
+                    config.limits.worker_bandwidth(self.controls.len()),
+                ],
                 applied: applied.clone(),
             });
         }
@@ -370,6 +375,9 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             channel_range,
             worker_index: index as u8,
             port_seed,
+            unauthenticated: config.limits.unauthenticated(workers),
+            allocation_bandwidth: config.limits.allocation_bandwidth(),
+            worker_bandwidth: config.limits.worker_bandwidth(workers),
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
         let handoff_receiver = handoff_receivers

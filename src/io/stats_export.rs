@@ -103,6 +103,36 @@ impl StatsExporter {
             );
         }
         add(
+            "turnstile_unauthenticated_responses_suppressed_total",
+            &[],
+            now.responses_suppressed,
+            last.responses_suppressed,
+        );
+        add(
+            "turnstile_unauthenticated_bytes_total",
+            &[("direction", "in")],
+            now.unauthenticated_bytes_in,
+            last.unauthenticated_bytes_in,
+        );
+        add(
+            "turnstile_unauthenticated_bytes_total",
+            &[("direction", "out")],
+            now.unauthenticated_bytes_out,
+            last.unauthenticated_bytes_out,
+        );
+        add(
+            "turnstile_bandwidth_dropped_packets_total",
+            &[],
+            now.bandwidth_dropped_packets,
+            last.bandwidth_dropped_packets,
+        );
+        add(
+            "turnstile_bandwidth_dropped_bytes_total",
+            &[],
+            now.bandwidth_dropped_bytes,
+            last.bandwidth_dropped_bytes,
+        );
+        add(
             "turnstile_allocations_created_total",
             &[],
             now.allocations_created,

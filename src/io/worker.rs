@@ -34,6 +34,8 @@ pub enum WorkerControl {
         max_lifetime: u32,
         max_permissions: usize,
         max_channels: usize,
+        /// Unauthenticated answer budget per source, bandwidth per allocation, per worker.
+        rates: [crate::proto::server::Rate; 3],
         /// Told once the worker applied it.
         applied: std::sync::mpsc::Sender<()>,
     },
@@ -702,11 +704,14 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
                 max_lifetime,
                 max_permissions,
                 max_channels,
+                rates: [unauthenticated, allocation_bandwidth, worker_bandwidth],
                 applied,
             } => {
                 w.server.set_credentials(credentials);
                 w.server.set_policy(policy);
                 w.server.set_limits(max_lifetime, max_permissions, max_channels);
+                w.server
+                    .set_rates(unauthenticated, allocation_bandwidth, worker_bandwidth);
                 let _ = applied.send(());
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),

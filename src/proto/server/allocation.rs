@@ -100,6 +100,8 @@ pub struct Allocation {
     /// RFC 6062: the relayed address is a TCP listener; data flows over
     /// connections, not channels or Send.
     pub tcp: bool,
+    /// Bandwidth buckets (to peer, to client) when `max_bps` is set.
+    pub shaper: Option<Box<[crate::proto::server::TokenBucket; 2]>>,
 }
 
 pub(crate) const fn family_index(f: AddressFamily) -> usize {

@@ -22,6 +22,7 @@ pub mod binding;
 pub mod peer_policy;
 pub mod ports;
 pub mod quota;
+pub mod rate;
 mod stats;
 
 use std::cmp::Reverse;
@@ -37,6 +38,7 @@ pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
 pub use auth::{AuthFailure, Credentials, IntegritySuite};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaRefusal, Quotas};
+pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 
 use crate::proto::auth::LongTermKey;
@@ -103,6 +105,13 @@ pub struct ServerConfig {
     /// Keys the relay-port scramble and reservation tokens; shared by all
     /// workers so any of them redeems any token.
     pub port_seed: [u8; 32],
+    /// Per-source budget for answers to unauthenticated requests over UDP
+    /// (Binding, 401, errors before authentication): this worker's share.
+    pub unauthenticated: Rate,
+    /// Relayed bytes per allocation, each direction.
+    pub allocation_bandwidth: Rate,
+    /// Relayed bytes through this worker, each direction.
+    pub worker_bandwidth: Rate,
 }
 
 impl Default for ServerConfig {
@@ -121,8 +130,58 @@ impl Default for ServerConfig {
             channel_range: ChannelRange::Rfc8656,
             worker_index: 0,
             port_seed: [7; 32],
+            unauthenticated: Rate::OFF,
+            allocation_bandwidth: Rate::OFF,
+            worker_bandwidth: Rate::OFF,
         }
     }
+}
+
+impl ServerConfig {
+    /// Whether relayed packets pass through bandwidth buckets at all.
+    #[inline]
+    pub fn limits_bandwidth(&self) -> bool {
+        !self.allocation_bandwidth.is_off() || !self.worker_bandwidth.is_off()
+    }
+}
+
+/// Bandwidth bucket index: client → peer.
+const TO_PEER: usize = 0;
+/// Bandwidth bucket index: peer → client.
+const TO_CLIENT: usize = 1;
+
+/// Takes `bytes` from the allocation's and the worker's buckets for one
+/// direction; false when either is spent (the packet is dropped).
+#[inline]
+fn within_bandwidth(
+    shaper: &mut Option<Box<[TokenBucket; 2]>>,
+    worker: &mut Option<[TokenBucket; 2]>,
+    config: &ServerConfig,
+    direction: usize,
+    bytes: usize,
+    now: Instant,
+) -> bool {
+    if !config.limits_bandwidth() {
+        return true;
+    }
+    let per_allocation = config.allocation_bandwidth;
+    if !per_allocation.is_off() {
+        let buckets = shaper.get_or_insert_with(|| Box::new([TokenBucket::full(per_allocation, now); 2]));
+        if buckets
+            .get_mut(direction)
+            .is_some_and(|b| !b.take(per_allocation, bytes, now))
+        {
+            return false;
+        }
+    }
+    let total = config.worker_bandwidth;
+    if !total.is_off() {
+        let buckets = worker.get_or_insert([TokenBucket::full(total, now); 2]);
+        if buckets.get_mut(direction).is_some_and(|b| !b.take(total, bytes, now)) {
+            return false;
+        }
+    }
+    true
 }
 
 /// One allocation as the admin API shows it.
@@ -270,12 +329,18 @@ pub enum DropReason {
     UnknownRelay,
     /// The answer did not fit the output buffer.
     OutputTooSmall,
+    /// An unauthenticated answer over the source's budget (amplification).
+    RateLimited,
+    /// Over the allocation's or the worker's bandwidth.
+    BandwidthLimit,
 }
 
 impl DropReason {
     pub const fn label(self) -> &'static str {
         match self {
             DropReason::NotTurn => "not_turn",
+            DropReason::RateLimited => "unauthenticated_rate_limited",
+            DropReason::BandwidthLimit => "bandwidth_limit",
             DropReason::Malformed(e) => e.label(),
             DropReason::BadFingerprint => "bad_fingerprint",
             DropReason::UnexpectedClass => "unexpected_class",
@@ -341,6 +406,10 @@ pub struct Server {
     /// Set while draining, with the alternate server if there is one.
     draining: Option<Option<SocketAddr>>,
     stats: Stats,
+    /// Answer budgets of unauthenticated sources (amplification).
+    budgets: SourceBudgets,
+    /// This worker's bandwidth buckets (to peers, to clients), from the first packet.
+    worker_bandwidth: Option<[TokenBucket; 2]>,
 }
 
 /// What the request handlers produce before it becomes a ClientOutcome.
@@ -376,6 +445,9 @@ impl Server {
             RelayPorts::new(low, high, &config.port_seed),
             RelayPorts::new(low, high, &seed6),
         ];
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(config.port_seed.get(8..16).unwrap_or(&[0; 8]));
+        let budgets = SourceBudgets::new(config.unauthenticated, u64::from_le_bytes(seed));
         Server {
             config,
             credentials,
@@ -393,6 +465,8 @@ impl Server {
             next_connection: 0,
             draining: None,
             stats: Stats::default(),
+            budgets,
+            worker_bandwidth: None,
         }
     }
 
@@ -418,6 +492,18 @@ impl Server {
         self.config.max_lifetime = max_lifetime;
         self.config.max_permissions = max_permissions;
         self.config.max_channels = max_channels;
+    }
+
+    /// New rate limits (configuration reload): the unauthenticated answer
+    /// budget per source and the bandwidth limits.
+    pub fn set_rates(&mut self, unauthenticated: Rate, allocation_bandwidth: Rate, worker_bandwidth: Rate) {
+        self.config.unauthenticated = unauthenticated;
+        self.budgets.set_rate(unauthenticated);
+        self.config.allocation_bandwidth = allocation_bandwidth;
+        self.config.worker_bandwidth = worker_bandwidth;
+        if worker_bandwidth.is_off() {
+            self.worker_bandwidth = None;
+        }
     }
 
     /// Stops granting new allocations (shutdown drain). Existing ones keep
@@ -566,7 +652,19 @@ impl Server {
             PacketKind::ChannelData => self.handle_channel_data(now.instant, &key, packet),
             PacketKind::Stun => {
                 let outcome = self.handle_stun(now, key, packet, out);
-                self.count_response(&outcome, out);
+                let signed = self.count_response(&outcome, out);
+                if let (ClientOutcome::Reply { len }, Some(false)) = (&outcome, signed)
+                    && !self.is_stream(&key)
+                {
+                    // An unsigned answer over UDP may go to a spoofed source:
+                    // each source gets a budget of such bytes.
+                    self.stats.unauthenticated_bytes_in += packet.len() as u64;
+                    if !self.budgets.take(key.client.ip(), *len, now.instant) {
+                        self.stats.responses_suppressed += 1;
+                        return ClientOutcome::Drop(DropReason::RateLimited);
+                    }
+                    self.stats.unauthenticated_bytes_out += *len as u64;
+                }
                 outcome
             }
             PacketKind::Other => ClientOutcome::Drop(DropReason::NotTurn),
@@ -599,6 +697,18 @@ impl Server {
             return ClientOutcome::Drop(DropReason::FamilyMismatch);
         };
         let len = cd.data.len();
+        if !within_bandwidth(
+            &mut alloc.shaper,
+            &mut self.worker_bandwidth,
+            &self.config,
+            TO_PEER,
+            len,
+            now,
+        ) {
+            self.stats.bandwidth_dropped_packets += 1;
+            self.stats.bandwidth_dropped_bytes += len as u64;
+            return ClientOutcome::Drop(DropReason::BandwidthLimit);
+        }
         alloc.traffic.to_peer_packets += 1;
         alloc.traffic.to_peer_bytes += len as u64;
         self.stats.client_to_peer_packets += 1;
@@ -616,16 +726,16 @@ impl Server {
     }
 
     /// Counts an answer by method and code (control plane: the answer is
-    /// read back from `out`).
-    fn count_response(&mut self, outcome: &ClientOutcome, out: &[u8]) {
+    /// read back from `out`); tells whether it carries MESSAGE-INTEGRITY.
+    fn count_response(&mut self, outcome: &ClientOutcome, out: &[u8]) -> Option<bool> {
         let len = match *outcome {
             ClientOutcome::Reply { len } | ClientOutcome::ConnectionBound { len, .. } => len,
-            _ => return,
+            _ => return None,
         };
-        if let Some(m) = out.get(..len).and_then(|b| Message::parse(b).ok()) {
-            let code = m.error_code().ok().flatten().map(|e| e.code).unwrap_or(0);
-            self.stats.count_response(m.method(), code);
-        }
+        let m = out.get(..len).and_then(|b| Message::parse(b).ok())?;
+        let code = m.error_code().ok().flatten().map(|e| e.code).unwrap_or(0);
+        self.stats.count_response(m.method(), code);
+        Some(m.has_integrity() || m.has_integrity_sha256())
     }
 
     /// A peer that is this server's own external address is reached at the
@@ -779,8 +889,21 @@ impl Server {
         let start = data.offset + 4;
         let (relay_id, alloc_idx) = (relay.id, self.by_client.get(key).copied());
         if let Some(a) = alloc_idx.and_then(|i| self.allocations.get_mut(i)) {
+            let len = data.value.len();
+            if !within_bandwidth(
+                &mut a.shaper,
+                &mut self.worker_bandwidth,
+                &self.config,
+                TO_PEER,
+                len,
+                now,
+            ) {
+                self.stats.bandwidth_dropped_packets += 1;
+                self.stats.bandwidth_dropped_bytes += len as u64;
+                return ClientOutcome::Drop(DropReason::BandwidthLimit);
+            }
             a.traffic.to_peer_packets += 1;
-            a.traffic.to_peer_bytes += data.value.len() as u64;
+            a.traffic.to_peer_bytes += len as u64;
         }
         self.stats.client_to_peer_packets += 1;
         self.stats.client_to_peer_bytes += data.value.len() as u64;
@@ -1104,6 +1227,8 @@ impl Server {
             tcp: p.tcp,
             traffic: allocation::Traffic::default(),
             created: now.instant,
+            shaper: (!self.config.allocation_bandwidth.is_off())
+                .then(|| Box::new([TokenBucket::full(self.config.allocation_bandwidth, now.instant); 2])),
         });
         for r in relays.iter().flatten() {
             if let Some(slot) = self.relays.get_mut(r.id.0 as usize) {
@@ -1515,6 +1640,26 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return PeerOutcome::Drop(DropReason::NoPermission);
         }
+        if self.config.limits_bandwidth() {
+            let Some(a) = self.allocations.get_mut(alloc_idx) else {
+                return PeerOutcome::Drop(DropReason::UnknownRelay);
+            };
+            if !within_bandwidth(
+                &mut a.shaper,
+                &mut self.worker_bandwidth,
+                &self.config,
+                TO_CLIENT,
+                len,
+                now,
+            ) {
+                self.stats.bandwidth_dropped_packets += 1;
+                self.stats.bandwidth_dropped_bytes += len as u64;
+                return PeerOutcome::Drop(DropReason::BandwidthLimit);
+            }
+        }
+        let Some(alloc) = self.allocations.get(alloc_idx) else {
+            return PeerOutcome::Drop(DropReason::UnknownRelay);
+        };
         let key = alloc.key;
         let stream = self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream);
         let end = start + len;

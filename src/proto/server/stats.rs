@@ -33,6 +33,14 @@ pub struct Stats {
     pub auth_expired: u64,
     pub auth_stale_nonce: u64,
     pub auth_bid_down: u64,
+    /// Unauthenticated answers over UDP not sent: the source's budget was spent.
+    pub responses_suppressed: u64,
+    /// Bytes of requests answered unsigned over UDP, and of those answers sent.
+    pub unauthenticated_bytes_in: u64,
+    pub unauthenticated_bytes_out: u64,
+    /// Relayed packets dropped by the bandwidth limits (`max_bps`, `bps_capacity`).
+    pub bandwidth_dropped_packets: u64,
+    pub bandwidth_dropped_bytes: u64,
     /// Requests by method: binding, allocate, refresh, create_permission,
     /// channel_bind, connect, connection_bind, other.
     pub requests: [u64; 8],

@@ -1,0 +1,176 @@
+//! Token buckets in bytes, in virtual time: the per-source budget for
+//! answers to unauthenticated requests (amplification), and the bandwidth
+//! limits per allocation and per worker.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// A bucket of `burst` bytes refilled at `rate` bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    tokens: u64,
+    at: Instant,
+}
+
+/// What a bucket is filled with and to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rate {
+    /// Bytes per second; 0 switches the limit off.
+    pub bytes_per_second: u64,
+    /// Most bytes that can pass at once.
+    pub burst: u64,
+}
+
+impl Rate {
+    pub const OFF: Rate = Rate {
+        bytes_per_second: 0,
+        burst: 0,
+    };
+
+    pub const fn is_off(&self) -> bool {
+        self.bytes_per_second == 0
+    }
+
+    /// A bandwidth limit from bits per second: one second's worth may pass
+    /// at once, but never less than two full-size datagrams.
+    pub const fn from_bits_per_second(bps: u64) -> Rate {
+        let bytes = bps / 8;
+        let burst = if bytes > 2 * 65_535 { bytes } else { 2 * 65_535 };
+        Rate {
+            bytes_per_second: bytes,
+            burst,
+        }
+    }
+
+    /// This rate shared out among `n` workers.
+    pub fn per_worker(self, n: usize) -> Rate {
+        let n = n.max(1) as u64;
+        if self.is_off() {
+            return self;
+        }
+        Rate {
+            bytes_per_second: (self.bytes_per_second / n).max(1),
+            burst: (self.burst / n).max(1),
+        }
+    }
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(rate: Rate, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: rate.burst,
+            at: now,
+        }
+    }
+
+    /// An empty bucket (a newcomer displacing a busy source starts here).
+    pub fn empty(now: Instant) -> TokenBucket {
+        TokenBucket { tokens: 0, at: now }
+    }
+
+    fn refill(&mut self, rate: Rate, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at);
+        let earned =
+            u64::try_from(elapsed.as_nanos().saturating_mul(u128::from(rate.bytes_per_second)) / 1_000_000_000)
+                .unwrap_or(u64::MAX);
+        if earned > 0 {
+            self.tokens = self.tokens.saturating_add(earned).min(rate.burst);
+            self.at = now;
+        } else if self.tokens >= rate.burst {
+            self.at = now;
+        }
+    }
+
+    /// Takes `cost` bytes if the bucket holds them.
+    #[inline]
+    pub fn take(&mut self, rate: Rate, cost: usize, now: Instant) -> bool {
+        if rate.is_off() {
+            return true;
+        }
+        self.refill(rate, now);
+        let cost = cost as u64;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket has been full since `now` (its source is idle).
+    fn is_full(&mut self, rate: Rate, now: Instant) -> bool {
+        self.refill(rate, now);
+        self.tokens >= rate.burst
+    }
+}
+
+/// Budgets per source address in a fixed table: memory does not grow with
+/// the number of sources, however many a flood spoofs. A source hashes to
+/// one slot (keyed hash, so nobody can aim at another's slot); a newcomer
+/// takes a slot whose owner is idle with a full bucket, or else starts with
+/// an empty one — under a flood of many sources everyone is held to the
+/// refill rate rather than handed a fresh burst.
+#[derive(Debug, Clone)]
+pub struct SourceBudgets {
+    rate: Rate,
+    slots: Vec<Option<(IpAddr, TokenBucket)>>,
+    seed: u64,
+}
+
+/// Slots per worker.
+pub const SOURCE_SLOTS: usize = 4096;
+
+impl SourceBudgets {
+    pub fn new(rate: Rate, seed: u64) -> SourceBudgets {
+        SourceBudgets {
+            rate,
+            slots: Vec::new(),
+            seed,
+        }
+    }
+
+    /// Slots in use by the table (0 until the first budgeted answer).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn set_rate(&mut self, rate: Rate) {
+        self.rate = rate;
+    }
+
+    /// Takes `cost` bytes from `source`'s budget; false when it is spent.
+    pub fn take(&mut self, source: IpAddr, cost: usize, now: Instant) -> bool {
+        if self.rate.is_off() {
+            return true;
+        }
+        if self.slots.is_empty() {
+            self.slots = vec![None; SOURCE_SLOTS];
+        }
+        let mut h = rustc_hash::FxBuildHasher.build_hasher();
+        h.write_u64(self.seed);
+        match source {
+            IpAddr::V4(a) => h.write(&a.octets()),
+            IpAddr::V6(a) => h.write(&a.octets()),
+        }
+        let index = (h.finish() as usize) % SOURCE_SLOTS;
+        let rate = self.rate;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return true;
+        };
+        let bucket = match slot {
+            Some((ip, bucket)) if *ip == source => bucket,
+            Some((_, bucket)) => {
+                let fresh = if bucket.is_full(rate, now) {
+                    TokenBucket::full(rate, now)
+                } else {
+                    TokenBucket::empty(now)
+                };
+                &mut slot.insert((source, fresh)).1
+            }
+            None => &mut slot.insert((source, TokenBucket::full(rate, now))).1,
+        };
+        bucket.take(rate, cost, now)
+    }
+}
