@@ -226,6 +226,10 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 }
 
 fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std::io::Result<()> {
+    if let Some(limit) = turnstile::io::process_limits::raise_open_files() {
+        // Each allocation holds a socket; near the limit Allocate is answered 508.
+        tracing::info!(open_files = limit, "open file limit");
+    }
     let metrics = match &config.metrics {
         Some(m) => {
             let handle = turnstile::io::metrics_http::install_recorder()?;

@@ -5,6 +5,7 @@ pub mod coalesce;
 pub mod http;
 pub mod metrics_http;
 pub mod privileges;
+pub mod process_limits;
 pub mod relay;
 pub mod relay_poll;
 pub mod send_queue;

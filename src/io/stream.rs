@@ -381,6 +381,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> (ReadEnd, R) {
     let framer = StreamFramer::default().with_channel_range(settings.channel_range);
     let me = shared.borrow().index;
+    // Progress, not traffic, keeps a connection open: a client trickling
+    // bytes (slowloris) must still finish a message within idle_timeout.
+    let mut last_message = tokio::time::Instant::now();
+    let mut partial_since: Option<tokio::time::Instant> = None;
     loop {
         let mut consumed = 0;
         loop {
@@ -394,6 +398,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         return (ReadEnd::Handoff(owner, buf), rd);
                     }
                     let handled = handle_client(shared, now(), key, frame, None);
+                    last_message = tokio::time::Instant::now();
                     consumed += f.frame_len;
                     if let Handled::Bound(connection) = handled {
                         buf.advance(consumed);
@@ -408,22 +413,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         buf.advance(consumed);
+        if consumed > 0 {
+            // Whatever is left starts a new message.
+            partial_since = None;
+        }
         if buf.capacity() - buf.len() < 2048 {
             buf.reserve(4096);
         }
-        // Without an allocation a connection may not sit idle.
+        // Without an allocation a connection must complete a message every
+        // idle_timeout; with one, only a started message has that deadline.
+        if buf.is_empty() {
+            partial_since = None;
+        } else if partial_since.is_none() {
+            partial_since = Some(tokio::time::Instant::now());
+        }
         let has_allocation = shared.borrow().server.allocation(&key).is_some();
+        let deadline = match (has_allocation, partial_since) {
+            (false, _) => Some(last_message + settings.idle_timeout),
+            (true, Some(since)) => Some(since + settings.idle_timeout),
+            (true, None) => None,
+        };
         let read = rd.read_buf(&mut buf);
-        let n = if has_allocation {
-            read.await
-        } else {
-            match tokio::time::timeout(settings.idle_timeout, read).await {
+        let n = match deadline {
+            None => read.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
                 Ok(r) => r,
                 Err(_) => {
-                    metrics::counter!("turnstile_connections_closed_total", "reason" => "idle").increment(1);
-                    return (ReadEnd::Closed("idle"), rd);
+                    let reason = if has_allocation { "slow_message" } else { "idle" };
+                    metrics::counter!("turnstile_connections_closed_total", "reason" => reason).increment(1);
+                    return (ReadEnd::Closed(reason), rd);
                 }
-            }
+            },
         };
         match n {
             Ok(0) => return (ReadEnd::Closed("eof"), rd),

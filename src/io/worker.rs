@@ -22,8 +22,8 @@ use crate::io::stats_export::StatsExporter;
 use crate::io::stream::{self, StreamOut, StreamSettings};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, RelayId,
-    Server, Transport,
+    BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM,
+    PeerOutcome, RelayId, Server, Transport,
 };
 
 /// Control messages from the main thread (configuration reload, drain).
@@ -366,6 +366,10 @@ pub fn handle_client(
                 metrics::histogram!("turnstile_allocation_setup_seconds").record(started.elapsed().as_secs_f64());
             }
             ClientOutcome::Consumed => break,
+            // Flood drops are counted by the core and exported once a second
+            // (turnstile_unauthenticated_responses_suppressed_total): no
+            // shared counter is touched per flood packet.
+            ClientOutcome::Drop(DropReason::RateLimited) => break,
             ClientOutcome::Drop(reason) => {
                 metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
                 break;

@@ -47,18 +47,44 @@ impl TestServer {
 
     /// Starts with extra environment variables (e.g. NOTIFY_SOCKET).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_limited(config, env, None)
+    }
+
+    /// Starts with at most `fd_limit` open files (soft and hard limit).
+    pub fn start_with_fd_limit(config: &str, fd_limit: u64) -> TestServer {
+        TestServer::start_limited(config, &[], Some(fd_limit))
+    }
+
+    fn start_limited(config: &str, env: &[(&str, &str)], fd_limit: Option<u64>) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("turnstile.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        command
             .arg("--config")
             .arg(&path)
             .envs(env.iter().copied())
             .env("TURNSTILE_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(limit) = fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it only touches the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {

@@ -11,6 +11,7 @@ mod forwarder;
 mod load;
 mod server_process;
 mod session;
+mod soak;
 mod syscalls;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -42,6 +43,26 @@ enum Command {
     Hold(HoldArgs),
     /// The minimal recvmmsg/sendmmsg forwarder (baseline; relays for anyone — loopback only).
     Forwarder(ForwarderArgs),
+    /// Allocations kept for a long time with churn, sampling the server's memory and descriptors.
+    Soak(SoakArgs),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Allocations kept alive.
+    #[arg(short = 'k', long, default_value_t = 1000)]
+    allocations: usize,
+    /// Seconds (at most 7200).
+    #[arg(short = 'd', long, default_value_t = 1800)]
+    duration: u64,
+    /// Allocations replaced per second (half released, half abandoned to expire).
+    #[arg(long, default_value_t = 10)]
+    churn: usize,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 60)]
+    sample: u64,
 }
 
 #[derive(Args, Clone)]
@@ -176,6 +197,7 @@ fn run(cli: Cli) -> Fallible<()> {
         Command::Load(a) => run_load(a),
         Command::AllocateRate(a) => run_allocate_rate(a),
         Command::Hold(a) => run_hold(a),
+        Command::Soak(a) => run_soak(a),
         Command::Forwarder(a) => {
             loopback_only(a.allow_remote, &[a.listen.ip(), a.relay_ip])?;
             if let Some(cpu) = a.cpu {
@@ -330,6 +352,40 @@ fn allocate_somewhere(s: &mut Session) -> Fallible<std::net::SocketAddr> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+fn run_soak(a: SoakArgs) -> Fallible<()> {
+    prepare(&a.target, &[])?;
+    if a.duration == 0 || a.duration > 7200 {
+        return Err("duration must be 1..=7200 seconds".into());
+    }
+    let spec = soak::SoakSpec {
+        server: a.target.server,
+        client_ip: a.target.client_ip,
+        credentials: credentials(&a.target),
+        allocations: a.allocations.clamp(1, 20_000),
+        duration: Duration::from_secs(a.duration),
+        churn: a.churn,
+        sample: Duration::from_secs(a.sample.max(1)),
+        server_pid: a.target.server_pid,
+    };
+    let (first, last) = soak::run(&spec, |s| {
+        if let Ok(line) = serde_json::to_string(s) {
+            println!("{line}");
+        }
+    })?;
+    eprintln!(
+        "soak done: {} created, {} released, {} abandoned, {} failures; RSS {:?} -> {:?}, descriptors {:?} -> {:?}",
+        last.created,
+        last.released,
+        last.abandoned,
+        last.failures,
+        first.rss_bytes,
+        last.rss_bytes,
+        first.fds,
+        last.fds
+    );
+    Ok(())
 }
 
 #[derive(Debug, serde::Serialize)]

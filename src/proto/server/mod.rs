@@ -651,6 +651,16 @@ impl Server {
         match classify_in(packet, self.config.channel_range) {
             PacketKind::ChannelData => self.handle_channel_data(now.instant, &key, packet),
             PacketKind::Stun => {
+                // A source whose budget is spent gets nothing for unsigned
+                // requests: drop them before any work (nonces, lookups).
+                if !self.is_stream(&key)
+                    && self.budgets.is_spent(key.client.ip(), now.instant)
+                    && Message::parse(packet).is_ok_and(|m| !m.has_integrity() && !m.has_integrity_sha256())
+                {
+                    self.stats.unauthenticated_bytes_in += packet.len() as u64;
+                    self.stats.responses_suppressed += 1;
+                    return ClientOutcome::Drop(DropReason::RateLimited);
+                }
                 let outcome = self.handle_stun(now, key, packet, out);
                 let signed = self.count_response(&outcome, out);
                 if let (ClientOutcome::Reply { len }, Some(false)) = (&outcome, signed)

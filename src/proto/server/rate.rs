@@ -140,6 +140,34 @@ impl SourceBudgets {
         self.rate = rate;
     }
 
+    /// Whether `source` could not pay even the smallest answer now: its
+    /// unauthenticated requests can be dropped before any work is done.
+    pub fn is_spent(&mut self, source: IpAddr, now: Instant) -> bool {
+        !self.rate.is_off() && self.balance(source, now).is_some_and(|t| t < 32)
+    }
+
+    fn balance(&mut self, source: IpAddr, now: Instant) -> Option<u64> {
+        let index = self.index(source);
+        let rate = self.rate;
+        match self.slots.get_mut(index)? {
+            Some((ip, bucket)) if *ip == source => {
+                bucket.refill(rate, now);
+                Some(bucket.tokens)
+            }
+            _ => None,
+        }
+    }
+
+    fn index(&self, source: IpAddr) -> usize {
+        let mut h = rustc_hash::FxBuildHasher.build_hasher();
+        h.write_u64(self.seed);
+        match source {
+            IpAddr::V4(a) => h.write(&a.octets()),
+            IpAddr::V6(a) => h.write(&a.octets()),
+        }
+        (h.finish() as usize) % SOURCE_SLOTS
+    }
+
     /// Takes `cost` bytes from `source`'s budget; false when it is spent.
     pub fn take(&mut self, source: IpAddr, cost: usize, now: Instant) -> bool {
         if self.rate.is_off() {
@@ -148,13 +176,7 @@ impl SourceBudgets {
         if self.slots.is_empty() {
             self.slots = vec![None; SOURCE_SLOTS];
         }
-        let mut h = rustc_hash::FxBuildHasher.build_hasher();
-        h.write_u64(self.seed);
-        match source {
-            IpAddr::V4(a) => h.write(&a.octets()),
-            IpAddr::V6(a) => h.write(&a.octets()),
-        }
-        let index = (h.finish() as usize) % SOURCE_SLOTS;
+        let index = self.index(source);
         let rate = self.rate;
         let Some(slot) = self.slots.get_mut(index) else {
             return true;

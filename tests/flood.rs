@@ -1,0 +1,173 @@
+//! An unauthenticated Allocate flood against the running server, with its
+//! default amplification budget, from 200 source ports of another address:
+//! the flood gets back far fewer bytes than it sends, and a legitimate
+//! client keeps allocating and relaying throughout. Bounded: 3 s of flood
+//! at TURNSTILE_FLOOD_PPS packets per second (default 50 000; 0 = as fast
+//! as one thread can send, which on a 2-core machine also overflows the
+//! server's socket buffers: docs/SECURITY.md has both).
+
+mod common;
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::raw::RawClient;
+use common::{TestServer, loopback_config};
+use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
+
+#[test]
+fn a_flood_is_not_amplified_and_does_not_starve_a_real_client() {
+    let server = TestServer::start(&loopback_config(
+        r#"
+[relay]
+address = "127.0.0.1"
+ports = "61800-61999"
+
+[auth]
+users = { alice = "secret" }
+
+[peers]
+allow = ["127.0.0.0/8"]
+
+[limits]
+user_quota = 0
+"#,
+    ));
+    let target = server.udp[0];
+    let pps: u64 = std::env::var("TURNSTILE_FLOOD_PPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent_bytes, sent_packets, back_bytes) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    // The flood: 200 sockets on 127.0.0.2, each sending unauthenticated
+    // Allocates in turn as fast as one thread can.
+    let sockets: Vec<UdpSocket> = (0..200)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let flood = {
+        let (stop, sent_bytes, sent_packets, back_bytes) = (
+            stop.clone(),
+            sent_bytes.clone(),
+            sent_packets.clone(),
+            back_bytes.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut answer = [0u8; 1500];
+            let mut i: u32 = 0;
+            let begin = Instant::now();
+            let deadline = begin + Duration::from_secs(3);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if pps > 0 && u128::from(i) * 1_000_000 > begin.elapsed().as_micros() * u128::from(pps) {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                let mut tid = [0u8; 12];
+                tid[..4].copy_from_slice(&i.to_be_bytes());
+                let n = {
+                    let mut w =
+                        MessageWriter::new(&mut buf, Class::Request, Method::ALLOCATE, TransactionId(tid)).unwrap();
+                    w.requested_transport(17).unwrap();
+                    w.finish()
+                };
+                let s = &sockets[i as usize % sockets.len()];
+                if s.send_to(&buf[..n], target).is_ok() {
+                    sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    sent_packets.fetch_add(1, Ordering::Relaxed);
+                }
+                while let Ok(m) = s.recv(&mut answer) {
+                    back_bytes.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                i = i.wrapping_add(1);
+            }
+            // Late answers.
+            std::thread::sleep(Duration::from_millis(200));
+            for s in &sockets {
+                while let Ok(m) = s.recv(&mut answer) {
+                    back_bytes.fetch_add(m as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // The real client, from 127.0.0.1: a new allocation, a channel and a
+    // round trip through it, again and again while the flood lasts.
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let mut c = RawClient::connect(target);
+        let r = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+        assert_eq!(
+            Message::parse(&r).unwrap().class(),
+            Class::Success,
+            "allocate during the flood"
+        );
+        let r = c.request(Method::CHANNEL_BIND, true, |w| {
+            w.channel_number(0x4000).unwrap();
+            w.xor_peer_address(&echo_addr).unwrap();
+        });
+        assert_eq!(
+            Message::parse(&r).unwrap().class(),
+            Class::Success,
+            "channel bind during the flood"
+        );
+        let mut cd = vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4];
+        c.socket.send_to(&cd, target).unwrap();
+        let back = c.try_recv().expect("relayed data came back during the flood");
+        assert_eq!(back, cd);
+        cd.clear();
+        c.request(Method::REFRESH, true, |w| w.lifetime(0).unwrap());
+        latencies.push(t.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+
+    let (sent, packets, back) = (
+        sent_bytes.load(Ordering::Relaxed),
+        sent_packets.load(Ordering::Relaxed),
+        back_bytes.load(Ordering::Relaxed),
+    );
+    latencies.sort();
+    let ratio = back as f64 / sent.max(1) as f64;
+    eprintln!(
+        "flood: {packets} Allocates ({sent} bytes) from 200 ports, {back} bytes answered, out/in = {ratio:.4}; \
+         real client: {} cycles (allocate, channel, round trip, release), all succeeded, \
+         p50 {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    assert!(packets > 10_000, "the flood ran ({packets} packets)");
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!("real client cycle p99 {p99:?}");
+    assert!(ratio <= 1.0, "amplification: {ratio:.3} bytes out per byte in");
+    assert!(
+        latencies.len() >= 10,
+        "the real client kept going ({} cycles)",
+        latencies.len()
+    );
+    assert!(
+        server.wait_counter("turnstile_unauthenticated_responses_suppressed_total", 1.0),
+        "suppressed answers are counted"
+    );
+}
