@@ -519,7 +519,7 @@ async fn relay_events(shared: Shared, watch: AsyncFd<std::os::fd::OwnedFd>) {
         let Ok(mut ready) = watch.readable().await else {
             return;
         };
-        let mut rounds = 0;
+        let (mut rounds, mut handled, mut busy) = (0, 0, false);
         loop {
             work.clear();
             work.extend(carry.drain(..).map(|relay| RelayEvent {
@@ -532,37 +532,43 @@ async fn relay_events(shared: Shared, watch: AsyncFd<std::os::fd::OwnedFd>) {
                 ready.clear_ready();
                 break;
             }
-            relay_round(&shared, &work, &mut carry, &mut errors);
+            let relayed = relay_round(&shared, &work, &mut carry, &mut errors);
             for id in errors.drain(..) {
                 relay_errors(&shared, id);
             }
             rounds += 1;
+            handled += relayed;
             if reported < space.len() && carry.is_empty() {
                 // Every reported socket was read dry; anything newer raises
                 // a new edge on the poll, so no further epoll_wait is needed.
                 ready.clear_ready();
                 break;
             }
-            if rounds == 8 {
+            if rounds == 8 || handled >= WAKE_BUDGET {
+                busy = true;
                 break;
             }
         }
-        if rounds == 8 {
+        if busy {
             // Busy: let the listeners and timers run; readiness was kept.
             tokio::task::yield_now().await;
         }
     }
 }
 
-/// Datagrams read from one relay socket per wake-up before it waits its turn.
+/// Datagrams read from one relay socket per round before it waits its turn.
 const RELAY_BUDGET: usize = 4 * relay::RECV_BATCH;
 
-/// Reads the ready relay sockets of one poll round and relays what they hold.
-fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, errors: &mut Vec<RelayId>) {
+/// Peer datagrams handled per wake-up before the listeners and timers get a turn.
+const WAKE_BUDGET: usize = 1024;
+
+/// Reads the ready relay sockets of one poll round and relays what they
+/// hold; returns how many datagrams that was.
+fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, errors: &mut Vec<RelayId>) -> usize {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
     let now = Instant::now();
-    let mut used = 0;
+    let (mut used, mut total) = (0, 0);
     for ev in work {
         if ev.error {
             errors.push(ev.relay);
@@ -593,6 +599,7 @@ fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, e
                 }
             };
             crate::io::coalesce::handled(n);
+            total += n;
             for i in used..used + n {
                 relay_one(w, ev.relay, i, now);
             }
@@ -611,6 +618,7 @@ fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, e
         let done = w.peer_queue.flush(w.peer_batch.storage());
         w.sent.add(done);
     }
+    total
 }
 
 /// One peer datagram (slot `i` of the peer batch) through the core; what
