@@ -34,6 +34,8 @@ pub struct Sample {
     pub released: u64,
     pub abandoned: u64,
     pub failures: u64,
+    /// Failures by what the server answered ("timeout" when nothing).
+    pub failure_codes: std::collections::BTreeMap<String, u64>,
 }
 
 struct Live {
@@ -69,21 +71,34 @@ pub fn run(spec: &SoakSpec, mut report: impl FnMut(&Sample)) -> Result<(Sample, 
         live.push(open(spec, peer)?);
         created += 1;
     }
-    let sample = |live: &Vec<Live>, abandoned: &Vec<Instant>, c, r, a, f| Sample {
-        at_s: start.elapsed().as_secs(),
-        live: live.len(),
-        abandoned_unexpired: abandoned
-            .iter()
-            .filter(|t| t.elapsed() < Duration::from_secs(600))
-            .count(),
-        rss_bytes: pid.and_then(server_process::rss_bytes),
-        fds: pid.and_then(server_process::fd_count),
-        created: c,
-        released: r,
-        abandoned: a,
-        failures: f,
+    let mut codes: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let note = |codes: &mut std::collections::BTreeMap<String, u64>, e: &crate::session::Refused| {
+        let key = format!(
+            "{} {}",
+            e.method.name(),
+            e.code.map_or("timeout".to_owned(), |c| c.to_string())
+        );
+        *codes.entry(key).or_default() += 1;
     };
-    let first = sample(&live, &abandoned, created, released, abandoned_count, failures);
+    let sample =
+        |live: &Vec<Live>, abandoned: &Vec<Instant>, c, r, a, f, codes: &std::collections::BTreeMap<String, u64>| {
+            Sample {
+                at_s: start.elapsed().as_secs(),
+                live: live.len(),
+                abandoned_unexpired: abandoned
+                    .iter()
+                    .filter(|t| t.elapsed() < Duration::from_secs(600))
+                    .count(),
+                rss_bytes: pid.and_then(server_process::rss_bytes),
+                fds: pid.and_then(server_process::fd_count),
+                created: c,
+                released: r,
+                abandoned: a,
+                failures: f,
+                failure_codes: codes.clone(),
+            }
+        };
+    let first = sample(&live, &abandoned, created, released, abandoned_count, failures, &codes);
     report(&first);
     let mut next_sample = Instant::now() + spec.sample;
     let mut next_tick = Instant::now() + Duration::from_secs(1);
@@ -95,13 +110,16 @@ pub fn run(spec: &SoakSpec, mut report: impl FnMut(&Sample)) -> Result<(Sample, 
             turn = (turn + 1) % live.len().max(1);
             let mut old = live.swap_remove(turn % live.len());
             if turn.is_multiple_of(2) {
-                if old.session.refresh(0).is_ok() {
-                    released += 1;
-                } else {
-                    failures += 1;
+                match old.session.refresh(0) {
+                    Ok(()) => released += 1,
+                    Err(e) => {
+                        failures += 1;
+                        note(&mut codes, &e);
+                    }
                 }
             } else {
-                abandoned.push(Instant::now());
+                // It expires 600 s after it was created or last refreshed.
+                abandoned.push(old.refreshed);
                 abandoned_count += 1;
             }
             drop(old);
@@ -110,7 +128,10 @@ pub fn run(spec: &SoakSpec, mut report: impl FnMut(&Sample)) -> Result<(Sample, 
                     live.push(l);
                     created += 1;
                 }
-                Err(_) => failures += 1,
+                Err(e) => {
+                    failures += 1;
+                    *codes.entry(format!("open: {e}")).or_default() += 1;
+                }
             }
         }
         // Refresh what would otherwise expire.
@@ -118,28 +139,40 @@ pub fn run(spec: &SoakSpec, mut report: impl FnMut(&Sample)) -> Result<(Sample, 
             .iter_mut()
             .filter(|l| l.refreshed.elapsed() > Duration::from_secs(300))
         {
-            if l.session.refresh(600).is_ok() {
-                l.refreshed = Instant::now();
-            } else {
-                failures += 1;
+            match l.session.refresh(600) {
+                Ok(()) => l.refreshed = Instant::now(),
+                Err(e) => {
+                    failures += 1;
+                    note(&mut codes, &e);
+                }
             }
         }
         abandoned.retain(|t| t.elapsed() < Duration::from_secs(700));
         if Instant::now() >= next_sample {
             next_sample += spec.sample;
-            report(&sample(&live, &abandoned, created, released, abandoned_count, failures));
+            report(&sample(
+                &live,
+                &abandoned,
+                created,
+                released,
+                abandoned_count,
+                failures,
+                &codes,
+            ));
         }
     }
     for l in live.iter_mut() {
-        if l.session.refresh(0).is_ok() {
-            released += 1;
-        } else {
-            failures += 1;
+        match l.session.refresh(0) {
+            Ok(()) => released += 1,
+            Err(e) => {
+                failures += 1;
+                note(&mut codes, &e);
+            }
         }
     }
     live.clear();
     std::thread::sleep(Duration::from_secs(1));
-    let last = sample(&live, &abandoned, created, released, abandoned_count, failures);
+    let last = sample(&live, &abandoned, created, released, abandoned_count, failures, &codes);
     report(&last);
     if let (Some(base), Some(end)) = (baseline_fds, last.fds) {
         let expected = base + last.abandoned_unexpired;
