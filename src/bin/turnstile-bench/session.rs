@@ -113,7 +113,11 @@ impl Session {
         method: Method,
         attrs: impl FnOnce(&mut MessageWriter<'_>),
     ) -> (TransactionId, usize) {
-        let id = tid(self.next_tid, std::process::id());
+        // Random, as RFC 8489 asks: a server recognises a retransmitted
+        // Allocate by 5-tuple and transaction id, and a new client on a
+        // reused port must not look like the old one retransmitting.
+        let mut id = tid(self.next_tid, std::process::id());
+        let _ = getrandom::fill(&mut id.0);
         self.next_tid += 1;
         let mut w = MessageWriter::new(buf, Class::Request, method, id).expect("buffer");
         attrs(&mut w);
