@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RUNS=${RUNS:-10000000}
 MAX_SECONDS=${MAX_SECONDS:-3600}
-TARGETS=${TARGETS:-"message framer channel_data proxy_protocol peer_policy server_sequence"}
+TARGETS=${TARGETS:-"message framer channel_data proxy_protocol peer_policy http_request server_sequence"}
 for t in $TARGETS; do
     mkdir -p "corpus/$t"
     log=$(mktemp)

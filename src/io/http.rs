@@ -103,6 +103,58 @@ where
     }
 }
 
+/// What the bytes read so far hold.
+#[derive(Debug)]
+pub enum Head {
+    Complete {
+        /// The request, its body still empty.
+        request: Request,
+        /// Bytes of request line and headers.
+        head_len: usize,
+        content_length: usize,
+    },
+    /// More bytes are needed.
+    Partial,
+    Invalid,
+}
+
+/// Parses a request head (request line and headers) from network bytes.
+pub fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            let target = req.path.unwrap_or("/");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let header = |name: &str| {
+                req.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+            };
+            let bearer = header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .map(|t| t.trim().to_owned());
+            let content_length = header("content-length")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            Head::Complete {
+                request: Request {
+                    method: req.method.unwrap_or("GET").to_owned(),
+                    path: path.to_owned(),
+                    query: query.to_owned(),
+                    bearer,
+                    body: Vec::new(),
+                },
+                head_len,
+                content_length,
+            }
+        }
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Err(_) => Head::Invalid,
+    }
+}
+
 async fn one<H: Fn(Request) -> Response>(mut stream: tokio::net::TcpStream, handler: &H) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -112,35 +164,14 @@ async fn one<H: Fn(Request) -> Response>(mut stream: tokio::net::TcpStream, hand
             return Ok(());
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let target = req.path.unwrap_or("/");
-                let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                let header = |name: &str| {
-                    req.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .and_then(|h| std::str::from_utf8(h.value).ok())
-                };
-                let bearer = header("authorization")
-                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                    .map(|t| t.trim().to_owned());
-                let content_length = header("content-length")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                let request = Request {
-                    method: req.method.unwrap_or("GET").to_owned(),
-                    path: path.to_owned(),
-                    query: query.to_owned(),
-                    bearer,
-                    body: Vec::new(),
-                };
-                break (request, head_len, content_length);
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            _ => return write(&mut stream, &Response::text(400, "bad request\n")).await,
+        match parse_head(&buf) {
+            Head::Complete {
+                request,
+                head_len,
+                content_length,
+            } => break (request, head_len, content_length),
+            Head::Partial if buf.len() < MAX_HEAD => continue,
+            Head::Partial | Head::Invalid => return write(&mut stream, &Response::text(400, "bad request\n")).await,
         }
     };
     if content_length > MAX_BODY {
