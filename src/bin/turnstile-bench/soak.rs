@@ -49,7 +49,19 @@ fn open(spec: &SoakSpec, peer: SocketAddr) -> Result<Live, Box<dyn std::error::E
         spec.server,
         spec.credentials.clone(),
     )?;
-    s.allocate(600)?;
+    // The system may hand out the port of an abandoned client whose
+    // allocation is still alive (437): like any client, try another port.
+    let mut tries = 0;
+    loop {
+        match s.allocate(600) {
+            Ok(_) => break,
+            Err(e) if e.code == Some(437) && tries < 20 => {
+                tries += 1;
+                s.new_port(None)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     s.create_permission(peer)?;
     s.channel_bind(0x4000, peer)?;
     Ok(Live {
