@@ -151,11 +151,12 @@ const TO_PEER: usize = 0;
 const TO_CLIENT: usize = 1;
 
 /// Takes `bytes` from the allocation's and the worker's buckets for one
-/// direction; false when either is spent (the packet is dropped).
+/// direction; false when either is spent (the packet is dropped, and counted).
 #[inline]
 fn within_bandwidth(
     shaper: &mut Option<Box<[TokenBucket; 2]>>,
     worker: &mut Option<[TokenBucket; 2]>,
+    stats: &mut Stats,
     config: &ServerConfig,
     direction: usize,
     bytes: usize,
@@ -164,6 +165,22 @@ fn within_bandwidth(
     if !config.limits_bandwidth() {
         return true;
     }
+    let passed = take_bandwidth(shaper, worker, config, direction, bytes, now);
+    if !passed {
+        stats.bandwidth_dropped_packets += 1;
+        stats.bandwidth_dropped_bytes += bytes as u64;
+    }
+    passed
+}
+
+fn take_bandwidth(
+    shaper: &mut Option<Box<[TokenBucket; 2]>>,
+    worker: &mut Option<[TokenBucket; 2]>,
+    config: &ServerConfig,
+    direction: usize,
+    bytes: usize,
+    now: Instant,
+) -> bool {
     let per_allocation = config.allocation_bandwidth;
     if !per_allocation.is_off() {
         let buckets = shaper.get_or_insert_with(|| Box::new([TokenBucket::full(per_allocation, now); 2]));
@@ -710,13 +727,12 @@ impl Server {
         if !within_bandwidth(
             &mut alloc.shaper,
             &mut self.worker_bandwidth,
+            &mut self.stats,
             &self.config,
             TO_PEER,
             len,
             now,
         ) {
-            self.stats.bandwidth_dropped_packets += 1;
-            self.stats.bandwidth_dropped_bytes += len as u64;
             return ClientOutcome::Drop(DropReason::BandwidthLimit);
         }
         alloc.traffic.to_peer_packets += 1;
@@ -903,13 +919,12 @@ impl Server {
             if !within_bandwidth(
                 &mut a.shaper,
                 &mut self.worker_bandwidth,
+                &mut self.stats,
                 &self.config,
                 TO_PEER,
                 len,
                 now,
             ) {
-                self.stats.bandwidth_dropped_packets += 1;
-                self.stats.bandwidth_dropped_bytes += len as u64;
                 return ClientOutcome::Drop(DropReason::BandwidthLimit);
             }
             a.traffic.to_peer_packets += 1;
@@ -1657,13 +1672,12 @@ impl Server {
             if !within_bandwidth(
                 &mut a.shaper,
                 &mut self.worker_bandwidth,
+                &mut self.stats,
                 &self.config,
                 TO_CLIENT,
                 len,
                 now,
             ) {
-                self.stats.bandwidth_dropped_packets += 1;
-                self.stats.bandwidth_dropped_bytes += len as u64;
                 return PeerOutcome::Drop(DropReason::BandwidthLimit);
             }
         }
