@@ -146,12 +146,25 @@ impl PeerBatch {
     /// Datagram `i` of the last receive: its source, its slot (headroom,
     /// datagram, tailroom), and where in the whole buffer that slot starts.
     pub fn slot_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8], usize)> {
-        let addr = self.addrs.get(i)?;
-        // SAFETY: the kernel wrote a socket address of the family it set (zeroed otherwise).
-        let peer = unsafe { sockaddr_to_std(addr, std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t) }?;
+        let peer = self.source(i)?;
         let at = i * self.slot;
         let slot = self.storage.get_mut(at..at + self.slot)?;
         Some((peer, slot, at))
+    }
+
+    /// Where datagram `i` of the last receive came from.
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        let addr = self.addrs.get(i)?;
+        // SAFETY: the kernel wrote a socket address of the family it set (zeroed otherwise).
+        unsafe { sockaddr_to_std(addr, std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t) }
+    }
+
+    /// Datagram `i` of the last receive, after `headroom` bytes of its slot
+    /// (`with_headroom`: from the slot's start).
+    pub fn datagram(&self, i: usize, with_headroom: bool) -> &[u8] {
+        let at = i * self.slot + if with_headroom { 0 } else { self.headroom };
+        let end = i * self.slot + self.headroom + self.len(i);
+        self.storage.get(at..end).unwrap_or_default()
     }
 
     /// Length of datagram `i` of the last receive.

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 /// Datagrams per recvmmsg/sendmmsg call.
@@ -13,87 +13,51 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
-/// Receive slots for one recvmmsg call: `BATCH` buffers of `slot` bytes,
-/// each read at `headroom` (so a header can be written in front in place).
+/// Receive slots for one recvmmsg call: the server's own peer batch
+/// (`BATCH` slots, each read after `headroom` bytes), with "nothing waiting"
+/// as zero datagrams.
 pub struct RecvSlots {
-    storage: Vec<u8>,
-    slot: usize,
+    batch: turnstile::io::relay::PeerBatch,
     headroom: usize,
-    addrs: [libc::sockaddr_storage; BATCH],
-    lens: [usize; BATCH],
 }
 
 impl RecvSlots {
     pub fn new(slot: usize, headroom: usize) -> RecvSlots {
         RecvSlots {
-            storage: vec![0u8; slot * BATCH],
-            slot,
+            batch: turnstile::io::relay::PeerBatch::new(headroom, slot - headroom, 0),
             headroom,
-            // SAFETY: an all-zero sockaddr_storage is a valid value.
-            addrs: unsafe { MaybeUninit::zeroed().assume_init() },
-            lens: [0; BATCH],
         }
     }
 
     /// One recvmmsg on a non-blocking socket; returns how many slots were
     /// filled (0 when nothing was waiting).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
-            iov_base: self.storage[i * self.slot + self.headroom..].as_mut_ptr().cast(),
-            iov_len: self.slot - self.headroom,
-        });
-        // SAFETY: zeroed mmsghdr is valid; the pointers set below outlive the call.
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for ((h, iov), addr) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(self.addrs.iter_mut()) {
-            h.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
+        match self.batch.recv(fd, 0) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
         }
-        // SAFETY: fd is a socket; hdrs point at live buffers of the sizes given.
-        let r = unsafe {
-            libc::recvmmsg(
-                fd,
-                hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let n = r as usize;
-        for (len, h) in self.lens.iter_mut().zip(hdrs.iter()).take(n) {
-            *len = h.msg_len as usize;
-        }
-        Ok(n)
     }
 
     /// The datagram in slot `i` (after the headroom).
     pub fn datagram(&self, i: usize) -> &[u8] {
-        let at = i * self.slot + self.headroom;
-        &self.storage[at..at + self.lens[i]]
+        self.batch.datagram(i, false)
     }
 
     /// Slot `i` from its start: headroom followed by the datagram.
     pub fn with_headroom(&self, i: usize) -> &[u8] {
-        let at = i * self.slot;
-        &self.storage[at..at + self.headroom + self.lens[i]]
+        self.batch.datagram(i, true)
     }
 
     pub fn with_headroom_mut(&mut self, i: usize) -> &mut [u8] {
-        let at = i * self.slot;
-        &mut self.storage[at..at + self.headroom + self.lens[i]]
+        let end = self.headroom + self.batch.len(i);
+        match self.batch.slot_mut(i) {
+            Some((_, slot, _)) => &mut slot[..end],
+            None => &mut [],
+        }
     }
 
     pub fn source(&self, i: usize) -> Option<SocketAddr> {
-        sockaddr_to_std(&self.addrs[i])
+        self.batch.source(i)
     }
 }
 
@@ -187,30 +151,6 @@ fn std_to_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc:
         )
     };
     len
-}
-
-fn sockaddr_to_std(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                u32::from_be(a.sin_addr.s_addr).into(),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this storage holds a sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                a.sin6_addr.s6_addr.into(),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 /// A level-triggered epoll set; tokens are caller-chosen u64s.
