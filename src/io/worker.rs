@@ -284,13 +284,15 @@ async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -
     let mut queue = SendQueue::new(true);
     loop {
         let now = now();
+        let mut received = 0;
         listener
             .recv(&mut batch, |client, at, datagram| {
                 let key = ClientKey { listener: id, client };
                 handle_client(&worker, now, key, datagram, Some((&mut queue, at)));
+                received += 1;
             })
             .await?;
-        crate::io::coalesce::handled(1);
+        crate::io::coalesce::handled(received);
         if !queue.is_empty() {
             let done = queue.flush(batch.storage());
             worker.borrow_mut().sent.add(done);
