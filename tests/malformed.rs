@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::raw::RawClient;
-use common::{TestServer, loopback_config};
+use common::{TestServer, cert, loopback_config, write_cert};
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
@@ -619,10 +619,9 @@ fn outcome(r: Option<Vec<u8>>) -> Expect {
 #[test]
 fn malformed_input_gets_the_right_answer_and_spares_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), c.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), c.signing_key.serialize_pem()).unwrap();
-    let cert_der = c.cert.der().to_vec();
+    let c = cert();
+    write_cert(dir.path(), &c);
+    let cert_der = c.der;
     let server = TestServer::start(&loopback_config(&format!(
         r#"
 [[listen]]

@@ -12,33 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::uclient::parse_report;
-use common::{TestServer, loopback_config};
+use common::{TestServer, cert, loopback_config, write_cert};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::channel_data;
 use turnstile::proto::framer::StreamFramer;
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
-
-struct Cert {
-    pem: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-fn cert() -> Cert {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    Cert {
-        pem: c.cert.pem(),
-        key: c.signing_key.serialize_pem(),
-        der: c.cert.der().to_vec(),
-    }
-}
-
-fn write_cert(dir: &Path, c: &Cert) {
-    std::fs::write(dir.join("cert.pem"), &c.pem).unwrap();
-    std::fs::write(dir.join("key.pem"), &c.key).unwrap();
-}
 
 fn config(dir: &Path, extra_listen: &str, limits: &str) -> String {
     loopback_config(&format!(

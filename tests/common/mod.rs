@@ -22,6 +22,28 @@ pub struct TestServer {
     log: mpsc::Receiver<String>,
 }
 
+pub struct Cert {
+    pub pem: String,
+    pub key: String,
+    pub der: Vec<u8>,
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1 (PEM, key, DER).
+pub fn cert() -> Cert {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    Cert {
+        pem: c.cert.pem(),
+        key: c.signing_key.serialize_pem(),
+        der: c.cert.der().to_vec(),
+    }
+}
+
+/// Writes `cert.pem` and `key.pem` into `dir`.
+pub fn write_cert(dir: &std::path::Path, c: &Cert) {
+    std::fs::write(dir.join("cert.pem"), &c.pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &c.key).unwrap();
+}
+
 /// A configuration for tests: loopback, ephemeral ports, metrics on.
 pub fn loopback_config(extra: &str) -> String {
     format!(
