@@ -100,6 +100,59 @@ fn lifetimes_are_clamped_refreshed_and_expire() {
 }
 
 #[test]
+fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_it_deletes_it() {
+    let stream = ListenerId(1);
+    let mut h = Harness::new();
+    h.key.listener = stream;
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    let client = h.key;
+    h.advance(601);
+    assert_eq!(h.server.allocation_count(), 0, "expired");
+    assert!(
+        h.commands.contains(&Command::CloseClient(client)),
+        "expiry closes the connection: {:?}",
+        h.commands
+    );
+
+    h.commands.clear();
+    h.key.client.set_port(40001);
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    assert_eq!(h.server.kick(Some("alice"), None), 1);
+    h.drain();
+    assert!(h.commands.contains(&Command::CloseClient(h.key)), "{:?}", h.commands);
+
+    // Refresh 0: the client keeps its connection (and may allocate again).
+    h.commands.clear();
+    h.key.client.set_port(40002);
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    let req = h.signed(Method::REFRESH, &c, |w| w.lifetime(0).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    assert!(
+        !h.commands.iter().any(|c| matches!(c, Command::CloseClient(_))),
+        "{:?}",
+        h.commands
+    );
+
+    // Over UDP there is no connection to close.
+    h.commands.clear();
+    h.key = ClientKey {
+        listener: ListenerId(0),
+        client: sa("192.0.2.10:40003"),
+    };
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    h.advance(601);
+    assert!(
+        !h.commands.iter().any(|c| matches!(c, Command::CloseClient(_))),
+        "{:?}",
+        h.commands
+    );
+}
+
+#[test]
 fn refresh_with_zero_deletes() {
     let mut h = Harness::new();
     let c = h.creds("alice", "secret");

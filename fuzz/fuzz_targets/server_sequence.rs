@@ -62,6 +62,7 @@ impl World {
                 Command::CloseConnection(id) => {
                     self.connections.remove(&id);
                 }
+                Command::CloseClient(_) => {}
             }
         }
     }

@@ -121,6 +121,8 @@ pub struct StreamOut {
     cap: usize,
     notify: Notify,
     closed: Cell<bool>,
+    /// Wakes the reader when the core ended the connection's allocation.
+    ended: Notify,
 }
 
 impl StreamOut {
@@ -130,6 +132,7 @@ impl StreamOut {
             cap,
             notify: Notify::new(),
             closed: Cell::new(false),
+            ended: Notify::new(),
         }
     }
 
@@ -147,6 +150,12 @@ impl StreamOut {
         b.extend_from_slice(data);
         self.notify.notify_one();
         true
+    }
+
+    /// The allocation ended by expiry or by the operator: the reader closes
+    /// the connection (a stored permit if it is busy right now).
+    pub fn end_session(&self) {
+        self.ended.notify_one();
     }
 
     fn close(&self) {
@@ -295,7 +304,7 @@ async fn serve(
     shared.borrow_mut().streams.insert(key, out.clone());
     metrics::gauge!("turnstile_connections").increment(1.0);
     let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
-    let (end, rd) = read_loop(&shared, key, rd, buf, &settings).await;
+    let (end, rd) = read_loop(&shared, key, rd, buf, &settings, &out).await;
 
     out.close();
     {
@@ -378,6 +387,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     mut buf: BytesMut,
     settings: &StreamSettings,
+    out: &StreamOut,
 ) -> (ReadEnd, R) {
     let framer = StreamFramer::default().with_channel_range(settings.channel_range);
     let me = shared.borrow().index;
@@ -434,16 +444,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
             (true, None) => None,
         };
         let read = rd.read_buf(&mut buf);
-        let n = match deadline {
-            None => read.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let reason = if has_allocation { "slow_message" } else { "idle" };
-                    metrics::counter!("turnstile_connections_closed_total", "reason" => reason).increment(1);
-                    return (ReadEnd::Closed(reason), rd);
-                }
-            },
+        let deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let n = tokio::select! {
+            r = read => r,
+            () = deadline => {
+                let reason = if has_allocation { "slow_message" } else { "idle" };
+                metrics::counter!("turnstile_connections_closed_total", "reason" => reason).increment(1);
+                return (ReadEnd::Closed(reason), rd);
+            }
+            () = out.ended.notified() => {
+                // Expired or removed by the operator: nothing more can be
+                // relayed on this connection, and it must not hold its
+                // descriptor and connection slot with no deadline.
+                metrics::counter!("turnstile_connections_closed_total", "reason" => "allocation_ended").increment(1);
+                return (ReadEnd::Closed("allocation_ended"), rd);
+            }
         };
         match n {
             Ok(0) => return (ReadEnd::Closed("eof"), rd),

@@ -283,10 +283,15 @@ async fn listen_udp(worker: Shared, id: ListenerId, listener: Rc<UdpListener>) -
     let mut batch = listener.batch();
     let mut queue = SendQueue::new(true);
     loop {
-        let now = now();
+        // The clock is read once per batch, after the receive returns: read
+        // before the wait, an idle listener would stamp a datagram with the
+        // moment it started waiting (stale nonces, expired credentials and
+        // permissions accepted, new ones born expired).
+        let mut stamp: Option<Now> = None;
         let mut received = 0;
         listener
             .recv(&mut batch, |client, at, datagram| {
+                let now = *stamp.get_or_insert_with(now);
                 let key = ClientKey { listener: id, client };
                 handle_client(&worker, now, key, datagram, Some((&mut queue, at)));
                 received += 1;
@@ -405,6 +410,11 @@ pub fn run_commands(w: &mut Worker) {
             Command::CloseConnection(id) => {
                 if let Some(p) = w.tcp_peers.remove(&id) {
                     p.close.notify_one();
+                }
+            }
+            Command::CloseClient(key) => {
+                if let Some(out) = w.streams.get(&key) {
+                    out.end_session();
                 }
             }
         }

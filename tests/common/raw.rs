@@ -1,7 +1,8 @@
 //! A minimal synchronous TURN client on this crate's codec, for what the
 //! off-the-shelf clients cannot show (ICMP, exact errors, reloads).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
@@ -9,10 +10,12 @@ use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionI
 
 pub struct RawClient {
     pub socket: UdpSocket,
+    /// Set for a client over TCP: requests and answers go through it instead.
+    pub tcp: Option<TcpStream>,
     server: SocketAddr,
     user: String,
     pub key: LongTermKey,
-    nonce: String,
+    pub nonce: String,
     tid: u8,
 }
 
@@ -22,11 +25,23 @@ impl RawClient {
     }
 
     pub fn connect_as(server: SocketAddr, user: &str, password: &str) -> RawClient {
+        RawClient::open(server, user, password, None)
+    }
+
+    /// A client over TCP to a stream listener.
+    pub fn connect_tcp(server: SocketAddr, user: &str, password: &str) -> RawClient {
+        let tcp = TcpStream::connect(server).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        RawClient::open(server, user, password, Some(tcp))
+    }
+
+    fn open(server: SocketAddr, user: &str, password: &str, tcp: Option<TcpStream>) -> RawClient {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let key = LongTermKey::derive(PasswordAlgorithm::Md5, user, "test.local", password);
         let mut c = RawClient {
             socket,
+            tcp,
             server,
             user: user.to_owned(),
             key,
@@ -50,6 +65,12 @@ impl RawClient {
             w.message_integrity(self.key.hmac_sha1()).unwrap();
         }
         let n = w.finish();
+        if let Some(tcp) = &mut self.tcp {
+            tcp.write_all(&buf[..n]).unwrap();
+            return self
+                .try_recv()
+                .unwrap_or_else(|| panic!("no answer to {method:?} over TCP"));
+        }
         self.socket.send_to(&buf[..n], self.server).unwrap();
         // UDP is lossy in principle; a request is retransmitted like any client would.
         for _ in 0..3 {
@@ -61,7 +82,16 @@ impl RawClient {
         panic!("no answer to {method:?} from {}", self.server)
     }
 
-    pub fn try_recv(&self) -> Option<Vec<u8>> {
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        if let Some(tcp) = &mut self.tcp {
+            let mut head = [0u8; 20];
+            tcp.read_exact(&mut head).ok()?;
+            let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+            let mut m = head.to_vec();
+            m.resize(20 + len, 0);
+            tcp.read_exact(&mut m[20..]).ok()?;
+            return Some(m);
+        }
         let mut buf = vec![0u8; 1500];
         let (n, _) = self.socket.recv_from(&mut buf).ok()?;
         buf.truncate(n);

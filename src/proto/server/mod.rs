@@ -315,6 +315,44 @@ pub enum Command {
     CloseRelay(RelayId),
     /// Close an RFC 6062 peer connection (and its data connection).
     CloseConnection(u32),
+    /// The allocation of this TCP or TLS client ended without the client
+    /// asking (expiry, the operator): close its connection, which would
+    /// otherwise hold a descriptor and a connection slot with no deadline.
+    CloseClient(ClientKey),
+}
+
+/// Why an allocation ended; one log field and metric label each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Refresh with LIFETIME 0.
+    Deleted,
+    /// Not refreshed in time.
+    Expired,
+    /// The client's TCP or TLS connection closed.
+    ConnectionClosed,
+    /// The admin API or `turnstile kick`.
+    Operator,
+    /// Its credential no longer verifies after a configuration reload.
+    Revoked,
+}
+
+impl EndReason {
+    pub const fn label(self) -> &'static str {
+        match self {
+            EndReason::Deleted => "deleted",
+            EndReason::Expired => "expired",
+            EndReason::ConnectionClosed => "connection_closed",
+            EndReason::Operator => "operator",
+            EndReason::Revoked => "revoked",
+        }
+    }
+
+    /// Whether the client's stream connection goes with the allocation (as
+    /// coturn does); after a Refresh 0 the client still holds the connection
+    /// and the idle timeout applies to it.
+    const fn closes_stream(self) -> bool {
+        matches!(self, EndReason::Expired | EndReason::Operator | EndReason::Revoked)
+    }
 }
 
 /// Why a packet got no answer. Each maps to one metric label.
@@ -552,7 +590,7 @@ impl Server {
     pub fn handle_client_closed(&mut self, key: ClientKey) {
         if let Some(id) = self.by_client.get(&key).copied() {
             self.stats.allocations_deleted += 1;
-            self.remove_allocation(id, "connection closed");
+            self.remove_allocation(id, EndReason::ConnectionClosed);
         }
     }
 
@@ -611,7 +649,7 @@ impl Server {
             .collect();
         for &id in &ids {
             self.stats.allocations_deleted += 1;
-            self.remove_allocation(id, "removed by the operator");
+            self.remove_allocation(id, EndReason::Operator);
         }
         ids.len()
     }
@@ -652,7 +690,7 @@ impl Server {
             // Refreshes push new entries; act only when the allocation really expired.
             if self.allocations.get(id).is_some_and(|a| a.expires <= now) {
                 self.stats.allocations_expired += 1;
-                self.remove_allocation(id, "expired");
+                self.remove_allocation(id, EndReason::Expired);
             }
         }
         for p in &mut self.ports {
@@ -1301,10 +1339,13 @@ impl Server {
         finish(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
     }
 
-    fn remove_allocation(&mut self, id: usize, why: &'static str) {
+    fn remove_allocation(&mut self, id: usize, why: EndReason) {
         let Some(a) = self.allocations.try_remove(id) else {
             return;
         };
+        if why.closes_stream() && self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream) {
+            self.commands.push_back(Command::CloseClient(a.key));
+        }
         let t = a.traffic;
         tracing::info!(
             client = %a.key.client,
@@ -1314,7 +1355,8 @@ impl Server {
             to_peer_bytes = t.to_peer_bytes,
             to_client_packets = t.to_client_packets,
             to_client_bytes = t.to_client_bytes,
-            "allocation ended: {why}"
+            reason = why.label(),
+            "allocation ended"
         );
         let connections: Vec<u32> = self
             .tcp_connections
@@ -1353,7 +1395,7 @@ impl Server {
         }
         let lifetime = if requested == Some(0) {
             self.stats.allocations_deleted += 1;
-            self.remove_allocation(id, "deleted by the client");
+            self.remove_allocation(id, EndReason::Deleted);
             0
         } else {
             let lifetime = self.granted_lifetime(requested);

@@ -1,0 +1,160 @@
+//! Findings of an attack on the running server, each pinned by a test that
+//! failed before its fix (docs/SECURITY.md, "Findings of the attack on the
+//! running server"). Where the finding is about the running server, the
+//! test drives the real binary on loopback.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::TestServer;
+use common::raw::RawClient;
+use turnstile::proto::auth::rest;
+use turnstile::proto::stun::{Class, Message, Method};
+
+const REST_SECRET: &str = "attack-test-secret";
+const ADMIN_TOKEN: &str = "an-admin-token-for-tests";
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"realm = "test.local"
+workers = 1
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:0"
+
+[[listen]]
+transport = "tcp"
+address = "127.0.0.1:0"
+
+[relay]
+address = "127.0.0.1"
+ports = "62700-62799"
+
+[auth]
+users = {{ alice = "secret" }}
+secrets = ["{REST_SECRET}"]
+
+[peers]
+allow = ["127.0.0.0/8"]
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "{ADMIN_TOKEN}"
+
+{extra}
+"#
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The error code of an answer, 0 for a success.
+fn code(answer: &[u8]) -> u16 {
+    let m = Message::parse(answer).unwrap();
+    match m.class() {
+        Class::Success => 0,
+        _ => m.error_code().unwrap().map(|e| e.code).unwrap_or(1),
+    }
+}
+
+fn allocate(c: &mut RawClient) -> u16 {
+    code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap()))
+}
+
+/// Item 1: a UDP listener that has been idle must judge a request by the
+/// time it arrives, not by when the listener began to wait.
+#[test]
+fn an_idle_udp_listener_judges_requests_by_their_arrival_time() {
+    let server = TestServer::start(&config(""));
+    let udp = server.udp[0];
+
+    // A REST credential valid for 2 s; its nonce fetched while it is valid.
+    let user = format!("{}:carol", unix_now() + 2);
+    let password = rest::password(REST_SECRET.as_bytes(), &user);
+    let mut short_lived = RawClient::connect_as(udp, &user, &password);
+    // The listener is idle for 7 s; the credential expires meanwhile.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        allocate(&mut short_lived),
+        401,
+        "a REST credential 5 s past its expiry allocates on an idle UDP listener"
+    );
+
+    // Idle again; then a nonce issued over TCP (fresh) is used over UDP: it
+    // must not look as if it came from the future. (The client's own
+    // unsigned Allocate goes before the idle period, so the signed one is
+    // the first datagram after it.)
+    let mut udp_client = RawClient::connect(udp);
+    std::thread::sleep(Duration::from_secs(7));
+    let via_tcp = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+    udp_client.nonce = via_tcp.nonce.clone();
+    assert_eq!(allocate(&mut udp_client), 0, "a fresh TCP nonce is refused over UDP");
+}
+
+/// Item 1, the permission half: after an idle period a permission is born
+/// with its full lifetime, so data flows right after CreatePermission.
+#[test]
+fn an_allocation_made_after_an_idle_period_gets_its_whole_lifetime() {
+    let server = TestServer::start(&config(""));
+    std::thread::sleep(Duration::from_secs(6));
+    let mut c = RawClient::connect(server.udp[0]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(allocate(&mut c), 0);
+    let (status, body) = server.admin_request("GET", "/v1/allocations", Some(ADMIN_TOKEN), "");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let expires = v["allocations"][0]["expires_in_seconds"].as_u64().unwrap();
+    // 600 s granted now; a stale stamp would leave it at 597 or less.
+    assert!(expires >= 598, "an allocation granted 600 s expires in {expires} s");
+}
+
+/// Waits until the server closes `s` (EOF or reset) or `limit` passes.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 256];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// Item 2: a TCP connection whose allocation the operator ended is closed,
+/// not left open with no deadline (the idle timeout is 30 s here).
+#[test]
+fn a_tcp_connection_goes_with_its_allocation() {
+    let server = TestServer::start(&config(""));
+    let mut c = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+    assert_eq!(allocate(&mut c), 0);
+    let (status, body) = server.admin_request("DELETE", "/v1/allocations?user=alice", Some(ADMIN_TOKEN), "");
+    assert_eq!((status, body.as_str()), (200, r#"{"deleted":1}"#));
+    let mut tcp = c.tcp.take().unwrap();
+    let closed = closed_within(&mut tcp, Duration::from_secs(5));
+    assert!(
+        closed.is_some(),
+        "the connection of a kicked allocation is still open after 5 s"
+    );
+    assert!(server.wait_counter("turnstile_connections_closed_total{reason=\"allocation_ended\"}", 1.0));
+
+    // A Refresh 0 leaves the connection to the client (it may allocate
+    // again), under the idle timeout.
+    let mut c = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+    assert_eq!(allocate(&mut c), 0);
+    let r = c.request(Method::REFRESH, true, |w| w.lifetime(0).unwrap());
+    assert_eq!(code(&r), 0);
+    assert_eq!(allocate(&mut c), 0, "allocate again on the same connection");
+}
