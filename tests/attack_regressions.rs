@@ -158,3 +158,44 @@ fn a_tcp_connection_goes_with_its_allocation() {
     assert_eq!(code(&r), 0);
     assert_eq!(allocate(&mut c), 0, "allocate again on the same connection");
 }
+
+/// One GET with a deadline; None when it went unanswered.
+fn try_get(addr: std::net::SocketAddr, path: &str, wait: Duration) -> Option<u16> {
+    use std::io::Write;
+    let mut s = TcpStream::connect_timeout(&addr, wait).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.split(' ').nth(1)?.parse().ok()
+}
+
+/// Item 3: running out of descriptors once must not stop the metrics and
+/// admin listeners for good.
+#[test]
+fn the_http_listeners_survive_a_descriptor_shortage() {
+    let server = TestServer::start_with_fd_limit(&config(""), 64);
+    let metrics = server.metrics.unwrap();
+    assert_eq!(try_get(metrics, "/healthz", Duration::from_secs(5)), Some(200));
+    // Idle TCP connections to the TURN listener take every descriptor left.
+    let mut hogs = Vec::new();
+    for _ in 0..80 {
+        hogs.push(TcpStream::connect(server.tcp[0]).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Accepting these fails while no descriptor is free.
+    let pending_metrics = std::thread::spawn(move || try_get(metrics, "/healthz", Duration::from_secs(8)));
+    let admin = server.admin.unwrap();
+    let pending_admin = std::thread::spawn(move || try_get(admin, "/v1/allocations", Duration::from_secs(8)));
+    std::thread::sleep(Duration::from_secs(1));
+    drop(hogs);
+    assert_eq!(
+        pending_metrics.join().unwrap(),
+        Some(200),
+        "the metrics listener serves again once descriptors are back"
+    );
+    assert_eq!(pending_admin.join().unwrap(), Some(401), "so does the admin listener");
+    assert_eq!(try_get(metrics, "/healthz", Duration::from_secs(5)), Some(200));
+    assert!(server.counter("turnstile_http_connections_refused_total{reason=\"accept_error\"}") >= 1.0);
+}

@@ -86,19 +86,45 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
+/// Connections served at once; beyond, new ones are closed at accept. The
+/// endpoints see a few requests a minute, so a full table is an attack or
+/// a stuck client, and must not cost the descriptors the relay needs.
+const MAX_CONNECTIONS: usize = 64;
+/// How long one connection may take to send its request and read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves requests with `handler` until the process exits. Runs on a
 /// current-thread runtime (`spawn_local`), so the handler need not be `Send`.
+/// A failed accept (no descriptors left, say) is logged and retried after a
+/// pause: the listener never stops serving.
 pub async fn serve<H>(listener: std::net::TcpListener, handler: H) -> io::Result<()>
 where
     H: Fn(Request) -> Response + 'static,
 {
     let listener = TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
     let handler = Rc::new(handler);
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(listener = %local, "http accept failed, retrying in 100 ms: {e}");
+                metrics::counter!("turnstile_http_connections_refused_total", "reason" => "accept_error").increment(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.get() >= MAX_CONNECTIONS {
+            metrics::counter!("turnstile_http_connections_refused_total", "reason" => "limit").increment(1);
+            continue;
+        }
+        open.set(open.get() + 1);
         let handler = handler.clone();
+        let open = open.clone();
         tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), one(stream, &*handler)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, one(stream, &*handler)).await;
+            open.set(open.get() - 1);
         });
     }
 }
