@@ -280,6 +280,10 @@ pub struct Limits {
     /// Channels one allocation may bind (508 beyond).
     #[serde(default = "default_per_allocation")]
     pub channels_per_allocation: usize,
+    /// RFC 6062 peer connections one TCP allocation may hold, made by
+    /// Connect or accepted from peers (508 beyond; extra peers are closed).
+    #[serde(default = "default_connections_per_allocation")]
+    pub connections_per_allocation: usize,
     /// TCP and TLS connections in total.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -344,6 +348,10 @@ fn default_per_allocation() -> usize {
     128
 }
 
+fn default_connections_per_allocation() -> usize {
+    64
+}
+
 fn default_user_quota() -> u32 {
     10
 }
@@ -360,6 +368,7 @@ impl Default for Limits {
             max_lifetime: default_max_lifetime(),
             permissions_per_allocation: default_per_allocation(),
             channels_per_allocation: default_per_allocation(),
+            connections_per_allocation: default_connections_per_allocation(),
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
             idle_timeout: default_idle_timeout(),

@@ -199,3 +199,28 @@ fn the_http_listeners_survive_a_descriptor_shortage() {
     assert_eq!(try_get(metrics, "/healthz", Duration::from_secs(5)), Some(200));
     assert!(server.counter("turnstile_http_connections_refused_total{reason=\"accept_error\"}") >= 1.0);
 }
+
+/// Item 4: one TCP allocation may hold only so many RFC 6062 peer
+/// connections (64 by default); Connects beyond are 508.
+#[test]
+fn connects_per_allocation_are_capped() {
+    let server = TestServer::start(&config(""));
+    // One listener on every loopback address: each Connect names another peer.
+    let peers = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = peers.local_addr().unwrap().port();
+    let mut c = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(6).unwrap())),
+        0
+    );
+    let mut codes = Vec::new();
+    for i in 0..70u8 {
+        let peer: std::net::SocketAddr = format!("127.0.1.{}:{port}", i + 1).parse().unwrap();
+        codes.push(code(
+            &c.request(Method::CONNECT, true, |w| w.xor_peer_address(&peer).unwrap()),
+        ));
+    }
+    assert!(codes[..64].iter().all(|&c| c == 0), "{codes:?}");
+    assert!(codes[64..].iter().all(|&c| c == 508), "{codes:?}");
+    assert!(server.wait_counter("turnstile_error_responses_total{code=\"508\"}", 6.0));
+}

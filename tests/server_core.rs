@@ -10,7 +10,7 @@ use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
 use turnstile::proto::server::{
     BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, PEER_HEADROOM, PeerOutcome, Quotas,
-    RelayAddress, RelayId,
+    RelayAddress, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::attr::password_algorithm;
 use turnstile::proto::stun::{AddressFamily, Attribute, Class, Message, Method, kind};
@@ -968,7 +968,7 @@ fn tcp_allocations_connect_and_connection_bind() {
     assert!(
         h.server
             .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
-            .is_none()
+            .is_err()
     );
     assert_eq!(code(&h.permit(&c, sa("9.9.9.9:1"))), 0);
     let (key, incoming, len) = h
@@ -999,5 +999,48 @@ fn tcp_allocations_connect_and_connection_bind() {
         h.commands.contains(&Command::CloseConnection(connection)),
         "{:?}",
         h.commands
+    );
+}
+
+#[test]
+fn peer_connections_per_allocation_are_capped_both_ways() {
+    let mut h = Harness::with(
+        ServerConfig {
+            max_connections: 2,
+            ..config()
+        },
+        policy(&[]),
+        Quotas::new(10, 0),
+    );
+    h.key.listener = ListenerId(1);
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    assert_eq!(code(&h.permit(&c, sa("9.9.9.9:1"))), 0);
+    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("8.8.8.8:443")).unwrap());
+    let ClientOutcome::TcpConnect { connection, .. } = h.send(&req) else {
+        panic!("connect")
+    };
+    h.server
+        .handle_tcp_connected(h.now, connection, true, &mut h.out)
+        .unwrap();
+    let (_, incoming, _) = h
+        .server
+        .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
+        .unwrap();
+    // Full: a third connection either way is refused.
+    assert_eq!(
+        h.server
+            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5001"), &mut h.out),
+        Err(DropReason::ConnectionLimit)
+    );
+    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("8.8.4.4:443")).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 508);
+    // One closes: room again.
+    h.server.handle_tcp_connection_closed(incoming);
+    assert!(
+        h.server
+            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5002"), &mut h.out)
+            .is_ok()
     );
 }

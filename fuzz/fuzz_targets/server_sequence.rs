@@ -313,7 +313,7 @@ fuzz_target!(|data: &[u8]| {
                     (1, _) => {
                         let relay = RelayId(u32::from(arg >> 2) % 16);
                         let mut out = vec![0u8; 1500];
-                        if let Some((_, c, _)) = w.server.handle_tcp_peer_accepted(w.now, relay, peer, &mut out) {
+                        if let Ok((_, c, _)) = w.server.handle_tcp_peer_accepted(w.now, relay, peer, &mut out) {
                             w.connections.insert(c);
                         }
                     }

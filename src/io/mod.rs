@@ -57,9 +57,12 @@ impl Started {
             let _ = c.send(worker::WorkerControl::Reload {
                 credentials: credentials.clone(),
                 policy: policy.clone(),
-                max_lifetime: config.limits.max_lifetime,
-                max_permissions: config.limits.permissions_per_allocation,
-                max_channels: config.limits.channels_per_allocation,
+                limits: crate::proto::server::AllocationLimits {
+                    max_lifetime: config.limits.max_lifetime,
+                    max_permissions: config.limits.permissions_per_allocation,
+                    max_channels: config.limits.channels_per_allocation,
+                    max_connections: config.limits.connections_per_allocation,
+                },
                 rates: [
                     config.limits.unauthenticated(self.controls.len()),
                     config.limits.allocation_bandwidth(),
@@ -373,6 +376,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             max_lifetime: config.limits.max_lifetime,
             max_permissions: config.limits.permissions_per_allocation,
             max_channels: config.limits.channels_per_allocation,
+            max_connections: config.limits.connections_per_allocation,
             channel_range,
             worker_index: index as u8,
             port_seed,

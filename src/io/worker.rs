@@ -31,9 +31,7 @@ pub enum WorkerControl {
     Reload {
         credentials: std::sync::Arc<crate::proto::server::Credentials>,
         policy: crate::proto::server::PeerPolicy,
-        max_lifetime: u32,
-        max_permissions: usize,
-        max_channels: usize,
+        limits: crate::proto::server::AllocationLimits,
         /// Unauthenticated answer budget per source, bandwidth per allocation, per worker.
         rates: [crate::proto::server::Rate; 3],
         /// Told once the worker applied it.
@@ -487,12 +485,19 @@ async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::Tcp
         };
         let mut guard = shared.borrow_mut();
         let w = &mut *guard;
-        if let Some((key, connection, len)) = w.server.handle_tcp_peer_accepted(now(), id, peer, &mut w.out) {
-            let _ = stream.set_nodelay(true);
-            w.tcp_peers.insert(connection, TcpPeer::new(stream));
-            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-        } else {
-            metrics::counter!("turnstile_dropped_packets_total", "reason" => "tcp_peer_no_permission").increment(1);
+        match w.server.handle_tcp_peer_accepted(now(), id, peer, &mut w.out) {
+            Ok((key, connection, len)) => {
+                let _ = stream.set_nodelay(true);
+                w.tcp_peers.insert(connection, TcpPeer::new(stream));
+                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+            }
+            Err(reason) => {
+                let reason = match reason {
+                    DropReason::NoPermission => "tcp_peer_no_permission",
+                    other => other.label(),
+                };
+                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason).increment(1);
+            }
         }
     }
 }
@@ -725,15 +730,13 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
             WorkerControl::Reload {
                 credentials,
                 policy,
-                max_lifetime,
-                max_permissions,
-                max_channels,
+                limits,
                 rates: [unauthenticated, allocation_bandwidth, worker_bandwidth],
                 applied,
             } => {
                 w.server.set_credentials(credentials);
                 w.server.set_policy(policy);
-                w.server.set_limits(max_lifetime, max_permissions, max_channels);
+                w.server.set_limits(limits);
                 w.server
                     .set_rates(unauthenticated, allocation_bandwidth, worker_bandwidth);
                 let _ = applied.send(());

@@ -100,6 +100,9 @@ pub struct Allocation {
     /// RFC 6062: the relayed address is a TCP listener; data flows over
     /// connections, not channels or Send.
     pub tcp: bool,
+    /// RFC 6062 peer connections it holds (Connect, or accepted from a
+    /// peer), bound or waiting for their ConnectionBind.
+    pub connections: usize,
     /// Bandwidth buckets (to peer, to client) when `max_bps` is set.
     pub shaper: Option<Box<[crate::proto::server::TokenBucket; 2]>>,
 }

@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub max_lifetime: u32,
     pub max_permissions: usize,
     pub max_channels: usize,
+    /// RFC 6062 peer connections per allocation (Connect and accepted).
+    pub max_connections: usize,
     /// Accepted channel numbers.
     pub channel_range: ChannelRange,
     /// This worker's number, carried in RFC 6062 connection ids.
@@ -127,6 +129,7 @@ impl Default for ServerConfig {
             max_lifetime: 3600,
             max_permissions: 128,
             max_channels: 128,
+            max_connections: 64,
             channel_range: ChannelRange::Rfc8656,
             worker_index: 0,
             port_seed: [7; 32],
@@ -321,6 +324,17 @@ pub enum Command {
     CloseClient(ClientKey),
 }
 
+/// Per-allocation limits that a configuration reload may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationLimits {
+    /// Longest lifetime granted, seconds.
+    pub max_lifetime: u32,
+    pub max_permissions: usize,
+    pub max_channels: usize,
+    /// RFC 6062 peer connections.
+    pub max_connections: usize,
+}
+
 /// Why an allocation ended; one log field and metric label each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
@@ -388,6 +402,9 @@ pub enum DropReason {
     RateLimited,
     /// Over the allocation's or the worker's bandwidth.
     BandwidthLimit,
+    /// A peer connecting to a TCP relay whose allocation holds as many
+    /// peer connections as it may.
+    ConnectionLimit,
 }
 
 impl DropReason {
@@ -408,6 +425,7 @@ impl DropReason {
             DropReason::FamilyMismatch => "peer_family_mismatch",
             DropReason::UnknownRelay => "unknown_relay",
             DropReason::OutputTooSmall => "output_too_small",
+            DropReason::ConnectionLimit => "peer_connection_limit",
         }
     }
 }
@@ -543,10 +561,11 @@ impl Server {
 
     /// New lifetime and per-allocation limits (configuration reload). They
     /// apply to requests from now on; existing state is kept.
-    pub fn set_limits(&mut self, max_lifetime: u32, max_permissions: usize, max_channels: usize) {
-        self.config.max_lifetime = max_lifetime;
-        self.config.max_permissions = max_permissions;
-        self.config.max_channels = max_channels;
+    pub fn set_limits(&mut self, limits: AllocationLimits) {
+        self.config.max_lifetime = limits.max_lifetime;
+        self.config.max_permissions = limits.max_permissions;
+        self.config.max_channels = limits.max_channels;
+        self.config.max_connections = limits.max_connections;
     }
 
     /// New rate limits (configuration reload): the unauthenticated answer
@@ -1290,6 +1309,7 @@ impl Server {
             tcp: p.tcp,
             traffic: allocation::Traffic::default(),
             created: now.instant,
+            connections: 0,
             shaper: (!self.config.allocation_bandwidth.is_off())
                 .then(|| Box::new([TokenBucket::full(self.config.allocation_bandwidth, now.instant); 2])),
         });
@@ -1531,10 +1551,16 @@ impl Server {
             self.stats.count_peer_refusal(r);
             return Err(refuse(403, "Forbidden", "peer_forbidden"));
         }
+        if a.connections >= self.config.max_connections {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_connections"));
+        }
         if self.tcp_connections.values().any(|c| c.alloc == id && c.peer == peer) {
             return Err(refuse(446, "Connection Already Exists", "connection_exists"));
         }
         let connection = self.new_connection_id();
+        if let Some(a) = self.allocations.get_mut(id) {
+            a.connections += 1;
+        }
         let state = TcpConnectionState::Connecting {
             tid: *msg.transaction_id(),
             fingerprint: msg.has_fingerprint(),
@@ -1578,8 +1604,9 @@ impl Server {
             let key = a.key;
             let credential = a.credential.clone();
             let suite = a.suite;
-            self.tcp_connections.remove(&connection);
+            self.forget_connection(connection);
             self.stats.count_error(447);
+            let software = self.config.software.as_deref();
             let signing = Signing {
                 key: &credential,
                 suite,
@@ -1601,19 +1628,29 @@ impl Server {
 
     /// A peer connected to a TCP relay (RFC 6062 §5.3): with a permission it
     /// gets a connection id and the client a ConnectionAttempt indication
-    /// (written into `out`); without one the driver closes it.
+    /// (written into `out`); without one, or beyond the allocation's
+    /// connection limit, the driver closes it.
     pub fn handle_tcp_peer_accepted(
         &mut self,
         now: Now,
         relay: RelayId,
         peer: SocketAddr,
         out: &mut [u8],
-    ) -> Option<(ClientKey, u32, usize)> {
-        let alloc = self.relays.get(relay.0 as usize).copied().flatten()?;
-        let a = self.allocations.get(alloc)?;
+    ) -> Result<(ClientKey, u32, usize), DropReason> {
+        let alloc = self
+            .relays
+            .get(relay.0 as usize)
+            .copied()
+            .flatten()
+            .ok_or(DropReason::UnknownRelay)?;
+        let a = self.allocations.get_mut(alloc).ok_or(DropReason::UnknownRelay)?;
         if !a.tcp || !a.permits(peer.ip(), now.instant) {
-            return None;
+            return Err(DropReason::NoPermission);
         }
+        if a.connections >= self.config.max_connections {
+            return Err(DropReason::ConnectionLimit);
+        }
+        a.connections += 1;
         let key = a.key;
         let connection = self.new_connection_id();
         let state = TcpConnectionState::AwaitingBind {
@@ -1622,10 +1659,19 @@ impl Server {
         self.tcp_connections
             .insert(connection, TcpConnection { alloc, peer, state });
         let tid = TransactionId(indication_tid(&mut self.stats));
-        let mut w = MessageWriter::new(out, Class::Indication, Method::CONNECTION_ATTEMPT, tid).ok()?;
-        w.xor_peer_address(&peer).ok()?;
-        w.connection_id(connection).ok()?;
-        Some((key, connection, w.finish()))
+        let written = (|| {
+            let mut w = MessageWriter::new(out, Class::Indication, Method::CONNECTION_ATTEMPT, tid).ok()?;
+            w.xor_peer_address(&peer).ok()?;
+            w.connection_id(connection).ok()?;
+            Some(w.finish())
+        })();
+        match written {
+            Some(len) => Ok((key, connection, len)),
+            None => {
+                self.forget_connection(connection);
+                Err(DropReason::OutputTooSmall)
+            }
+        }
     }
 
     /// ConnectionBind (RFC 6062 §5.4) on a new client connection.
@@ -1667,7 +1713,17 @@ impl Server {
 
     /// A peer connection or its data connection closed: forget it.
     pub fn handle_tcp_connection_closed(&mut self, connection: u32) {
-        self.tcp_connections.remove(&connection);
+        self.forget_connection(connection);
+    }
+
+    /// Removes a peer connection and gives its place in the allocation's
+    /// count back.
+    fn forget_connection(&mut self, connection: u32) {
+        if let Some(c) = self.tcp_connections.remove(&connection)
+            && let Some(a) = self.allocations.get_mut(c.alloc)
+        {
+            a.connections = a.connections.saturating_sub(1);
+        }
     }
 
     fn expire_tcp_connections(&mut self, now: Instant) {
@@ -1678,7 +1734,7 @@ impl Server {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            self.tcp_connections.remove(&id);
+            self.forget_connection(id);
             self.commands.push_back(Command::CloseConnection(id));
         }
     }
