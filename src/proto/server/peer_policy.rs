@@ -39,10 +39,31 @@ impl PeerRefusal {
     }
 }
 
+/// The IPv6 forms that carry an IPv4 address, each with an example that
+/// embeds 192.0.2.33 (c000:221). [`canonical`] unwraps every one but the
+/// local-use NAT64 prefix, whose embedding depends on a prefix length only
+/// the local translator knows: that whole /48 is refused instead, and so is
+/// an ISATAP interface identifier around a refused IPv4 address.
+pub const IPV4_EMBEDDINGS: &[(&str, &str)] = &[
+    ("IPv4-mapped ::ffff:0:0/96", "::ffff:192.0.2.33"),
+    ("IPv4-translated (SIIT) ::ffff:0:0:0/96", "::ffff:0:c000:221"),
+    ("IPv4-compatible ::/96", "::c000:221"),
+    ("NAT64 well-known 64:ff9b::/96", "64:ff9b::c000:221"),
+    ("NAT64 local-use 64:ff9b:1::/48", "64:ff9b:1::c000:221"),
+    ("6to4 2002::/16", "2002:c000:221::1"),
+    (
+        "Teredo 2001::/32 (client, inverted)",
+        "2001:0:4136:e378:8000:63bf:3fff:fdde",
+    ),
+    ("ISATAP ::0:5efe:0:0/96 interface id", "2001:db9::5efe:c000:221"),
+    ("ISATAP ::200:5efe:0:0/96 interface id", "2001:db9::200:5efe:c000:221"),
+];
+
 /// Unwraps IPv4 addresses carried inside IPv6: IPv4-mapped (::ffff:0:0/96),
-/// IPv4-compatible (::/96, deprecated but routable on some stacks), 6to4
-/// (2002::/16), NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48) and
-/// Teredo (2001::/32, client address obfuscated). Others are returned as is.
+/// IPv4-translated (::ffff:0:0:0/96, SIIT), IPv4-compatible (::/96,
+/// deprecated but routable on some stacks), 6to4 (2002::/16), NAT64
+/// (64:ff9b::/96) and Teredo (2001::/32, client address obfuscated). Others
+/// are returned as is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else { return ip };
     let s = v6.segments();
@@ -51,12 +72,12 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     match s {
         // ::ffff:a.b.c.d
         [0, 0, 0, 0, 0, 0xffff, _, _] => v4(o[12], o[13], o[14], o[15]),
+        // ::ffff:0:a.b.c.d (RFC 2765 SIIT): a translator delivers it to a.b.c.d
+        [0, 0, 0, 0, 0xffff, 0, _, _] => v4(o[12], o[13], o[14], o[15]),
         // ::a.b.c.d, but not :: and ::1, which are IPv6's own unspecified and loopback
         [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 || lo > 1 => v4(o[12], o[13], o[14], o[15]),
         // 64:ff9b::a.b.c.d (well-known NAT64 prefix)
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => v4(o[12], o[13], o[14], o[15]),
-        // 64:ff9b:1::/48 local-use NAT64: the IPv4 address sits in the last 32 bits
-        [0x64, 0xff9b, 1, ..] => v4(o[12], o[13], o[14], o[15]),
         // 2002:AABB:CCDD::/48 (6to4)
         [0x2002, ..] => v4(o[2], o[3], o[4], o[5]),
         // 2001:0000::/32 Teredo: client IPv4 is the last 32 bits inverted
@@ -97,8 +118,19 @@ fn special_purpose(ip: IpAddr) -> bool {
                 || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])  // 100::/64 discard-only
                 || (s[0] == 0x2001 && s[1] < 0x0200)         // 2001::/23 IETF protocol assignments
                 || s[..6] == [0, 0, 0, 0, 0, 0xffff]         // mapped (only reached if not unwrapped)
+                || s[..3] == [0x64, 0xff9b, 1]               // 64:ff9b:1::/48 local-use NAT64 (RFC 8215)
+                || isatap_v4(&s).is_some_and(|v4| special_purpose(IpAddr::V4(v4)))
                 || (s[0] == 0x5f00) // 5f00::/16 SRv6 SIDs
         }
+    }
+}
+
+/// The IPv4 address in an ISATAP interface identifier (RFC 5214:
+/// `::0:5efe:a.b.c.d`, or `::200:5efe:a.b.c.d` for a global IPv4 address).
+fn isatap_v4(s: &[u16; 8]) -> Option<Ipv4Addr> {
+    match s {
+        [_, _, _, _, 0 | 0x0200, 0x5efe, hi, lo] => Some(Ipv4Addr::from((u32::from(*hi) << 16) | u32::from(*lo))),
+        _ => None,
     }
 }
 
@@ -331,6 +363,58 @@ mod tests {
             p.check(&"198.51.100.10:3478".parse().unwrap()),
             Err(PeerRefusal::ServerOwnPort)
         );
+    }
+
+    /// Every IPv4-embedding form, around every kind of address that must
+    /// stay unreachable, is refused; around a public address the unwrapped
+    /// forms pass and the local-use NAT64 prefix does not.
+    #[test]
+    fn every_ipv4_embedding_of_a_refused_address_is_refused() {
+        let p = policy();
+        let embed = |example: &str, v4: Ipv4Addr| -> IpAddr {
+            let IpAddr::V6(e) = example.parse::<IpAddr>().unwrap() else {
+                panic!()
+            };
+            let mut o = e.octets();
+            if example.starts_with("2001:0:") {
+                // Teredo stores the client address inverted.
+                o[12..].copy_from_slice(&(!u32::from(v4)).to_be_bytes());
+            } else if example.starts_with("2002:") {
+                o[2..6].copy_from_slice(&v4.octets());
+            } else {
+                o[12..].copy_from_slice(&v4.octets());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        };
+        for (form, example) in IPV4_EMBEDDINGS {
+            // The example itself embeds 192.0.2.33 (documentation: refused).
+            assert!(refused(&p, example), "{form}: {example}");
+            for inner in [
+                "127.0.0.1",
+                "169.254.169.254",
+                "10.0.0.1",
+                "172.16.0.1",
+                "192.168.0.1",
+                "100.64.0.1",
+            ] {
+                let a = embed(example, inner.parse().unwrap());
+                assert!(
+                    refused(&p, &a.to_string()),
+                    "{form} around {inner}: {a} must be refused"
+                );
+            }
+            let public = embed(example, "8.8.8.8".parse().unwrap());
+            let expect_refused = form.contains("local-use");
+            assert_eq!(
+                refused(&p, &public.to_string()),
+                expect_refused,
+                "{form} around 8.8.8.8: {public}"
+            );
+        }
+        // The SIIT spellings the attack used.
+        assert!(refused(&p, "::ffff:0:127.0.0.1"));
+        assert!(refused(&p, "::ffff:0:169.254.169.254"));
+        assert_eq!(canonical("::ffff:0:1.2.3.4".parse().unwrap()).to_string(), "1.2.3.4");
     }
 
     #[test]
