@@ -55,7 +55,15 @@ fn main() -> ExitCode {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/etc/turnstile/turnstile.toml"));
         let (method, target) = match cmd {
-            Command::Kick { user } => ("DELETE", format!("/v1/allocations?user={user}")),
+            Command::Kick { user } => (
+                "DELETE",
+                format!(
+                    "/v1/allocations?{}",
+                    form_urlencoded::Serializer::new(String::new())
+                        .append_pair("user", user)
+                        .finish()
+                ),
+            ),
             _ => ("GET", "/v1/allocations".to_owned()),
         };
         return match Config::load(&path)

@@ -224,3 +224,100 @@ fn connects_per_allocation_are_capped() {
     assert!(codes[64..].iter().all(|&c| c == 508), "{codes:?}");
     assert!(server.wait_counter("turnstile_error_responses_total{code=\"508\"}", 6.0));
 }
+
+/// Item 6: the credential API's `ttl` is a positive whole number within the
+/// maximum, or the request is refused; it never falls back to a day.
+#[test]
+fn a_credential_ttl_that_is_not_a_whole_number_in_range_is_refused() {
+    let server = TestServer::start(&config(""));
+    let post = |body: &str| server.admin_request("POST", "/v1/ice-servers", Some(ADMIN_TOKEN), body);
+    for bad in [
+        r#"{"ttl":"300"}"#,
+        r#"{"ttl":300.0}"#,
+        r#"{"ttl":300.5}"#,
+        r#"{"ttl":-300}"#,
+        r#"{"ttl":0}"#,
+        r#"{"ttl":null}"#,
+        r#"{"ttl":604801}"#,
+        r#"{"ttl":18446744073709551616}"#,
+        r#"{"user":42}"#,
+        r#"[300]"#,
+    ] {
+        let (status, body) = post(bad);
+        assert_eq!(status, 400, "{bad} → {body}");
+    }
+    for bad in ["ttl=abc", "ttl=300.0", "ttl=-300", "ttl=+300", "ttl=", "ttl=0"] {
+        let (status, body) = server.admin_request("GET", &format!("/v1/ice-servers?{bad}"), Some(ADMIN_TOKEN), "");
+        assert_eq!(status, 400, "{bad} → {body}");
+    }
+    let before = unix_now();
+    let (status, body) = post(r#"{"ttl":300,"user":"phone-42"}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ttl"], 300);
+    let username = v["iceServers"][0]["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!((before + 300..=unix_now() + 300).contains(&expiry), "{username}");
+    assert_eq!(user, "phone-42");
+    let (status, _) = server.admin_request("GET", "/v1/ice-servers?ttl=60", Some(ADMIN_TOKEN), "");
+    assert_eq!(status, 200);
+}
+
+/// Item 8: names with `+ % & #` (and spaces, non-ASCII) can be kicked, by
+/// the admin API with percent-encoding and by `turnstile kick`.
+#[test]
+fn odd_user_names_can_be_kicked() {
+    let server = TestServer::start(&config(""));
+    // The CLI reads the admin address from the configuration: write the real port.
+    let text = std::fs::read_to_string(server.config_path()).unwrap();
+    std::fs::write(
+        server.config_path(),
+        text.replace(
+            "listen = \"127.0.0.1:0\"\ntoken",
+            &format!("listen = \"{}\"\ntoken", server.admin.unwrap()),
+        ),
+    )
+    .unwrap();
+    let names = [
+        "a+b@example.org",
+        "100%",
+        "x&y=z",
+        "#tag",
+        "two words",
+        "ünïcödé",
+        "a%2Bb",
+    ];
+    let mut clients = Vec::new();
+    for name in names {
+        let user = format!("1999999999:{name}");
+        let mut c = RawClient::connect_as(server.udp[0], &user, &rest::password(REST_SECRET.as_bytes(), &user));
+        assert_eq!(allocate(&mut c), 0, "{name}");
+        clients.push(c);
+    }
+    for (i, name) in names.iter().enumerate() {
+        let user = format!("1999999999:{name}");
+        let out = if i % 2 == 0 {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+                .args(["--config", server.config_path().to_str().unwrap(), "kick", &user])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        } else {
+            let encoded: String = user.bytes().map(|b| format!("%{b:02X}")).collect();
+            let (status, body) = server.admin_request(
+                "DELETE",
+                &format!("/v1/allocations?user={encoded}"),
+                Some(ADMIN_TOKEN),
+                "",
+            );
+            assert_eq!(status, 200);
+            body
+        };
+        assert_eq!(out, r#"{"deleted":1}"#, "kick {user:?}");
+    }
+    for mut c in clients {
+        let r = c.request(Method::REFRESH, true, |_| {});
+        assert_eq!(code(&r), 437, "the allocation is gone");
+    }
+}

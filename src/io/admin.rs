@@ -101,24 +101,30 @@ impl CredentialApi {
             json!({})
         } else {
             match serde_json::from_slice(&req.body) {
-                Ok(v) => v,
+                Ok(v @ serde_json::Value::Object(_)) => v,
+                Ok(_) => return Response::json(400, json!({"error": "body is not a JSON object"}).to_string()),
                 Err(_) => return Response::json(400, json!({"error": "body is not JSON"}).to_string()),
             }
         };
-        let ttl = body
-            .get("ttl")
-            .and_then(serde_json::Value::as_u64)
-            .or_else(|| req.query_param("ttl").and_then(|t| t.parse().ok()))
-            .unwrap_or(DEFAULT_TTL);
-        if ttl == 0 || ttl > MAX_TTL {
-            return Response::json(400, json!({"error": format!("ttl must be 1..={MAX_TTL}")}).to_string());
-        }
-        let user = body
-            .get("user")
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-            .or_else(|| req.query_param("user"))
-            .unwrap_or_else(|| "turnstile".to_owned());
+        // A ttl that is named must be a whole number of seconds in range: a
+        // string, a fraction or a negative number is an error, never the
+        // default (a caller asking for 300 s must not get a day).
+        let ttl = match (body.get("ttl"), req.query_param("ttl")) {
+            (Some(v), _) => v.as_u64(),
+            (None, Some(q)) => q.parse::<u64>().ok().filter(|_| q.bytes().all(|b| b.is_ascii_digit())),
+            (None, None) => Some(DEFAULT_TTL),
+        };
+        let Some(ttl) = ttl.filter(|t| (1..=MAX_TTL).contains(t)) else {
+            return Response::json(
+                400,
+                json!({"error": format!("ttl must be a whole number of seconds, 1..={MAX_TTL}")}).to_string(),
+            );
+        };
+        let user = match body.get("user") {
+            Some(serde_json::Value::String(u)) => u.clone(),
+            Some(_) => return Response::json(400, json!({"error": "user must be a string"}).to_string()),
+            None => req.query_param("user").unwrap_or_else(|| "turnstile".to_owned()),
+        };
         if user.len() > 200 || user.chars().any(char::is_control) {
             return Response::json(400, json!({"error": "bad user"}).to_string());
         }

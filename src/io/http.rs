@@ -29,12 +29,13 @@ pub struct Request {
 }
 
 impl Request {
-    /// A query parameter's value (no percent-decoding beyond `+`).
+    /// A query parameter's value, decoded as a form would encode it (`%XX`
+    /// escapes, `+` for a space): a name with `+`, `%`, `&` or `#` arrives
+    /// intact when the caller encoded it.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.replace('+', " "))
-        })
+        form_urlencoded::parse(self.query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     }
 }
 
