@@ -7,4 +7,5 @@
 pub mod config;
 pub mod coturn_import;
 pub mod io;
+pub mod logging;
 pub mod proto;

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         },
         None => (Config::demo(), true),
     };
-    let log = init_logging(&config.log.level, config.log.format);
+    let log = turnstile::logging::init(&config.log.level, config.log.format);
     match run(config, demo, cli.config.clone(), log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -198,35 +198,7 @@ fn admin_call(config: &Config, method: &str, target: &str) -> Result<String, Str
     }
 }
 
-type LogHandle = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
-
-/// Logs to stderr (journald under systemd); the level can change on reload.
-fn init_logging(level: &str, format: turnstile::config::LogFormat) -> LogHandle {
-    use std::io::IsTerminal;
-    use tracing_subscriber::prelude::*;
-    // TURNSTILE_LOG, then RUST_LOG, override the configured level.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TURNSTILE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    // Colours only for a person at a terminal, never in journald or files.
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        turnstile::config::LogFormat::Json => {
-            registry
-                .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
-                .init();
-        }
-        turnstile::config::LogFormat::Text => {
-            let fmt = tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr);
-            registry.with(fmt).init();
-        }
-    }
-    handle
-}
+use turnstile::logging::LogHandle;
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
     // Outside systemd NOTIFY_SOCKET is unset and this does nothing.

@@ -321,3 +321,41 @@ fn odd_user_names_can_be_kicked() {
         assert_eq!(code(&r), 437, "the allocation is gone");
     }
 }
+
+/// Item 7: an attacker-chosen user name (a REST name a backend signed
+/// without filtering) cannot forge a log line, move the cursor or pose as
+/// another field, in the text format or in JSON.
+#[test]
+fn user_names_cannot_forge_log_lines() {
+    let forged = "2026-01-01T00:00:00.000000Z  INFO turnstile: allocation created client=6.6.6.6:1";
+    let user = format!("1999999999:mallory\n{forged}\r\u{1b}[2K client=6.6.6.6:2");
+    for format in ["text", "json"] {
+        let server = TestServer::start(&config(&format!("[log]\nformat = \"{format}\"")));
+        let mut c = RawClient::connect_as(server.udp[0], &user, &rest::password(REST_SECRET.as_bytes(), &user));
+        assert_eq!(allocate(&mut c), 0);
+        let line = server.wait_line("mallory").expect("the allocation is logged");
+        assert!(!line.contains('\r') && !line.contains('\u{1b}'), "{format}: {line:?}");
+        assert!(
+            line.contains("6.6.6.6:1"),
+            "the whole name is on the one line: {line:?}"
+        );
+        match format {
+            "text" => {
+                assert!(line.contains(r#"user="1999999999:mallory\n2026-01-01"#), "{line}");
+                // The real client address is a field of its own; the forged one is inside the quotes.
+                let client = c.socket.local_addr().unwrap();
+                assert!(line.contains(&format!("client={client}")), "{line}");
+            }
+            _ => {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object a line");
+                assert_eq!(v["fields"]["user"], user.as_str(), "{line}");
+            }
+        }
+        // No line of its own starts with the forged text.
+        let own_line = server.wait_line_for(
+            "INFO turnstile: allocation created client=6.6.6.6",
+            Duration::from_secs(2),
+        );
+        assert!(own_line.is_none(), "{own_line:?}");
+    }
+}

@@ -144,20 +144,28 @@ impl TestServer {
                 .log
                 .recv_timeout(left)
                 .expect("turnstile did not report its listeners in time");
+            // An address runs to the first character no address has (the
+            // line may be JSON).
+            let addr = |rest: &str| -> SocketAddr {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c)))
+                    .unwrap_or(rest.len());
+                rest[..end].parse().unwrap()
+            };
             if let Some(a) = line.split("listening udp ").nth(1) {
-                server.udp.push(a.trim().parse().unwrap());
+                server.udp.push(addr(a));
             }
             if let Some(a) = line.split("listening tcp ").nth(1) {
-                server.tcp.push(a.trim().parse().unwrap());
+                server.tcp.push(addr(a));
             }
             if let Some(a) = line.split("listening tls ").nth(1) {
-                server.tls.push(a.trim().parse().unwrap());
+                server.tls.push(addr(a));
             }
             if let Some(a) = line.split("admin listening on http://").nth(1) {
-                server.admin = Some(a.trim().parse().unwrap());
+                server.admin = Some(addr(a));
             }
             if let Some(a) = line.split("metrics listening on http://").nth(1) {
-                server.metrics = Some(a.trim().trim_end_matches("/metrics").parse().unwrap());
+                server.metrics = Some(addr(a));
             }
         }
         server
@@ -260,6 +268,25 @@ impl TestServer {
         {
             if let Some(rest) = line.split(needle).nth(1) {
                 return Some(rest.trim().to_owned());
+            }
+        }
+        None
+    }
+
+    /// Waits for a log line containing `needle` and returns all of it.
+    pub fn wait_line(&self, needle: &str) -> Option<String> {
+        self.wait_line_for(needle, Duration::from_secs(10))
+    }
+
+    /// Like `wait_line`, waiting at most `limit`.
+    pub fn wait_line_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains(needle) {
+                return Some(line);
             }
         }
         None
