@@ -39,6 +39,10 @@ pub fn init(level: &str, format: crate::config::LogFormat) -> LogHandle {
                 if field.name() == "message" {
                     escape_into(&text, &mut out);
                     w.write_str(&out)
+                } else if is_string_literal(&text) {
+                    // A string field, already quoted and escaped by Debug.
+                    escape_into(&text, &mut out);
+                    write!(w, "{}={out}", field.name())
                 } else {
                     field_value_into(&text, &mut out);
                     write!(w, "{}={out}", field.name())
@@ -82,6 +86,24 @@ pub fn escape_into(s: &str, out: &mut String) {
             c => out.push(c),
         }
     }
+}
+
+/// Whether `s` is a quoted string as `Debug` writes one: every quote and
+/// backslash inside is escaped, so it stays one value.
+fn is_string_literal(s: &str) -> bool {
+    let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return false;
+    };
+    let mut escaped = false;
+    for c in inner.chars() {
+        match (escaped, c) {
+            (true, _) => escaped = false,
+            (false, '\\') => escaped = true,
+            (false, '"') => return false,
+            _ => {}
+        }
+    }
+    !escaped
 }
 
 /// Appends a field value: as it is when it is one plain word, else quoted
@@ -138,5 +160,9 @@ mod tests {
         assert_eq!(field_value("1:x client=6.6.6.6"), "\"1:x client=6.6.6.6\"");
         assert_eq!(field_value("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
         assert_eq!(field_value(""), "\"\"");
+        assert!(is_string_literal(r#""udp""#));
+        assert!(is_string_literal(r#""a\"b""#));
+        assert!(!is_string_literal(r#""x" client=1 "y""#));
+        assert!(!is_string_literal(r#""x\""#));
     }
 }

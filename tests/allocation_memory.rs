@@ -30,6 +30,8 @@ users = { alice = "secret" }
 
 [limits]
 user_quota = 0
+# Two thousand clients on one address, each meeting its 401 first.
+unauthenticated_rate = 0
 
 [log]
 level = "error"
@@ -53,22 +55,25 @@ fn an_idle_allocation_holds_little_heap() {
         .collect();
     let mut buf = [0u8; 512];
     let mut answer = [0u8; 1500];
-    // The nonce, from one challenge; nonces are bound to the client's address only.
-    let n = {
-        let mut w = MessageWriter::new(&mut buf, Class::Request, Method::ALLOCATE, TransactionId([1; 12])).unwrap();
-        w.requested_transport(17).unwrap();
-        w.finish()
+    // Each client's nonce, from its own challenge (a nonce is good on its 5-tuple only).
+    let challenge = |s: &UdpSocket, buf: &mut [u8], answer: &mut [u8]| -> String {
+        let n = {
+            let mut w = MessageWriter::new(buf, Class::Request, Method::ALLOCATE, TransactionId([1; 12])).unwrap();
+            w.requested_transport(17).unwrap();
+            w.finish()
+        };
+        s.send(&buf[..n]).unwrap();
+        let len = s.recv(answer).unwrap();
+        Message::parse(&answer[..len])
+            .unwrap()
+            .nonce()
+            .unwrap()
+            .unwrap()
+            .to_owned()
     };
-    sockets[0].send(&buf[..n]).unwrap();
-    let len = sockets[0].recv(&mut answer).unwrap();
-    let nonce = Message::parse(&answer[..len])
-        .unwrap()
-        .nonce()
-        .unwrap()
-        .unwrap()
-        .to_owned();
 
     let allocate = |s: &UdpSocket, i: usize, buf: &mut [u8], answer: &mut [u8]| {
+        let nonce = challenge(s, buf, answer);
         let mut tid = [2u8; 12];
         tid[..8].copy_from_slice(&(i as u64).to_be_bytes());
         let mut w = MessageWriter::new(buf, Class::Request, Method::ALLOCATE, TransactionId(tid)).unwrap();

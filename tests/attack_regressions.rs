@@ -88,16 +88,6 @@ fn an_idle_udp_listener_judges_requests_by_their_arrival_time() {
         401,
         "a REST credential 5 s past its expiry allocates on an idle UDP listener"
     );
-
-    // Idle again; then a nonce issued over TCP (fresh) is used over UDP: it
-    // must not look as if it came from the future. (The client's own
-    // unsigned Allocate goes before the idle period, so the signed one is
-    // the first datagram after it.)
-    let mut udp_client = RawClient::connect(udp);
-    std::thread::sleep(Duration::from_secs(7));
-    let via_tcp = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
-    udp_client.nonce = via_tcp.nonce.clone();
-    assert_eq!(allocate(&mut udp_client), 0, "a fresh TCP nonce is refused over UDP");
 }
 
 /// Item 1, the permission half: after an idle period a permission is born
@@ -358,4 +348,52 @@ fn user_names_cannot_forge_log_lines() {
         );
         assert!(own_line.is_none(), "{own_line:?}");
     }
+}
+
+/// Item 9: a signed Allocate captured on the wire and replayed byte for
+/// byte from another port or transport of the same address (another user
+/// behind the same NAT) is refused with 438, not charged to the victim.
+#[test]
+fn a_captured_signed_request_replayed_from_another_port_is_stale() {
+    use std::io::Write;
+    use turnstile::proto::stun::{MessageWriter, TransactionId};
+    let server = TestServer::start(&config(""));
+    let victim = RawClient::connect(server.udp[0]);
+    let mut buf = [0u8; 512];
+    let n = {
+        let mut w = MessageWriter::new(&mut buf, Class::Request, Method::ALLOCATE, TransactionId([7; 12])).unwrap();
+        w.requested_transport(17).unwrap();
+        w.username("alice").unwrap();
+        w.realm("test.local").unwrap();
+        w.nonce(&victim.nonce).unwrap();
+        w.message_integrity(victim.key.hmac_sha1()).unwrap();
+        w.finish()
+    };
+    let captured = buf[..n].to_vec();
+
+    let attacker = common::udp_client();
+    attacker.send_to(&captured, server.udp[0]).unwrap();
+    let mut answer = [0u8; 1500];
+    let len = attacker.recv(&mut answer).unwrap();
+    assert_eq!(code(&answer[..len]), 438, "replayed from another UDP port");
+
+    let mut tcp = TcpStream::connect(server.tcp[0]).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp.write_all(&captured).unwrap();
+    let mut head = [0u8; 20];
+    tcp.read_exact(&mut head).unwrap();
+    let mut m = head.to_vec();
+    m.resize(20 + u16::from_be_bytes([head[2], head[3]]) as usize, 0);
+    tcp.read_exact(&mut m[20..]).unwrap();
+    assert_eq!(code(&m), 438, "replayed over TCP");
+
+    // On its own 5-tuple the request is good.
+    victim.socket.send_to(&captured, server.udp[0]).unwrap();
+    let len = victim.socket.recv(&mut answer).unwrap();
+    assert_eq!(code(&answer[..len]), 0);
+    let (_, body) = server.admin_request("GET", "/v1/allocations", Some(ADMIN_TOKEN), "");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = v["allocations"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{body}");
+    assert_eq!(list[0]["client"], victim.socket.local_addr().unwrap().to_string());
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use proptest::prelude::*;
 use std::sync::Arc;
-use turnstile::proto::auth::{NonceKey, RestUsername};
+use turnstile::proto::auth::{NonceBinding, NonceKey, NonceScope, RestUsername};
 use turnstile::proto::channel_data::ChannelData;
 use turnstile::proto::framer::StreamFramer;
 
@@ -37,7 +37,8 @@ fn read_everything(bytes: &[u8]) {
     let _ = StreamFramer::default().next_frame(bytes);
     let text = String::from_utf8_lossy(bytes);
     let client: SocketAddr = "192.0.2.1:1000".parse().unwrap();
-    let _ = NonceKey::new(&[0; 32]).validate(&text, 1000, &client, 600);
+    let scope = NonceScope { client, listener: 0 };
+    let _ = NonceKey::new(&[0; 32]).validate(&text, 1000, &scope, NonceBinding::FiveTuple, 600);
     let _ = RestUsername::parse(&text);
     let mut out = [0u8; 1500];
     let _ = test_server().handle_client_packet(now(), key(client), bytes, &mut out);

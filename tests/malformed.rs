@@ -699,13 +699,9 @@ unauthenticated_rate = 0
         })
     };
 
-    // A nonce and key for signed cases (nonces are bound to the client's address only).
+    // The key for signed cases; each connection fetches its own nonce
+    // (a nonce is good on the 5-tuple it was issued to).
     let key = LongTermKey::derive(PasswordAlgorithm::Md5, "alice", "test.local", "secret");
-    let mut probe = RawClient::connect(udp_addr);
-    let nonce = {
-        let r = probe.request(Method::REFRESH, false, |_| {});
-        Message::parse(&r).unwrap().nonce().unwrap().unwrap().to_owned()
-    };
 
     let cases = cases();
     assert!(cases.len() >= 50, "{} cases", cases.len());
@@ -717,7 +713,7 @@ unauthenticated_rate = 0
                 continue;
             }
             let mut ctx = Ctx {
-                nonce: nonce.clone(),
+                nonce: String::new(),
                 key: key.clone(),
                 peer: echo_addr,
                 seq: 0,
@@ -727,6 +723,10 @@ unauthenticated_rate = 0
                 "tcp" => tcp(tcp_addr),
                 _ => tls(tls_addr, &cert_der),
             };
+            let probe = ctx.req(Method::REFRESH, false, |_| {});
+            conn.send(&probe);
+            let challenge = conn.recv(Duration::from_secs(2)).expect("401 with a nonce");
+            ctx.nonce = Message::parse(&challenge).unwrap().nonce().unwrap().unwrap().to_owned();
             if case.allocated {
                 prepare(conn.as_mut(), &mut ctx);
             }

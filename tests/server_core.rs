@@ -878,6 +878,10 @@ fn other_five_tuples_do_not_share_an_allocation() {
         listener: ListenerId(1),
         client: h.key.client,
     };
+    // The first 5-tuple's nonce is no good here.
+    let req = h.signed(Method::REFRESH, &c, |_| {});
+    assert_eq!(code(&h.exchange(&req)), 438);
+    let c = h.creds("alice", "secret");
     let req = h.signed(Method::REFRESH, &c, |_| {});
     assert_eq!(code(&h.exchange(&req)), 437);
     let req = h.signed(Method::CREATE_PERMISSION, &c, |w| {
@@ -902,11 +906,12 @@ fn tcp_allocations_connect_and_connection_bind() {
     let c = h.creds("alice", "secret");
     let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
     assert_eq!(code(&h.exchange(&req)), 0);
-    let req = h.signed(Method::ALLOCATE, &c, |w| {
+    h.key.client.set_port(40100);
+    let other = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &other, |w| {
         w.requested_transport(6).unwrap();
         w.even_port(false).unwrap();
     });
-    h.key.client.set_port(40100);
     assert_eq!(code(&h.exchange(&req)), 400, "EVEN-PORT makes no sense for TCP");
     h.key = control;
 

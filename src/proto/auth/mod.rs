@@ -5,5 +5,5 @@ pub mod nonce;
 pub mod rest;
 
 pub use long_term::{LongTermKey, PasswordAlgorithm, prepare_password, userhash};
-pub use nonce::{Nonce, NonceError, NonceKey, SecurityFeatures};
+pub use nonce::{Nonce, NonceBinding, NonceError, NonceKey, NonceScope, SecurityFeatures};
 pub use rest::{RestError, RestSecrets, RestUsername};

@@ -1,8 +1,14 @@
 //! Stateless nonces (RFC 8489 §9.2): the server keeps no per-client state.
-//! A nonce carries its issue time and a MAC over (issue time, client IP
-//! address, security features) under a server key; the port is left out so
-//! a client's several TCP connections (RFC 6062 data connections) share it; a nonce that fails the MAC or is
-//! older than its lifetime is stale (438).
+//! A nonce carries its issue time, the listener and client port it was
+//! issued to, and a MAC over (issue time, client IP address, port,
+//! listener, security features) under a server key. It is good on the
+//! 5-tuple it was issued to only, so a signed request captured on the wire
+//! and replayed from another port or transport of the same address (another
+//! user behind the same NAT) is stale, as coturn answers it too. The one
+//! exception is ConnectionBind (RFC 6062), which arrives on a new data
+//! connection from another port of the same client: it is checked against
+//! the client's address alone. A nonce that fails the MAC or is older than
+//! its lifetime is stale (438).
 //!
 //! When the server offers RFC 8489's new security features, the nonce starts
 //! with the cookie "obMatJos2" and four base64 characters of the 24-bit
@@ -63,6 +69,23 @@ pub fn nonce_cookie_features(nonce: &str) -> Option<SecurityFeatures> {
     ])))
 }
 
+/// Where a nonce is issued or used: the client's address and port, and the
+/// listener (so the transport) it came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonceScope {
+    pub client: SocketAddr,
+    pub listener: u16,
+}
+
+/// How much of the scope must match when a nonce is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceBinding {
+    /// The same listener, client address and port: every request but one.
+    FiveTuple,
+    /// The same client address (RFC 6062 ConnectionBind on a new connection).
+    Address,
+}
+
 /// Why a nonce is not accepted. Either way the answer is 438 with a fresh one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonceError {
@@ -73,7 +96,8 @@ pub enum NonceError {
 }
 
 const TAG_LEN: usize = 12;
-const BODY_LEN: usize = 8 + TAG_LEN;
+/// Issue time, listener, port, tag.
+const BODY_LEN: usize = 8 + 2 + 2 + TAG_LEN;
 /// base64url without padding of BODY_LEN bytes.
 const BODY_CHARS: usize = (BODY_LEN * 4).div_ceil(3);
 /// Longest nonce we issue.
@@ -120,13 +144,15 @@ impl NonceKey {
         }
     }
 
-    fn tag(&self, issued: u64, client: &SocketAddr, features: SecurityFeatures) -> [u8; TAG_LEN] {
+    fn tag(&self, issued: u64, ip: IpAddr, port: u16, listener: u16, features: SecurityFeatures) -> [u8; TAG_LEN] {
         let mut mac = self.mac.clone();
         mac.update(&issued.to_be_bytes());
-        match client.ip() {
+        match ip {
             IpAddr::V4(ip) => mac.update(&ip.to_ipv6_mapped().octets()),
             IpAddr::V6(ip) => mac.update(&ip.octets()),
         }
+        mac.update(&port.to_be_bytes());
+        mac.update(&listener.to_be_bytes());
         mac.update(&features.bits().to_be_bytes());
         let full = mac.finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
@@ -134,12 +160,17 @@ impl NonceKey {
         tag
     }
 
-    /// Issues a nonce for `client` at `now_unix`; `features` non-empty adds the cookie.
-    pub fn issue(&self, now_unix: u64, client: &SocketAddr, features: SecurityFeatures) -> Nonce {
+    /// Issues a nonce for `scope` at `now_unix`; `features` non-empty adds the cookie.
+    pub fn issue(&self, now_unix: u64, scope: &NonceScope, features: SecurityFeatures) -> Nonce {
+        let port = scope.client.port();
         let mut body = [0u8; BODY_LEN];
-        let (time, tag) = body.split_at_mut(8);
+        let (time, rest) = body.split_at_mut(8);
+        let (listener, rest) = rest.split_at_mut(2);
+        let (port_bytes, tag) = rest.split_at_mut(2);
         time.copy_from_slice(&now_unix.to_be_bytes());
-        tag.copy_from_slice(&self.tag(now_unix, client, features));
+        listener.copy_from_slice(&scope.listener.to_be_bytes());
+        port_bytes.copy_from_slice(&port.to_be_bytes());
+        tag.copy_from_slice(&self.tag(now_unix, scope.client.ip(), port, scope.listener, features));
 
         let mut n = Nonce {
             bytes: [0; MAX_NONCE_LEN],
@@ -166,7 +197,8 @@ impl NonceKey {
         &self,
         nonce: &str,
         now_unix: u64,
-        client: &SocketAddr,
+        scope: &NonceScope,
+        binding: NonceBinding,
         lifetime_secs: u64,
     ) -> Result<SecurityFeatures, NonceError> {
         let (features, body) = match nonce_cookie_features(nonce) {
@@ -188,8 +220,16 @@ impl NonceKey {
                 .and_then(|b| b.try_into().ok())
                 .ok_or(NonceError::Invalid)?,
         );
-        let tag = raw.get(8..BODY_LEN).ok_or(NonceError::Invalid)?;
-        if !integrity::ct_eq(tag, &self.tag(issued, client, features)) {
+        let field = |at: usize| raw.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let listener = field(8).ok_or(NonceError::Invalid)?;
+        let port = field(10).ok_or(NonceError::Invalid)?;
+        let tag = raw.get(12..BODY_LEN).ok_or(NonceError::Invalid)?;
+        if !integrity::ct_eq(tag, &self.tag(issued, scope.client.ip(), port, listener, features)) {
+            return Err(NonceError::Invalid);
+        }
+        if binding == NonceBinding::FiveTuple && (listener != scope.listener || port != scope.client.port()) {
+            // Ours, but issued to another 5-tuple: a replay, or a client
+            // that moved. Either way it gets a nonce of its own.
             return Err(NonceError::Invalid);
         }
         // A nonce from the future means a clock step back or a forged time: stale.
@@ -208,42 +248,105 @@ mod tests {
         NonceKey::new(&[42; 32])
     }
 
+    fn scope(client: &str, listener: u16) -> NonceScope {
+        NonceScope {
+            client: client.parse().unwrap(),
+            listener,
+        }
+    }
+
+    const STRICT: NonceBinding = NonceBinding::FiveTuple;
+
     #[test]
     fn round_trip_and_staleness() {
-        let c: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let c = scope("192.0.2.7:5000", 0);
         let n = key().issue(1000, &c, SecurityFeatures::NONE);
         assert!(!n.as_str().starts_with(NONCE_COOKIE));
-        assert_eq!(key().validate(n.as_str(), 1000, &c, 600), Ok(SecurityFeatures::NONE));
-        assert_eq!(key().validate(n.as_str(), 1599, &c, 600), Ok(SecurityFeatures::NONE));
-        assert_eq!(key().validate(n.as_str(), 1600, &c, 600), Err(NonceError::Expired));
-        assert_eq!(key().validate(n.as_str(), 900, &c, 600), Err(NonceError::Expired));
-        let same_host: SocketAddr = "192.0.2.7:5001".parse().unwrap();
         assert_eq!(
-            key().validate(n.as_str(), 1000, &same_host, 600),
+            key().validate(n.as_str(), 1000, &c, STRICT, 600),
             Ok(SecurityFeatures::NONE)
         );
-        let other: SocketAddr = "192.0.2.8:5000".parse().unwrap();
-        assert_eq!(key().validate(n.as_str(), 1000, &other, 600), Err(NonceError::Invalid));
         assert_eq!(
-            NonceKey::new(&[1; 32]).validate(n.as_str(), 1000, &c, 600),
+            key().validate(n.as_str(), 1599, &c, STRICT, 600),
+            Ok(SecurityFeatures::NONE)
+        );
+        assert_eq!(
+            key().validate(n.as_str(), 1600, &c, STRICT, 600),
+            Err(NonceError::Expired)
+        );
+        assert_eq!(
+            key().validate(n.as_str(), 900, &c, STRICT, 600),
+            Err(NonceError::Expired)
+        );
+        let other = scope("192.0.2.8:5000", 0);
+        assert_eq!(
+            key().validate(n.as_str(), 1000, &other, STRICT, 600),
             Err(NonceError::Invalid)
         );
-        assert_eq!(key().validate("garbage", 1000, &c, 600), Err(NonceError::Invalid));
-        assert_eq!(key().validate("", 1000, &c, 600), Err(NonceError::Invalid));
+        assert_eq!(
+            NonceKey::new(&[1; 32]).validate(n.as_str(), 1000, &c, STRICT, 600),
+            Err(NonceError::Invalid)
+        );
+        assert_eq!(
+            key().validate("garbage", 1000, &c, STRICT, 600),
+            Err(NonceError::Invalid)
+        );
+        assert_eq!(key().validate("", 1000, &c, STRICT, 600), Err(NonceError::Invalid));
+    }
+
+    #[test]
+    fn a_nonce_is_good_on_its_own_five_tuple_only() {
+        let c = scope("192.0.2.7:5000", 1);
+        let n = key().issue(1000, &c, SecurityFeatures::NONE);
+        // Another port of the same address, or another listener (transport): stale.
+        for elsewhere in [scope("192.0.2.7:5001", 1), scope("192.0.2.7:5000", 0)] {
+            assert_eq!(
+                key().validate(n.as_str(), 1000, &elsewhere, STRICT, 600),
+                Err(NonceError::Invalid),
+                "{elsewhere:?}"
+            );
+            // ConnectionBind on a new data connection of the same client is fine.
+            assert_eq!(
+                key().validate(n.as_str(), 1000, &elsewhere, NonceBinding::Address, 600),
+                Ok(SecurityFeatures::NONE)
+            );
+        }
+        assert_eq!(
+            key().validate(
+                n.as_str(),
+                1000,
+                &scope("192.0.2.8:5000", 1),
+                NonceBinding::Address,
+                600
+            ),
+            Err(NonceError::Invalid)
+        );
+        // The port and listener in the nonce are under the MAC.
+        let mut raw = [0u8; BODY_LEN];
+        URL_SAFE_NO_PAD.decode_slice(n.as_str(), &mut raw).unwrap();
+        raw[11] ^= 1;
+        let moved = URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(
+            key().validate(&moved, 1000, &scope("192.0.2.7:5001", 1), STRICT, 600),
+            Err(NonceError::Invalid)
+        );
     }
 
     #[test]
     fn cookie_carries_features_under_the_mac() {
-        let c: SocketAddr = "[2001:db8::1]:5000".parse().unwrap();
+        let c = scope("[2001:db8::1]:5000", 0);
         let f = SecurityFeatures::PASSWORD_ALGORITHMS.union(SecurityFeatures::USERNAME_ANONYMITY);
         let n = key().issue(1000, &c, f);
         assert!(n.as_str().starts_with("obMatJos2wAAA"), "{}", n.as_str());
         assert_eq!(n.as_str().len(), MAX_NONCE_LEN);
         assert_eq!(nonce_cookie_features(n.as_str()), Some(f));
-        assert_eq!(key().validate(n.as_str(), 1001, &c, 600), Ok(f));
+        assert_eq!(key().validate(n.as_str(), 1001, &c, STRICT, 600), Ok(f));
         // Clearing the password-algorithms bit (a bid-down) breaks the MAC.
         let tampered = n.as_str().replacen("obMatJos2wAAA", "obMatJos2QAAA", 1);
-        assert_eq!(key().validate(&tampered, 1001, &c, 600), Err(NonceError::Invalid));
+        assert_eq!(
+            key().validate(&tampered, 1001, &c, STRICT, 600),
+            Err(NonceError::Invalid)
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 
 use rustc_hash::FxHashMap;
 
-use super::super::auth::nonce::{NonceError, NonceKey, SecurityFeatures, nonce_cookie_features};
+use super::super::auth::nonce::{
+    NonceBinding, NonceError, NonceKey, NonceScope, SecurityFeatures, nonce_cookie_features,
+};
 use super::super::auth::{LongTermKey, PasswordAlgorithm, RestError, RestSecrets, prepare_password, userhash};
 use crate::proto::stun::attr::{Attribute, password_algorithm};
 use crate::proto::stun::{IntegrityError, Message, MessageWriter, kind};
-use std::net::SocketAddr;
 
 /// What the server offers in PASSWORD-ALGORITHMS, in preference order.
 pub const OFFERED_ALGORITHMS: [(u16, &[u8]); 2] = [(password_algorithm::SHA256, &[]), (password_algorithm::MD5, &[])];
@@ -158,10 +159,10 @@ impl Credentials {
     pub fn write_challenge(
         &self,
         w: &mut MessageWriter<'_>,
-        client: &SocketAddr,
+        scope: &NonceScope,
         now_unix: u64,
     ) -> Result<(), crate::proto::stun::BufferTooSmall> {
-        let nonce = self.nonce_key.issue(now_unix, client, self.features);
+        let nonce = self.nonce_key.issue(now_unix, scope, self.features);
         w.realm(&self.realm)?;
         w.nonce(nonce.as_str())?;
         w.password_algorithms(&OFFERED_ALGORITHMS)
@@ -173,7 +174,7 @@ impl Credentials {
     pub fn authenticate<'r, 's: 'r, 'm: 'r>(
         &'s self,
         msg: &Message<'m>,
-        client: &SocketAddr,
+        scope: &NonceScope,
         now_unix: u64,
         known: Option<(&str, &LongTermKey, PasswordAlgorithm)>,
     ) -> Result<Authenticated<'r>, AuthFailure> {
@@ -197,9 +198,15 @@ impl Credentials {
         let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
             return Err(AuthFailure::MissingAttributes);
         };
+        // RFC 6062 data connections come from another port of the client.
+        let binding = if msg.method() == crate::proto::stun::Method::CONNECTION_BIND {
+            NonceBinding::Address
+        } else {
+            NonceBinding::FiveTuple
+        };
         let features = self
             .nonce_key
-            .validate(nonce, now_unix, client, self.nonce_lifetime)
+            .validate(nonce, now_unix, scope, binding, self.nonce_lifetime)
             .map_err(AuthFailure::StaleNonce)?;
         let algorithm = self.algorithm(msg, features)?;
         if realm != self.realm {

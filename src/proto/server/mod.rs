@@ -878,13 +878,17 @@ impl Server {
             .map(|a| (a.username.as_str(), &a.credential, a.algorithm));
         // A handle of our own, so the result may borrow from it while `self` changes.
         let creds = Arc::clone(&self.credentials);
-        let authed = match creds.authenticate(&msg, &key.client, now.unix, known) {
+        let scope = crate::proto::auth::NonceScope {
+            client: key.client,
+            listener: key.listener.0,
+        };
+        let authed = match creds.authenticate(&msg, &scope, now.unix, known) {
             Ok(a) => a,
             Err(f) => {
                 self.stats.count_auth_failure(f);
                 return write_or_drop(error_response(&msg, f.code(), f.reason(), None, out, |w| {
                     if f.sends_nonce() {
-                        creds.write_challenge(w, &key.client, now.unix)
+                        creds.write_challenge(w, &scope, now.unix)
                     } else {
                         Ok(())
                     }
