@@ -220,7 +220,11 @@ impl NonceKey {
                 .and_then(|b| b.try_into().ok())
                 .ok_or(NonceError::Invalid)?,
         );
-        let field = |at: usize| raw.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let field = |at: usize| {
+            raw.get(at..at + 2)
+                .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                .map(u16::from_be_bytes)
+        };
         let listener = field(8).ok_or(NonceError::Invalid)?;
         let port = field(10).ok_or(NonceError::Invalid)?;
         let tag = raw.get(12..BODY_LEN).ok_or(NonceError::Invalid)?;
