@@ -235,6 +235,11 @@ pub struct Auth {
     /// Seconds a nonce stays valid before a request gets 438 Stale Nonce.
     #[serde(default = "default_nonce_lifetime")]
     pub nonce_lifetime: u64,
+    /// On a configuration reload, end the allocations whose credentials no
+    /// longer verify (a user removed or given a new password, a REST secret
+    /// taken out). Off: they live on until they expire, as in coturn.
+    #[serde(default)]
+    pub revoke_on_reload: bool,
 }
 
 fn default_nonce_lifetime() -> u64 {
@@ -247,6 +252,7 @@ impl Default for Auth {
             users: BTreeMap::new(),
             secrets: Vec::new(),
             nonce_lifetime: default_nonce_lifetime(),
+            revoke_on_reload: false,
         }
     }
 }

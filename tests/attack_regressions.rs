@@ -397,3 +397,55 @@ fn a_captured_signed_request_replayed_from_another_port_is_stale() {
     assert_eq!(list.len(), 1, "{body}");
     assert_eq!(list[0]["client"], victim.socket.local_addr().unwrap().to_string());
 }
+
+/// Item 10: with `revoke_on_reload`, a reload ends the allocations of a
+/// removed user, a changed password and a withdrawn REST secret, and keeps
+/// the rest; without it (the default) they all live on, as in coturn.
+#[test]
+fn a_reload_can_revoke_allocations_whose_credentials_are_gone() {
+    for revoke in [true, false] {
+        let before = config("").replace(
+            r#"users = { alice = "secret" }"#,
+            &format!(
+                "users = {{ alice = \"secret\", bob = \"pw-bob\", carol = \"pw-carol\" }}\nrevoke_on_reload = {revoke}"
+            ),
+        );
+        let server = TestServer::start(&before);
+        let rest_user = format!("{}:dave", unix_now() + 3600);
+        let mut clients = vec![
+            RawClient::connect_as(server.udp[0], "alice", "secret"),
+            RawClient::connect_as(server.udp[0], "bob", "pw-bob"),
+            RawClient::connect_as(server.udp[0], "carol", "pw-carol"),
+            RawClient::connect_as(
+                server.udp[0],
+                &rest_user,
+                &rest::password(REST_SECRET.as_bytes(), &rest_user),
+            ),
+        ];
+        for c in &mut clients {
+            assert_eq!(allocate(c), 0);
+        }
+        // bob removed, carol's password changed, the REST secret replaced.
+        let after = before
+            .replace(r#", bob = "pw-bob""#, "")
+            .replace("pw-carol", "new-carol")
+            .replace(REST_SECRET, "a-new-rest-secret");
+        std::fs::write(server.config_path(), after).unwrap();
+        server.signal("HUP");
+        assert!(server.wait_log("configuration reloaded"));
+        let (_, body) = server.admin_request("GET", "/v1/allocations", Some(ADMIN_TOKEN), "");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut users: Vec<String> = v["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["user"].as_str().unwrap().to_owned())
+            .collect();
+        users.sort();
+        if revoke {
+            assert_eq!(users, ["alice"], "revoke_on_reload = true");
+        } else {
+            assert_eq!(users.len(), 4, "revoke_on_reload = false: {users:?}");
+        }
+    }
+}

@@ -56,6 +56,7 @@ impl Started {
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Reload {
                 credentials: credentials.clone(),
+                revoke: config.auth.revoke_on_reload,
                 policy: policy.clone(),
                 limits: crate::proto::server::AllocationLimits {
                     max_lifetime: config.limits.max_lifetime,

@@ -30,6 +30,8 @@ use crate::proto::server::{
 pub enum WorkerControl {
     Reload {
         credentials: std::sync::Arc<crate::proto::server::Credentials>,
+        /// End the allocations the new credentials no longer verify.
+        revoke: bool,
         policy: crate::proto::server::PeerPolicy,
         limits: crate::proto::server::AllocationLimits,
         /// Unauthenticated answer budget per source, bandwidth per allocation, per worker.
@@ -729,12 +731,24 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
             WorkerControl::AddUdpListener(_) | WorkerControl::AddStreamListener(_) => {}
             WorkerControl::Reload {
                 credentials,
+                revoke,
                 policy,
                 limits,
                 rates: [unauthenticated, allocation_bandwidth, worker_bandwidth],
                 applied,
             } => {
                 w.server.set_credentials(credentials);
+                if revoke {
+                    let n = w.server.revoke_unverifiable();
+                    if n > 0 {
+                        tracing::info!(
+                            worker = w.index,
+                            allocations = n,
+                            "allocations revoked: credentials changed"
+                        );
+                    }
+                    run_commands(&mut w);
+                }
                 w.server.set_policy(policy);
                 w.server.set_limits(limits);
                 w.server

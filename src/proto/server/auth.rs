@@ -261,6 +261,26 @@ impl Credentials {
         Err(AuthFailure::BadIntegrity)
     }
 
+    /// Whether an allocation made with `key` would still authenticate
+    /// against these credentials: the static user still exists with the same
+    /// password, or a REST secret still in the list gives the same key.
+    pub fn still_verifies(&self, username: &str, algorithm: PasswordAlgorithm, key: &LongTermKey) -> bool {
+        let same = |k: &LongTermKey| crate::proto::stun::integrity::ct_eq(k.as_bytes(), key.as_bytes());
+        if let Some(user) = self.users.get(username) {
+            return same(match algorithm {
+                PasswordAlgorithm::Md5 => &user.md5,
+                PasswordAlgorithm::Sha256 => &user.sha256,
+            });
+        }
+        if crate::proto::auth::RestUsername::parse(username).is_none() {
+            return false;
+        }
+        self.rest.passwords(username).any(|password| {
+            let password = std::str::from_utf8(&password).unwrap_or_default();
+            same(&LongTermKey::derive(algorithm, username, &self.realm, password))
+        })
+    }
+
     fn userhash_name(&self, hash: &[u8; 32]) -> Option<&str> {
         self.userhashes.get(hash).map(String::as_str)
     }

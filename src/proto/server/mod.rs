@@ -659,6 +659,24 @@ impl Server {
 
     /// Deletes the allocations of `user` and/or of client address `client`
     /// (admin API); returns how many.
+    /// Ends every allocation whose credential no longer verifies against
+    /// the current credentials (a user removed or given a new password, a
+    /// REST secret taken out of the list); returns how many.
+    pub fn revoke_unverifiable(&mut self) -> usize {
+        let creds = Arc::clone(&self.credentials);
+        let ids: Vec<usize> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| !creds.still_verifies(&a.username, a.algorithm, &a.credential))
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &ids {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id, EndReason::Revoked);
+        }
+        ids.len()
+    }
+
     pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
         let ids: Vec<usize> = self
             .allocations
