@@ -1049,3 +1049,55 @@ fn peer_connections_per_allocation_are_capped_both_ways() {
             .is_ok()
     );
 }
+
+#[test]
+fn a_reservation_token_is_the_users_own_and_ends_with_the_reservation() {
+    let mut h = Harness::new();
+    let mut port = 40100;
+    // Allocates with EVEN-PORT R=1 as `user`; returns the token.
+    let reserve = |h: &mut Harness, port: &mut u16| -> [u8; 8] {
+        *port += 1;
+        h.key.client.set_port(*port);
+        let c = h.creds("alice", "secret");
+        let req = h.signed(Method::ALLOCATE, &c, |w| {
+            w.requested_transport(17).unwrap();
+            w.even_port(true).unwrap();
+        });
+        let resp = h.exchange(&req);
+        let Some(Attribute::ReservationToken(token)) =
+            Message::parse(&resp).unwrap().get(kind::RESERVATION_TOKEN).unwrap()
+        else {
+            panic!("no token")
+        };
+        *token
+    };
+    let redeem = |h: &mut Harness, port: &mut u16, user: &str, password: &str, token: [u8; 8]| -> u16 {
+        *port += 1;
+        h.key.client.set_port(*port);
+        let c = h.creds(user, password);
+        let req = h.signed(Method::ALLOCATE, &c, |w| {
+            w.requested_transport(17).unwrap();
+            w.reservation_token(&token).unwrap();
+        });
+        code(&h.exchange(&req))
+    };
+    let token = reserve(&mut h, &mut port);
+    assert_eq!(
+        redeem(&mut h, &mut port, "bob", "hunter2", token),
+        508,
+        "another user's token"
+    );
+    h.advance(31);
+    assert_eq!(
+        redeem(&mut h, &mut port, "alice", "secret", token),
+        508,
+        "after the reservation ended"
+    );
+    let token = reserve(&mut h, &mut port);
+    h.advance(29);
+    assert_eq!(
+        redeem(&mut h, &mut port, "alice", "secret", token),
+        0,
+        "within the reservation"
+    );
+}

@@ -1130,7 +1130,7 @@ impl Server {
                 self.ports
                     .iter()
                     .enumerate()
-                    .find_map(|(i, p)| p.redeem(&t, now.unix).map(|port| (i, port)))
+                    .find_map(|(i, p)| p.redeem(&t, now.unix, authed.username).map(|port| (i, port)))
                     .ok_or(refuse(508, "Insufficient Capacity", "bad_reservation_token"))?,
             ),
             None => None,
@@ -1311,7 +1311,7 @@ impl Server {
             })
         });
         let reservation_token = match (p.reserve_pair, p.sockets.get(p.primary), self.ports.get(p.primary)) {
-            (true, Some(Some((_, a))), Some(ports)) => Some(ports.token(a.port() + 1, now.unix)),
+            (true, Some(Some((_, a))), Some(ports)) => Some(ports.token(a.port() + 1, now.unix, &p.username)),
             _ => None,
         };
         let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));

@@ -155,32 +155,42 @@ impl RelayPorts {
         self.holds.iter().map(|(d, _)| *d).min()
     }
 
-    /// A RESERVATION-TOKEN for `port`: the port and a MAC over it and the
-    /// current 30-second window, so any worker can redeem it without state.
-    pub fn token(&self, port: u16, now_unix: u64) -> [u8; 8] {
-        let tag = self.tag(port, now_unix / 30);
+    /// A RESERVATION-TOKEN for `port`, for `username`: the port, the low 16
+    /// bits of the Unix second the reservation ends, and a MAC over the
+    /// port, the whole end time and the user, so any worker redeems it
+    /// without state, only for the user it was issued to, and only while
+    /// the reservation lasts.
+    pub fn token(&self, port: u16, now_unix: u64, username: &str) -> [u8; 8] {
+        let ends = now_unix + RESERVATION_LIFETIME.as_secs();
+        let tag = self.tag(port, ends, username);
         let p = port.to_be_bytes();
-        [p[0], p[1], tag[0], tag[1], tag[2], tag[3], tag[4], tag[5]]
+        let e = (ends as u16).to_be_bytes();
+        [p[0], p[1], e[0], e[1], tag[0], tag[1], tag[2], tag[3]]
     }
 
-    /// The port a token reserves, if the token is ours and not older than
-    /// one to two windows.
-    pub fn redeem(&self, token: &[u8; 8], now_unix: u64) -> Option<u16> {
+    /// The port a token reserves, if the token is ours, issued to
+    /// `username` and its reservation has not ended.
+    pub fn redeem(&self, token: &[u8; 8], now_unix: u64, username: &str) -> Option<u16> {
         let port = u16::from_be_bytes([token[0], token[1]]);
-        let window = now_unix / 30;
-        [window, window.saturating_sub(1)]
-            .into_iter()
-            .any(|w| integrity::ct_eq(&self.tag(port, w), &token[2..8]))
-            .then_some(port)
+        let low = u64::from(u16::from_be_bytes([token[2], token[3]]));
+        // The end time is the one with these low bits in the reservation's
+        // span from now: anything else is not a live reservation.
+        let ends = (now_unix & !0xffff) | low;
+        let ends = if ends < now_unix { ends + 0x1_0000 } else { ends };
+        if ends > now_unix + RESERVATION_LIFETIME.as_secs() {
+            return None;
+        }
+        integrity::ct_eq(&self.tag(port, ends, username), &token[4..8]).then_some(port)
     }
 
-    fn tag(&self, port: u16, window: u64) -> [u8; 6] {
+    fn tag(&self, port: u16, ends: u64, username: &str) -> [u8; 4] {
         let mut mac = self.token_key.clone();
         mac.update(&port.to_be_bytes());
-        mac.update(&window.to_be_bytes());
+        mac.update(&ends.to_be_bytes());
+        mac.update(username.as_bytes());
         let full = mac.finalize().into_bytes();
-        let mut t = [0u8; 6];
-        t.copy_from_slice(full.get(..6).unwrap_or(&[0; 6]));
+        let mut t = [0u8; 4];
+        t.copy_from_slice(full.get(..4).unwrap_or(&[0; 4]));
         t
     }
 }
@@ -190,4 +200,27 @@ fn gcd(mut a: u32, mut b: u32) -> u32 {
         (a, b) = (b, a % b);
     }
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_live_as_long_as_the_reservation_across_the_16_bit_wrap() {
+        let ports = RelayPorts::new(50000, 50999, &[3; 32]);
+        for issued in [1_000_000u64, 0x1_ffff - 10, 0x2_0000 - 30, 0x2_0000] {
+            let t = ports.token(50001, issued, "alice");
+            for later in 0..=30 {
+                assert_eq!(
+                    ports.redeem(&t, issued + later, "alice"),
+                    Some(50001),
+                    "{issued}+{later}"
+                );
+            }
+            assert_eq!(ports.redeem(&t, issued + 31, "alice"), None);
+            assert_eq!(ports.redeem(&t, issued, "mallory"), None);
+            assert_eq!(ports.redeem(&t, issued.saturating_sub(65536), "alice"), None);
+        }
+    }
 }
