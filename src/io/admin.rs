@@ -21,10 +21,18 @@ pub const DEFAULT_TTL: u64 = 24 * 3600;
 /// What the credential API needs to know.
 #[derive(Debug, Clone)]
 pub struct CredentialApi {
-    token: String,
+    /// SHA-256 of the bearer token: a presented token is hashed and the two
+    /// fixed-size digests compared in constant time, so neither the bytes
+    /// nor the length of the token show in the time an answer takes.
+    token_digest: [u8; 32],
     secret: Option<String>,
     stun: Vec<String>,
     turn: Vec<String>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// Host part of a URL for a listener.
@@ -67,7 +75,7 @@ impl CredentialApi {
             )
             .collect();
         CredentialApi {
-            token,
+            token_digest: digest(&token),
             secret,
             stun,
             turn,
@@ -77,7 +85,7 @@ impl CredentialApi {
     pub fn authorized(&self, req: &Request) -> bool {
         req.bearer
             .as_ref()
-            .is_some_and(|given| crate::proto::stun::integrity::ct_eq(given.as_bytes(), self.token.as_bytes()))
+            .is_some_and(|given| crate::proto::stun::integrity::ct_eq(&digest(given), &self.token_digest))
     }
 
     /// A REST username and password valid for `ttl` seconds from now.
@@ -220,5 +228,39 @@ impl AdminApi {
             }
             _ => Response::json(405, json!({"error": "use GET or DELETE"}).to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(bearer: Option<&str>) -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/v1/ice-servers".into(),
+            query: String::new(),
+            bearer: bearer.map(str::to_owned),
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_token_is_compared_as_a_fixed_size_digest() {
+        let token = "an-admin-token-of-some-length";
+        let api = CredentialApi::new(token.into(), None, (&[], &[], &[]), None, IpAddr::from([127, 0, 0, 1]));
+        assert!(api.authorized(&request(Some(token))));
+        for wrong in [
+            "",
+            "a",
+            &token[..token.len() - 1],
+            &format!("{token}x"),
+            "an-admin-token-of-some-lengtH",
+        ] {
+            assert!(!api.authorized(&request(Some(wrong))), "{wrong:?}");
+        }
+        assert!(!api.authorized(&request(None)));
+        // Only the digest is kept: nothing of the token's length is left to compare.
+        assert_eq!(std::mem::size_of_val(&api.token_digest), 32);
     }
 }
