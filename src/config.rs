@@ -271,9 +271,14 @@ pub struct Peers {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Allocations per username (0 = unlimited).
-    #[serde(default = "default_user_quota")]
+    /// Allocations per username (0 = unlimited, the default: apps such as
+    /// Foundry VTT, Mattermost and eXo give every participant one shared
+    /// static credential). Meant for per-user (REST) credentials.
+    #[serde(default)]
     pub user_quota: u32,
+    /// Allocations held by one client IP address (0 = unlimited).
+    #[serde(default)]
+    pub allocations_per_ip: u32,
     /// Allocations in total (0 = unlimited).
     #[serde(default)]
     pub total_quota: u32,
@@ -358,18 +363,26 @@ fn default_connections_per_allocation() -> usize {
     64
 }
 
-fn default_user_quota() -> u32 {
-    10
-}
-
 fn default_max_lifetime() -> u32 {
     3600
+}
+
+impl Limits {
+    /// The allocation quotas, as the core counts them.
+    pub fn quota_limits(&self) -> crate::proto::server::QuotaLimits {
+        crate::proto::server::QuotaLimits {
+            per_user: self.user_quota,
+            total: self.total_quota,
+            per_ip: self.allocations_per_ip,
+        }
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            user_quota: default_user_quota(),
+            user_quota: 0,
+            allocations_per_ip: 0,
             total_quota: 0,
             max_lifetime: default_max_lifetime(),
             permissions_per_allocation: default_per_allocation(),

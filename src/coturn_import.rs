@@ -244,6 +244,7 @@ pub fn import(text: &str) -> Imported {
         "user_quota = {}\n",
         one("user-quota").and_then(|q| q.parse::<u32>().ok()).unwrap_or(0)
     ));
+    out.push_str("allocations_per_ip = 0\n");
     out.push_str(&format!(
         "total_quota = {}\n",
         one("total-quota").and_then(|q| q.parse::<u32>().ok()).unwrap_or(0)

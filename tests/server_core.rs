@@ -9,8 +9,8 @@ use turnstile::proto::auth::rest;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, PEER_HEADROOM, PeerOutcome, Quotas,
-    RelayAddress, RelayId, ServerConfig,
+    BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, PEER_HEADROOM, PeerOutcome, QuotaLimits,
+    Quotas, RelayAddress, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::attr::password_algorithm;
 use turnstile::proto::stun::{AddressFamily, Attribute, Class, Message, Method, kind};
@@ -480,6 +480,40 @@ fn sha256_suite_with_userhash_and_bid_down_protection() {
     });
     assert_eq!(code(&h.exchange(&req)), 400);
     assert_eq!(h.server.stats().auth_bid_down, 2);
+}
+
+#[test]
+fn allocations_per_ip_are_capped_whatever_the_user() {
+    let mut h = Harness::with(
+        config(),
+        policy(&[]),
+        Quotas::with_limits(QuotaLimits {
+            per_user: 0,
+            total: 0,
+            per_ip: 2,
+        }),
+    );
+    for (i, (user, password)) in [("alice", "secret"), ("bob", "hunter2"), ("alice", "secret")]
+        .into_iter()
+        .enumerate()
+    {
+        h.key.client.set_port(43000 + i as u16);
+        let c = h.creds(user, password);
+        let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(17).unwrap());
+        assert_eq!(code(&h.exchange(&req)), if i < 2 { 0 } else { 486 }, "allocation {i}");
+    }
+    assert_eq!(h.server.stats().quota_refusals, [0, 1, 0]);
+    // Another address is not affected; one released makes room again.
+    h.key.client = sa("192.0.2.11:43000");
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    h.key.client = sa("192.0.2.10:43000");
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::REFRESH, &c, |w| w.lifetime(0).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    h.key.client.set_port(43005);
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
 }
 
 #[test]

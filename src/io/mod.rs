@@ -50,8 +50,7 @@ impl Started {
         self.reload_listeners(config)?;
         let credentials = credentials(config, &self.nonce_secret)?;
         let policy = peer_policy(config, self.services());
-        self.quotas
-            .set_limits(config.limits.user_quota, config.limits.total_quota);
+        self.quotas.set_limits(config.limits.quota_limits());
         let (applied, acks) = std::sync::mpsc::channel();
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Reload {
@@ -345,7 +344,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     services.extend_from_slice(&tls_bound);
     services.extend_from_slice(extra_services);
     let policy = peer_policy(config, services.clone());
-    let quotas = Arc::new(Quotas::new(config.limits.user_quota, config.limits.total_quota));
+    let quotas = Arc::new(Quotas::with_limits(config.limits.quota_limits()));
     let port_seed = random_secret()?;
     let r = &config.relay;
     let relay_v4 = Some(RelayAddress {

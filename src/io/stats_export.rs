@@ -151,6 +151,14 @@ impl StatsExporter {
             last.allocations_deleted,
         );
         add("turnstile_icmp_relayed_total", &[], now.icmp_relayed, last.icmp_relayed);
+        for (i, quota) in ["user", "ip", "total"].iter().enumerate() {
+            add(
+                "turnstile_quota_refusals_total",
+                &[("quota", quota)],
+                now.quota_refusals.get(i).copied().unwrap_or(0),
+                last.quota_refusals.get(i).copied().unwrap_or(0),
+            );
+        }
         add(
             "turnstile_peer_refused_total",
             &[("reason", "special_purpose")],

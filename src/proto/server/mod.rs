@@ -37,7 +37,7 @@ use slab::Slab;
 pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
 pub use auth::{AuthFailure, Credentials, IntegritySuite};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
-pub use quota::{QuotaRefusal, Quotas};
+pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 
@@ -1154,10 +1154,19 @@ impl Server {
             }
         }
 
-        match self.quotas.acquire(authed.username) {
-            Ok(()) => {}
-            Err(QuotaRefusal::User) => return Err(refuse(486, "Allocation Quota Reached", "user_quota")),
-            Err(QuotaRefusal::Total) => return Err(refuse(508, "Insufficient Capacity", "total_quota")),
+        if let Err(q) = self.quotas.acquire(authed.username, key.client.ip()) {
+            self.stats.count_quota_refusal(q);
+            tracing::info!(
+                client = %key.client,
+                user = %authed.username,
+                quota = q.label(),
+                "allocation refused: quota reached"
+            );
+            return Err(match q {
+                QuotaRefusal::User => refuse(486, "Allocation Quota Reached", "user_quota"),
+                QuotaRefusal::Address => refuse(486, "Allocation Quota Reached", "ip_quota"),
+                QuotaRefusal::Total => refuse(508, "Insufficient Capacity", "total_quota"),
+            });
         }
         // EVEN-PORT with R reserves the next port of the primary family's relay.
         let reserve_pair = even_port == Some(true);
@@ -1174,7 +1183,7 @@ impl Server {
                 (_, None) => None,
             };
             let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
-                self.abandon(&sockets, authed.username);
+                self.abandon(&sockets, authed.username, key.client.ip());
                 return Err(refuse(508, "Insufficient Capacity", "no_relay_port"));
             };
             let rid = RelayId(self.relays.insert(None) as u32);
@@ -1211,14 +1220,14 @@ impl Server {
     }
 
     /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
-    fn abandon(&mut self, sockets: &[Option<(RelayId, SocketAddr)>; 2], username: &str) {
+    fn abandon(&mut self, sockets: &[Option<(RelayId, SocketAddr)>; 2], username: &str, ip: IpAddr) {
         for (s, ports) in sockets.iter().zip(self.ports.iter_mut()) {
             if let Some((rid, addr)) = s {
                 ports.release(addr.port());
                 self.relays.try_remove(rid.0 as usize);
             }
         }
-        self.quotas.release(username);
+        self.quotas.release(username, ip);
     }
 
     /// The driver's answer to [`ClientOutcome::BindRelay`]: per family, how
@@ -1270,7 +1279,7 @@ impl Server {
                     self.commands.push_back(Command::CloseRelay(*rid));
                 }
             }
-            self.abandon(&p.sockets, &p.username);
+            self.abandon(&p.sockets, &p.username, p.key.client.ip());
             self.stats.count_refusal(508, "no_relay_port");
             return write_or_drop(error_for(
                 p.tid,
@@ -1419,7 +1428,7 @@ impl Server {
             }
             self.commands.push_back(Command::CloseRelay(r.id));
         }
-        self.quotas.release(&a.username);
+        self.quotas.release(&a.username, a.key.client.ip());
     }
 
     // ----- Refresh, CreatePermission, ChannelBind -------------------------

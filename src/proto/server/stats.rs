@@ -41,6 +41,8 @@ pub struct Stats {
     /// Relayed packets dropped by the bandwidth limits (`max_bps`, `bps_capacity`).
     pub bandwidth_dropped_packets: u64,
     pub bandwidth_dropped_bytes: u64,
+    /// Allocations refused for quota: per user, per client IP address, in total.
+    pub quota_refusals: [u64; 3],
     /// Requests by method: binding, allocate, refresh, create_permission,
     /// channel_bind, connect, connection_bind, other.
     pub requests: [u64; 8],
@@ -178,6 +180,17 @@ impl Stats {
 
     pub(crate) fn count_refusal(&mut self, code: u16, _label: &'static str) {
         self.count_error(code);
+    }
+
+    pub(crate) fn count_quota_refusal(&mut self, q: super::QuotaRefusal) {
+        let i = match q {
+            super::QuotaRefusal::User => 0,
+            super::QuotaRefusal::Address => 1,
+            super::QuotaRefusal::Total => 2,
+        };
+        if let Some(n) = self.quota_refusals.get_mut(i) {
+            *n += 1;
+        }
     }
 
     pub(crate) fn count_peer_refusal(&mut self, r: PeerRefusal) {
