@@ -4,7 +4,9 @@
 //! and TLS, static users and REST credentials; data-channel messages both
 //! ways, fake camera and microphone decoded at the far end, and the selected
 //! candidate pair relay/relay over the expected protocol. Wrong credentials
-//! yield no relay candidate.
+//! yield no relay candidate. A six-participant full mesh (`mesh.mjs`) on one
+//! shared static credential, then on a REST credential each, connects every
+//! pair on the default limits.
 
 mod common;
 
@@ -273,4 +275,80 @@ fn a_broken_relay_setting_fails_the_call() {
     let results = run(&t.spki, &variants);
     assert_eq!(results[0].field("ok").as_deref(), Some("false"), "{}", results[0].json);
     assert!(server.wait_counter("turnstile_error_responses_total{code=\"508\"}", 1.0));
+}
+
+/// Runs `mesh.mjs` with one `iceServers` list per participant.
+fn run_mesh(participants: &[serde_json::Value]) -> serde_json::Value {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let input = serde_json::json!({"participants": participants, "messages": 40, "timeoutMs": 90_000});
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg("node")
+        .arg("mesh.mjs")
+        .arg(input.to_string())
+        .current_dir(dir)
+        .output()
+        .expect("node (and Debian's chromium) must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "mesh run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).expect("no report");
+    serde_json::from_str(line).unwrap()
+}
+
+/// Every pair of a full mesh connected relay/relay and exchanged its messages.
+fn assert_full_mesh(report: &serde_json::Value, what: &str) {
+    let pairs = report["pairs"].as_array().unwrap_or_else(|| panic!("{what}: {report}"));
+    assert_eq!(pairs.len(), 15, "{what}: {report}");
+    assert_eq!(report["peerConnections"], 30, "{what}");
+    let failed: Vec<&serde_json::Value> = pairs.iter().filter(|p| p["ok"] != true).collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of 15 pairs failed: {failed:?}",
+        failed.len()
+    );
+    for p in pairs {
+        assert_eq!(p["received"], 80, "{what}: {p}");
+        for side in ["a", "b"] {
+            assert_eq!(p[side]["local"], "relay", "{what}: {p}");
+            assert_eq!(p[side]["remote"], "relay", "{what}: {p}");
+        }
+    }
+}
+
+/// A browser game's room of six, as Foundry VTT, Mattermost and eXo build
+/// it: every participant has the same static credential and both a UDP and
+/// a TCP TURN URL, and opens one relay-only connection per other
+/// participant (15 pairs, 30 peer connections, up to 60 allocations on one
+/// user name). On the default `[limits]` every pair connects; then the same
+/// room with a REST credential per participant.
+#[test]
+fn a_six_player_mesh_connects_every_pair_on_the_default_limits() {
+    let t = tls();
+    let cfg = config(&t, "");
+    assert!(!cfg.contains("[limits]"), "the default limits are under test");
+    let server = TestServer::start(&cfg);
+    let urls = [
+        format!("turn:{}?transport=udp", server.udp[0]),
+        format!("turn:{}?transport=tcp", server.tcp[0]),
+    ];
+    let shared: Vec<serde_json::Value> = (0..6)
+        .map(|_| serde_json::json!({"iceServers": [{"urls": urls, "username": "alice", "credential": "secret"}]}))
+        .collect();
+    assert_full_mesh(&run_mesh(&shared), "one shared static credential");
+    assert_eq!(server.counter("turnstile_error_responses_total{code=\"486\"}"), 0.0);
+
+    let own: Vec<serde_json::Value> = (0..6)
+        .map(|i| {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+            let user = format!("{}:player-{i}", now + 3600);
+            let password = turnstile::proto::auth::rest::password(REST_SECRET.as_bytes(), &user);
+            serde_json::json!({"iceServers": [{"urls": urls, "username": user, "credential": password}]})
+        })
+        .collect();
+    assert_full_mesh(&run_mesh(&own), "a REST credential each");
+    assert!(server.counter("turnstile_allocations_created_total") >= 60.0);
 }
