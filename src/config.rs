@@ -73,14 +73,27 @@ pub struct Tls {
 }
 
 /// Interoperability with clients of older RFCs.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Compat {
-    /// Accept channel numbers 0x4000–0x7FFF (RFC 5766) instead of RFC 8656's
-    /// 0x4000–0x4FFF. pjnath, re/baresip and coturn's own test client pick
-    /// numbers above 0x4FFF; browsers do not.
-    #[serde(default)]
+    /// Accept channel numbers 0x4000–0x7FFF (RFC 5766), as coturn does: on
+    /// by default, because pjnath, re/baresip and coturn's own test client
+    /// pick numbers above 0x4FFF, and on a TURN port nothing else can start
+    /// with bytes 0x50–0x7F. `false` keeps to RFC 8656's 0x4000–0x4FFF.
+    #[serde(default = "yes")]
     pub legacy_channel_numbers: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Compat {
+    fn default() -> Self {
+        Compat {
+            legacy_channel_numbers: true,
+        }
+    }
 }
 
 /// Trade-offs between CPU and latency.

@@ -42,16 +42,13 @@ ports = "63000-63999"
 
 [auth]
 users = {{ alice = "secret" }}
+secrets = ["stream-rest-secret"]
 
 [peers]
 allow = ["127.0.0.0/8"]
 
 [limits]
-user_quota = 0
 {limits}
-
-[compat]
-legacy_channel_numbers = true
 "#,
         cert = dir.join("cert.pem").display(),
         key = dir.join("key.pem").display(),
@@ -118,13 +115,13 @@ fn uclient_over_tcp_and_tls_with_zero_loss() {
     let (sent, recv, lost, out) = uclient(
         server.tcp[0].port(),
         &peer,
-        &["-t", "-n", "200", "-l", "120", "-m", "4"],
+        &["-t", "-n", "200", "-l", "120", "-m", "10"],
     );
     assert!(sent >= 800 && recv == sent && lost == Some(0), "TCP:\n{out}");
     let (sent, recv, lost, out) = uclient(
         server.tls[0].port(),
         &peer,
-        &["-t", "-S", "-n", "200", "-l", "120", "-m", "4"],
+        &["-t", "-S", "-n", "200", "-l", "120", "-m", "10"],
     );
     // uclient picks an OpenSSL context per connection, some of them TLS 1.0/1.1,
     // which rustls refuses: a session may fail to start, but every message of

@@ -22,12 +22,6 @@ ports = "61000-61999"
 [auth]
 users = { alice = "secret" }
 secrets = ["s3cret-rest"]
-
-[limits]
-user_quota = 0
-
-[compat]
-legacy_channel_numbers = true
 "#;
 
 fn config(allow_loopback: bool) -> String {
@@ -102,7 +96,7 @@ fn uclient_relays_over_channels_with_zero_loss() {
     let r = uclient(
         &server,
         &peer,
-        &["-u", "alice", "-w", "secret", "-n", "200", "-l", "120", "-m", "5"],
+        &["-u", "alice", "-w", "secret", "-n", "200", "-l", "120", "-m", "10"],
     );
     assert_eq!(r.lost, Some(0), "{}", r.output);
     // uclient may run one session more than -m; every sent message must come back.
@@ -277,12 +271,6 @@ users = { alice = "secret" }
 
 [peers]
 allow = ["127.0.0.0/8", "::1/128"]
-
-[limits]
-user_quota = 0
-
-[compat]
-legacy_channel_numbers = true
 "#,
     );
     let server = TestServer::start(&cfg);
