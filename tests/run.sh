@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole test suite, with everything it needs, on a fresh Debian machine
+# with Rust: the system packages the tests drive (coturn's clients, Debian's
+# chromium, node and npm for playwright-core, systemd's tools), the browser
+# driver from npm, then formatting, lints, the fuzz targets' build and every
+# test. Run as root or as a user with sudo; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+export DEBIAN_FRONTEND=noninteractive
+# coturn ships turnutils_stunclient / turnutils_uclient / turnutils_peer, the
+# interop clients; chromium runs the WebRTC calls (never a downloaded
+# browser); nodejs/npm drive it with playwright-core; systemd-analyze checks
+# the unit.
+need=()
+command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v timeout >/dev/null 2>&1 || need+=(coreutils)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+# The fuzz targets must never rot; building them needs no nightly toolchain.
+# (Not --locked: the fuzz lock file follows the main crate's dependencies.)
+cargo build --manifest-path fuzz/Cargo.toml --bins
+
+# Every test, with a one-line total at the end.
+log=$(mktemp)
+set +e
+cargo test --all-targets --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"
