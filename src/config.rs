@@ -425,6 +425,29 @@ pub struct Log {
     pub format: LogFormat,
 }
 
+/// The levels `[log] level` takes.
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A level, or comma-separated `target=level` directives with known levels:
+/// anything else (`"warning"`, say) would be read by the filter as the name
+/// of a module and silence every line, errors included.
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    let known = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l.trim()));
+    let ok = !level.trim().is_empty()
+        && level.split(',').all(|directive| match directive.rsplit_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && known(l),
+            None => known(directive),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "log.level = {level:?} is not a level: use one of {} (or target=level directives, e.g. \"info,turnstile::io=debug\")",
+            LOG_LEVELS.join(", ")
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -513,6 +536,7 @@ impl Config {
         if self.realm.is_empty() {
             return Err("realm must not be empty".into());
         }
+        check_log_level(&self.log.level)?;
         if self.performance.coalesce_wakeups_us > 10_000 {
             return Err("performance.coalesce_wakeups_us must be at most 10000 (10 ms)".into());
         }

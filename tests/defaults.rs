@@ -77,3 +77,42 @@ fn channel_numbers_up_to_0x7fff_are_accepted_by_default() {
     assert_eq!(bind_channel(&mut c, 0x4FFF), 0);
     assert_eq!(bind_channel(&mut c, 0x5000), 400, "RFC 8656 only, when asked");
 }
+
+/// `turnstile check-config FILE`: (success, what it printed).
+fn check_config(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// A level the log filter does not know silenced every line, errors
+/// included; now it is refused by check-config and at start-up.
+#[test]
+fn an_unknown_log_level_is_an_error_naming_the_valid_ones() {
+    for bad in ["warning", "verbose", "", "info,turnstile=loud"] {
+        let (ok, text) = check_config(&plain(&format!("[log]\nlevel = {bad:?}")));
+        assert!(!ok, "{bad:?} accepted: {text}");
+        assert!(text.contains("trace, debug, info, warn, error, off"), "{text}");
+    }
+    for good in ["warn", "ERROR", "debug", "info,turnstile::io=debug", "off"] {
+        let (ok, text) = check_config(&plain(&format!("[log]\nlevel = {good:?}")));
+        assert!(ok, "{good:?} refused: {text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, plain("[log]\nlevel = \"warning\"")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the server started with level = \"warning\"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning"));
+}
