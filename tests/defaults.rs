@@ -116,3 +116,56 @@ fn an_unknown_log_level_is_an_error_naming_the_valid_ones() {
     assert!(!out.status.success(), "the server started with level = \"warning\"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
+
+/// A second turnstile on the same address refuses to start, naming the
+/// address and transport, instead of silently sharing the port
+/// (SO_REUSEPORT) and splitting the clients with the first.
+#[test]
+fn a_second_server_on_the_same_address_refuses_to_start() {
+    // A port free for UDP and TCP.
+    let port = loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            break p;
+        }
+    };
+    let cfg = plain("").replace("address = \"127.0.0.1:0\"", &format!("address = \"127.0.0.1:{port}\""))
+        + &format!("\n[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n");
+    let first = TestServer::start(&cfg);
+    assert_eq!(first.udp[0].port(), port);
+    for (transport, cfg) in [
+        ("udp", cfg.clone()),
+        // The TCP listener alone: its check must catch it too.
+        (
+            "tcp",
+            cfg.replace(
+                &format!("transport = \"udp\"\naddress = \"127.0.0.1:{port}\""),
+                "transport = \"udp\"\naddress = \"127.0.0.1:0\"",
+            ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("second.toml");
+        std::fs::write(&path, cfg.replace("[metrics]\nlisten = \"127.0.0.1:0\"\n", "")).unwrap();
+        let out = std::process::Command::new("timeout")
+            .arg("10")
+            .arg(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the second server started ({transport})");
+        assert!(
+            err.contains(&format!("listen {transport} 127.0.0.1:{port}: address already in use")),
+            "{err}"
+        );
+    }
+    // The first is untouched.
+    let mut c = RawClient::connect(first.udp[0]);
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+}

@@ -82,7 +82,8 @@ fn reason(status: u16) -> &'static str {
 
 /// Binds a listener for `serve`.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
+    let l =
+        std::net::TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("http listen {addr}: {e}")))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -224,14 +224,50 @@ fn random_secret() -> io::Result<[u8; 32]> {
 
 /// Binds every listener for every worker and starts the workers. Port 0 in
 /// a listen address is resolved once, so all workers share the port.
+/// Refuses an address another process already serves. SO_REUSEPORT lets
+/// every socket of one user share a port, so a second turnstile started
+/// on the same address would silently split the clients with the first:
+/// a socket bound without it first finds out whether anyone is there.
+fn ensure_free(transport: &str, address: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let (kind, protocol) = if transport == "udp" {
+        (Type::DGRAM, Protocol::UDP)
+    } else {
+        (Type::STREAM, Protocol::TCP)
+    };
+    let probe = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if address.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    match probe.bind(&address.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "listen {transport} {address}: address already in use by another process (another turnstile or TURN server?)"
+            ),
+        )),
+        Err(e) => Err(io::Error::new(e.kind(), format!("listen {transport} {address}: {e}"))),
+    }
+}
+
+/// Names the listener in a bind error.
+fn naming(transport: &str, address: SocketAddr) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("listen {transport} {address}: {e}"))
+}
+
 /// Binds one UDP listen address once per worker (port 0 resolved once).
 fn bind_udp(address: SocketAddr, workers: usize) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
-    let first = udp::bind_reuseport(address)?;
+    ensure_free("udp", address)?;
+    let first = udp::bind_reuseport(address).map_err(naming("udp", address))?;
     let addr = first.local_addr()?;
     tracing::info!("listening udp {addr}");
     let mut sockets = vec![first];
     for _ in 1..workers {
-        sockets.push(udp::bind_reuseport(addr)?);
+        sockets.push(udp::bind_reuseport(addr).map_err(naming("udp", addr))?);
     }
     Ok((addr, sockets))
 }
@@ -256,12 +292,14 @@ fn bind_stream(
             listen.address
         )));
     }
-    let first = stream::bind_reuseport(listen.address)?;
+    let name = if is_tls { "tls" } else { "tcp" };
+    ensure_free(name, listen.address)?;
+    let first = stream::bind_reuseport(listen.address).map_err(naming(name, listen.address))?;
     let addr = first.local_addr()?;
-    tracing::info!("listening {} {addr}", if is_tls { "tls" } else { "tcp" });
+    tracing::info!("listening {name} {addr}");
     let mut sockets = vec![first];
     for _ in 1..workers {
-        sockets.push(stream::bind_reuseport(addr)?);
+        sockets.push(stream::bind_reuseport(addr).map_err(naming(name, addr))?);
     }
     let channel_range = if config.compat.legacy_channel_numbers {
         ChannelRange::Rfc5766
