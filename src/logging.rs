@@ -40,8 +40,14 @@ pub fn init(level: &str, format: crate::config::LogFormat) -> LogHandle {
                     escape_into(&text, &mut out);
                     w.write_str(&out)
                 } else if is_string_literal(&text) {
-                    // A string field, already quoted and escaped by Debug.
-                    escape_into(&text, &mut out);
+                    // A string field, already quoted and escaped by Debug:
+                    // one plain word goes out bare, like any other value.
+                    let inner = text.get(1..text.len() - 1).unwrap_or_default();
+                    if is_plain(inner) && !inner.contains('\\') {
+                        out.push_str(inner);
+                    } else {
+                        escape_into(&text, &mut out);
+                    }
                     write!(w, "{}={out}", field.name())
                 } else {
                     field_value_into(&text, &mut out);
@@ -108,12 +114,16 @@ fn is_string_literal(s: &str) -> bool {
 
 /// Appends a field value: as it is when it is one plain word, else quoted
 /// with `"` and `\` escaped too, so a value can never look like another field.
-pub fn field_value_into(s: &str, out: &mut String) {
-    let plain = !s.is_empty()
+/// One word that cannot be read as anything but a single value.
+fn is_plain(s: &str) -> bool {
+    !s.is_empty()
         && !s
             .chars()
-            .any(|c| c.is_whitespace() || c == '"' || c == '=' || is_unsafe(c));
-    if plain {
+            .any(|c| c.is_whitespace() || c == '"' || c == '=' || is_unsafe(c))
+}
+
+pub fn field_value_into(s: &str, out: &mut String) {
+    if is_plain(s) {
         out.push_str(s);
         return;
     }

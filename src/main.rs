@@ -337,7 +337,17 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                         return Ok(());
                     }
                     if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                        tracing::info!(allocations = remaining, "drain timeout: exiting");
+                        // What the exit cuts off, by client transport.
+                        let open = started.allocations();
+                        let count = |t: &str| open.iter().filter(|a| a.transport == t).count();
+                        tracing::warn!(
+                            allocations = remaining,
+                            udp = count("udp"),
+                            tcp = count("tcp"),
+                            tls = count("tls"),
+                            users = open.iter().map(|a| a.user.as_str()).collect::<std::collections::BTreeSet<_>>().len(),
+                            "drain timeout: exiting with allocations still open"
+                        );
                         return Ok(());
                     }
                 }

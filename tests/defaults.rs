@@ -169,3 +169,112 @@ fn a_second_server_on_the_same_address_refuses_to_start() {
         0
     );
 }
+
+/// Authentication failures are logged at info, for operators and fail2ban
+/// (the shipped filter, run by fail2ban's own `fail2ban-regex`), at most
+/// ten lines a second per worker, the next line saying how many were left
+/// out.
+#[test]
+fn authentication_failures_are_logged_for_fail2ban_and_rate_limited() {
+    let server = TestServer::start(&plain(""));
+    let mut lines = Vec::new();
+    let mut bad = RawClient::connect_as(server.udp[0], "alice", "not-the-password");
+    let port = bad.socket.local_addr().unwrap().port();
+    assert_eq!(
+        code(&bad.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        401
+    );
+    let line = server
+        .wait_line("authentication failed")
+        .expect("the failure is logged");
+    assert!(
+        line.contains(&format!(
+            "authentication failed ip=127.0.0.1 port={port} transport=udp reason=bad_integrity suppressed=0 user=alice"
+        )),
+        "{line}"
+    );
+    lines.push(line);
+    // A burst: fifty more failures inside a second or two.
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        bad.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    }
+    let burst = started.elapsed();
+    let mut logged = 0;
+    while let Some(l) = server.wait_line_for("authentication failed", std::time::Duration::from_millis(500)) {
+        logged += 1;
+        lines.push(l);
+    }
+    let seconds = burst.as_secs() + 2;
+    assert!(logged <= 10 * seconds as usize, "{logged} lines in {burst:?}");
+    assert!(logged < 50, "{logged} lines: not rate-limited");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut unknown = RawClient::connect_as(server.udp[0], "mallory", "x");
+    unknown.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    let last = server.wait_line("authentication failed").unwrap();
+    assert!(last.contains("reason=unknown_user"), "{last}");
+    let left_out: u64 = last
+        .split("suppressed=")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(left_out as usize, 50 - logged, "{last}");
+    lines.push(last);
+
+    // The shipped filter matches every line, with the client's address.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("turnstile.log");
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let filter = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/fail2ban/filter.d/turnstile.conf");
+    let out = std::process::Command::new("fail2ban-regex")
+        .arg("--print-all-matched")
+        .arg(&log)
+        .arg(filter)
+        .output()
+        .expect("fail2ban-regex (Debian package fail2ban) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("Lines: {n} lines, 0 ignored, {n} matched", n = lines.len())),
+        "{text}"
+    );
+    assert!(text.contains("127.0.0.1"), "{text}");
+}
+
+/// Allocation lines name the client transport; admin actions are logged
+/// with who asked; a refused admin request is a warning.
+#[test]
+fn allocation_and_admin_log_lines_say_what_an_operator_needs() {
+    let token = "a-token-for-the-log-test";
+    let server = TestServer::start(&plain(&format!(
+        "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\""
+    )));
+    let mut c = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+    let line = server.wait_line("allocation created").unwrap();
+    assert!(line.contains(" transport=tcp "), "{line}");
+    assert!(line.contains(" relay_transport=udp"), "{line}");
+
+    assert_eq!(
+        server
+            .admin_request("DELETE", "/v1/allocations?user=alice", Some("wrong"), "")
+            .0,
+        401
+    );
+    let line = server.wait_line("admin: request refused").unwrap();
+    assert!(line.contains("WARN") && line.contains("admin=127.0.0.1:"), "{line}");
+    let (status, _) = server.admin_request("DELETE", "/v1/allocations?user=alice", Some(token), "");
+    assert_eq!(status, 200);
+    // The allocation ends (on its worker) before the admin call returns.
+    let line = server.wait_line("allocation ended").unwrap();
+    assert!(
+        line.contains(" transport=tcp ") && line.contains("reason=operator"),
+        "{line}"
+    );
+    let line = server.wait_line("admin: allocations deleted").unwrap();
+    assert!(line.contains("user=alice") && line.contains("deleted=1"), "{line}");
+}

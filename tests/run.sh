@@ -23,6 +23,8 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v timeout >/dev/null 2>&1 || need+=(coreutils)
+# fail2ban-regex checks the shipped filter against real log lines.
+command -v fail2ban-regex >/dev/null 2>&1 || need+=(fail2ban)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -35,6 +35,20 @@ fn digest(token: &str) -> [u8; 32] {
     sha2::Sha256::digest(token.as_bytes()).into()
 }
 
+fn peer_of(req: &Request) -> String {
+    req.peer.map(|p| p.to_string()).unwrap_or_default()
+}
+
+/// A request with a missing or wrong token: worth an operator's attention.
+fn log_refused(req: &Request) {
+    tracing::warn!(
+        admin = %peer_of(req),
+        method = %req.method,
+        path = %req.path,
+        "admin: request refused, missing or wrong bearer token"
+    );
+}
+
 /// Host part of a URL for a listener.
 fn url_host(listen: &SocketAddr, public_host: Option<&str>, fallback: IpAddr) -> String {
     let ip = if listen.ip().is_unspecified() {
@@ -103,6 +117,7 @@ impl CredentialApi {
     /// Routes a request on the admin listener.
     pub fn handle(&self, req: &Request) -> Response {
         if !self.authorized(req) {
+            log_refused(req);
             return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
         }
         let body: serde_json::Value = if req.body.is_empty() {
@@ -153,6 +168,12 @@ impl CredentialApi {
                 json!({"error": "no REST secret configured ([auth] secrets)"}).to_string(),
             );
         };
+        tracing::info!(
+            admin = %peer_of(req),
+            user = %username,
+            ttl,
+            "admin: REST credential issued"
+        );
         if hosted_shape {
             // 201 with STUN and TURN as separate entries, like the hosted API.
             let body = json!({
@@ -187,6 +208,7 @@ impl AdminApi {
             return self.credentials.handle(req);
         }
         if !self.credentials.authorized(req) {
+            log_refused(req);
             return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
         }
         match req.method.as_str() {
@@ -224,6 +246,13 @@ impl AdminApi {
                     return Response::json(400, json!({"error": "name a user or a client"}).to_string());
                 }
                 let deleted = self.started.kick(user.as_deref(), client);
+                tracing::info!(
+                    admin = %peer_of(req),
+                    user = user.as_deref().unwrap_or(""),
+                    client = %client.map(|c| c.to_string()).unwrap_or_default(),
+                    deleted,
+                    "admin: allocations deleted"
+                );
                 Response::json(200, json!({ "deleted": deleted }).to_string())
             }
             _ => Response::json(405, json!({"error": "use GET or DELETE"}).to_string()),
@@ -242,6 +271,7 @@ mod tests {
             query: String::new(),
             bearer: bearer.map(str::to_owned),
             body: Vec::new(),
+            peer: None,
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Request {
     /// The bearer token of an `Authorization: Bearer …` header.
     pub bearer: Option<String>,
     pub body: Vec<u8>,
+    /// Who sent it (for the admin API's log lines).
+    pub peer: Option<SocketAddr>,
 }
 
 impl Request {
@@ -173,6 +175,7 @@ pub fn parse_head(buf: &[u8]) -> Head {
                     query: query.to_owned(),
                     bearer,
                     body: Vec::new(),
+                    peer: None,
                 },
                 head_len,
                 content_length,
@@ -214,7 +217,8 @@ async fn one<H: Fn(Request) -> Response>(mut stream: tokio::net::TcpStream, hand
         body.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
     body.truncate(content_length);
-    let response = handler(Request { body, ..request });
+    let peer = stream.peer_addr().ok();
+    let response = handler(Request { body, peer, ..request });
     write(&mut stream, &response).await
 }
 

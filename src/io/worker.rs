@@ -252,7 +252,8 @@ pub fn add_stream_listener(shared: &Shared, setup: StreamListenerSetup) -> io::R
     let listener = tokio::net::TcpListener::from_std(setup.listener)?;
     let settings = Rc::new(setup.settings);
     let mut w = shared.borrow_mut();
-    let id = w.server.add_listener(Transport::Stream);
+    let name = if settings.tls.is_some() { "tls" } else { "tcp" };
+    let id = w.server.add_named_listener(Transport::Stream, name);
     w.listeners.push(Listener::Stream);
     w.stream_settings.push(Some(settings.clone()));
     let task = tokio::task::spawn_local(log_end(stream::accept_loop(shared.clone(), id, listener, settings)));

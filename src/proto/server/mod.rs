@@ -335,6 +335,34 @@ pub struct AllocationLimits {
     pub max_connections: usize,
 }
 
+/// Authentication-failure log lines per second per worker.
+pub const AUTH_LOG_PER_SECOND: u32 = 10;
+
+/// Counts the authentication-failure lines of the current second.
+#[derive(Debug, Default)]
+struct AuthLog {
+    second: u64,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl AuthLog {
+    /// Whether a line may be written now; with it, how many were left out
+    /// since the last one.
+    fn admit(&mut self, now_unix: u64) -> Option<u64> {
+        if now_unix != self.second {
+            self.second = now_unix;
+            self.logged = 0;
+        }
+        if self.logged >= AUTH_LOG_PER_SECOND {
+            self.suppressed += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 /// Why an allocation ended; one log field and metric label each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
@@ -466,6 +494,10 @@ pub struct Server {
     policy: PeerPolicy,
     quotas: Arc<Quotas>,
     listeners: Vec<Transport>,
+    /// What each listener is called in logs and the admin API: udp, tcp, tls.
+    listener_names: Vec<&'static str>,
+    /// Rate limit of the authentication-failure log lines.
+    auth_log: AuthLog,
     ports: [RelayPorts; 2],
     allocations: Slab<Allocation>,
     by_client: FxHashMap<ClientKey, usize>,
@@ -527,6 +559,8 @@ impl Server {
             policy,
             quotas,
             listeners: Vec::new(),
+            listener_names: Vec::new(),
+            auth_log: AuthLog::default(),
             ports,
             allocations: Slab::new(),
             by_client: FxHashMap::default(),
@@ -545,8 +579,27 @@ impl Server {
 
     /// Registers a listening socket; its id goes into every [`ClientKey`].
     pub fn add_listener(&mut self, transport: Transport) -> ListenerId {
+        let name = match transport {
+            Transport::Udp => "udp",
+            Transport::Stream => "tcp",
+        };
+        self.add_named_listener(transport, name)
+    }
+
+    /// Adds a listener with the name logs give its clients' transport
+    /// ("tls" for a TLS listener).
+    pub fn add_named_listener(&mut self, transport: Transport, name: &'static str) -> ListenerId {
         self.listeners.push(transport);
+        self.listener_names.push(name);
         ListenerId((self.listeners.len() - 1) as u16)
+    }
+
+    /// The client transport of a 5-tuple, as logs name it.
+    fn transport_name(&self, key: &ClientKey) -> &'static str {
+        self.listener_names
+            .get(usize::from(key.listener.0))
+            .copied()
+            .unwrap_or("udp")
     }
 
     /// Replaces users, secrets and realm (configuration reload); allocations keep their keys.
@@ -642,10 +695,7 @@ impl Server {
             .map(|(_, a)| AllocationInfo {
                 user: a.username.clone(),
                 client: a.key.client,
-                transport: match self.listeners.get(usize::from(a.key.listener.0)) {
-                    Some(Transport::Stream) => "stream",
-                    _ => "udp",
-                },
+                transport: self.transport_name(&a.key),
                 relays: a.relays.iter().flatten().map(|r| r.advertised).collect(),
                 tcp_relay: a.tcp,
                 age_secs: now.saturating_duration_since(a.created).as_secs(),
@@ -904,6 +954,7 @@ impl Server {
             Ok(a) => a,
             Err(f) => {
                 self.stats.count_auth_failure(f);
+                self.log_auth_failure(now.unix, &key, &msg, f);
                 return write_or_drop(error_response(&msg, f.code(), f.reason(), None, out, |w| {
                     if f.sends_nonce() {
                         creds.write_challenge(w, &scope, now.unix)
@@ -951,6 +1002,30 @@ impl Server {
             Ok(outcome) => outcome,
             Err(r) => self.refuse(&msg, r, signing, out),
         }
+    }
+
+    /// One info line per authentication failure that is not part of the
+    /// normal exchange (the first 401, a stale nonce), for operators and
+    /// fail2ban: `authentication failed ip=… port=… transport=… reason=…
+    /// user=…`. At most [`AUTH_LOG_PER_SECOND`] a second per worker; the
+    /// next line after a quiet spell says how many were left out.
+    fn log_auth_failure(&mut self, now_unix: u64, key: &ClientKey, msg: &Message<'_>, f: AuthFailure) {
+        if matches!(f, AuthFailure::Challenge | AuthFailure::StaleNonce(_)) {
+            return;
+        }
+        let Some(suppressed) = self.auth_log.admit(now_unix) else {
+            return;
+        };
+        let user = msg.username().ok().flatten().unwrap_or("");
+        tracing::info!(
+            ip = %key.client.ip(),
+            port = key.client.port(),
+            transport = self.transport_name(key),
+            reason = f.label(),
+            suppressed,
+            user,
+            "authentication failed"
+        );
     }
 
     fn refuse(&mut self, msg: &Message<'_>, r: Refusal, signing: Signing<'_>, out: &mut [u8]) -> ClientOutcome {
@@ -1358,7 +1433,8 @@ impl Server {
                 user = %a.username,
                 relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
                 lifetime = p.lifetime,
-                transport = if a.tcp { "tcp" } else { "udp" },
+                transport = self.transport_name(&a.key),
+                relay_transport = if a.tcp { "tcp" } else { "udp" },
                 "allocation created"
             );
         }
@@ -1400,6 +1476,7 @@ impl Server {
         let t = a.traffic;
         tracing::info!(
             client = %a.key.client,
+            transport = self.transport_name(&a.key),
             user = %a.username,
             relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
             to_peer_packets = t.to_peer_packets,
@@ -1451,9 +1528,16 @@ impl Server {
         } else {
             let lifetime = self.granted_lifetime(requested);
             let expires = now.instant + Duration::from_secs(u64::from(lifetime));
+            let names = &self.listener_names;
             if let Some(a) = self.allocations.get_mut(id) {
                 a.expires = expires;
-                tracing::info!(client = %a.key.client, user = %a.username, lifetime, "allocation refreshed");
+                tracing::info!(
+                    client = %a.key.client,
+                    transport = names.get(usize::from(a.key.listener.0)).copied().unwrap_or("udp"),
+                    user = %a.username,
+                    lifetime,
+                    "allocation refreshed"
+                );
             }
             self.timers.push(Reverse((expires, id)));
             lifetime
