@@ -16,8 +16,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// Configuration file (TOML), e.g. /etc/turnstile/turnstile.toml.
-    #[arg(short, long, value_name = "FILE")]
+    /// Configuration file (TOML), e.g. /etc/turnstile/turnstile.toml; may
+    /// come before or after a subcommand.
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -33,10 +34,15 @@ enum Command {
     },
     /// List the running server's allocations (through its admin listener;
     /// uses the [admin] section of --config, default /etc/turnstile/turnstile.toml).
-    Sessions,
+    Sessions {
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete every allocation of a user on the running server.
     Kick {
-        /// The username.
+        /// The username; a REST user is also matched by the name after its
+        /// expiry (`phone-42` ends `1796528208:phone-42`).
         user: String,
     },
     /// Print a turnstile.toml equivalent to a coturn turnserver.conf, with a
@@ -49,7 +55,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(cmd @ (Command::Sessions | Command::Kick { .. })) = &cli.command {
+    if let Some(cmd @ (Command::Sessions { .. } | Command::Kick { .. })) = &cli.command {
         let path = cli
             .config
             .clone()
@@ -66,10 +72,21 @@ fn main() -> ExitCode {
             ),
             _ => ("GET", "/v1/allocations".to_owned()),
         };
+        let table = matches!(cmd, Command::Sessions { json: false });
         return match Config::load(&path)
             .map_err(|e| e.to_string())
             .and_then(|c| admin_call(&c, method, &target))
         {
+            Ok(body) if table => match sessions_table(&body) {
+                Some(t) => {
+                    print!("{t}");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+            },
             Ok(body) => {
                 println!("{body}");
                 ExitCode::SUCCESS
@@ -172,6 +189,81 @@ fn log_reload(result: Result<(), String>) {
         Ok(()) => tracing::info!("TLS certificate reloaded; new handshakes use it"),
         Err(e) => tracing::error!("TLS certificate not reloaded, keeping the current one: {e}"),
     }
+}
+
+/// The admin API's allocation list as a table a person reads.
+fn sessions_table(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let list = v.get("allocations")?.as_array()?;
+    let mut rows = vec![[
+        "USER".to_owned(),
+        "CLIENT".to_owned(),
+        "TRANSPORT".to_owned(),
+        "RELAY".to_owned(),
+        "AGE".to_owned(),
+        "EXPIRES".to_owned(),
+        "PERMS".to_owned(),
+        "CHANNELS".to_owned(),
+        "TO PEER".to_owned(),
+        "TO CLIENT".to_owned(),
+    ]];
+    // User names are whatever a client or a REST backend chose: escaped
+    // before they reach a terminal.
+    let text = |a: &serde_json::Value, k: &str| {
+        let mut out = String::new();
+        turnstile::logging::escape_into(a.get(k).and_then(|x| x.as_str()).unwrap_or(""), &mut out);
+        out
+    };
+    let num = |a: &serde_json::Value, k: &str| a.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let bytes = |a: &serde_json::Value, k: &str| {
+        let b = a
+            .get(k)
+            .and_then(|d| d.get("bytes"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        match b {
+            0..1_000 => format!("{b} B"),
+            1_000..1_000_000 => format!("{:.1} kB", b as f64 / 1e3),
+            1_000_000..1_000_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+            _ => format!("{:.1} GB", b as f64 / 1e9),
+        }
+    };
+    for a in list {
+        let relays: Vec<String> = a
+            .get("relay")
+            .and_then(|r| r.as_array())
+            .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        let transport = text(a, "transport")
+            + if a.get("tcp_relay").and_then(serde_json::Value::as_bool) == Some(true) {
+                " (tcp relay)"
+            } else {
+                ""
+            };
+        rows.push([
+            text(a, "user"),
+            text(a, "client"),
+            transport,
+            relays.join(" "),
+            format!("{}s", num(a, "age_seconds")),
+            format!("{}s", num(a, "expires_in_seconds")),
+            num(a, "permissions").to_string(),
+            num(a, "channels").to_string(),
+            bytes(a, "to_peer"),
+            bytes(a, "to_client"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!("{} allocation(s)\n", list.len()));
+    Some(out)
 }
 
 /// One request to the admin listener named by the configuration.

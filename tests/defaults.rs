@@ -278,3 +278,70 @@ fn allocation_and_admin_log_lines_say_what_an_operator_needs() {
     let line = server.wait_line("admin: allocations deleted").unwrap();
     assert!(line.contains("user=alice") && line.contains("deleted=1"), "{line}");
 }
+
+/// `turnstile sessions --config FILE` (the option after the subcommand, as
+/// people type it) prints a table, `--json` the raw list; `kick NAME`
+/// matches a REST user by the name after its expiry.
+#[test]
+fn sessions_and_kick_as_an_operator_types_them() {
+    let token = "a-token-for-the-cli-test";
+    let server = TestServer::start(&plain(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\""
+    )));
+    let text = std::fs::read_to_string(server.config_path()).unwrap();
+    std::fs::write(
+        server.config_path(),
+        text.replace(
+            "listen = \"127.0.0.1:0\"\ntoken",
+            &format!("listen = \"{}\"\ntoken", server.admin.unwrap()),
+        ),
+    )
+    .unwrap();
+    let user = "1999999999:phone-42";
+    let password = turnstile::proto::auth::rest::password(b"defaults-rest-secret", user);
+    let mut phone = RawClient::connect_as(server.udp[0], user, &password);
+    assert_eq!(
+        code(&phone.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+    let mut alice = RawClient::connect(server.udp[0]);
+    assert_eq!(
+        code(&alice.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(args)
+            .args(["--config", server.config_path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let table = cli(&["sessions"]);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.starts_with("USER") && header.contains("CLIENT") && header.contains("EXPIRES"),
+        "{table}"
+    );
+    assert!(
+        table.contains("1999999999:phone-42") && table.contains("alice"),
+        "{table}"
+    );
+    assert!(table.trim_end().ends_with("2 allocation(s)"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&cli(&["sessions", "--json"])).unwrap();
+    assert_eq!(json["allocations"].as_array().unwrap().len(), 2);
+
+    assert_eq!(cli(&["kick", "phone-42"]).trim(), r#"{"deleted":1}"#);
+    assert_eq!(code(&phone.request(Method::REFRESH, true, |_| {})), 437);
+    assert_eq!(
+        code(&alice.request(Method::REFRESH, true, |_| {})),
+        0,
+        "alice is not phone-42"
+    );
+}

@@ -247,7 +247,7 @@ fn admin_lists_and_kicks_allocations() {
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
-        .args(["--config", server.config_path().to_str().unwrap(), "sessions"])
+        .args(["--config", server.config_path().to_str().unwrap(), "sessions", "--json"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"user\":\"alice\""));

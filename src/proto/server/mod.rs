@@ -335,6 +335,13 @@ pub struct AllocationLimits {
     pub max_connections: usize,
 }
 
+/// Whether an operator's `name` picks out the allocation user `username`:
+/// the whole name, or for a REST user "<expiry>:<name>" the name after the
+/// expiry (operators know their users by that, not by the expiry).
+fn names_user(username: &str, name: &str) -> bool {
+    username == name || crate::proto::auth::RestUsername::parse(username).and_then(|r| r.user) == Some(name)
+}
+
 /// Authentication-failure log lines per second per worker.
 pub const AUTH_LOG_PER_SECOND: u32 = 10;
 
@@ -707,7 +714,8 @@ impl Server {
             .collect()
     }
 
-    /// Deletes the allocations of `user` and/or of client address `client`
+    /// Deletes the allocations of `user` (the whole user name, or a REST
+    /// user's name after its expiry) and/or of client address `client`
     /// (admin API); returns how many.
     /// Ends every allocation whose credential no longer verifies against
     /// the current credentials (a user removed or given a new password, a
@@ -731,7 +739,9 @@ impl Server {
         let ids: Vec<usize> = self
             .allocations
             .iter()
-            .filter(|(_, a)| user.is_none_or(|u| a.username == u) && client.is_none_or(|c| a.key.client == c))
+            .filter(|(_, a)| {
+                user.is_none_or(|u| names_user(&a.username, u)) && client.is_none_or(|c| a.key.client == c)
+            })
             .map(|(id, _)| id)
             .collect();
         for &id in &ids {
