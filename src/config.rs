@@ -274,11 +274,30 @@ impl Default for Auth {
 #[serde(deny_unknown_fields)]
 pub struct Peers {
     /// Ranges allowed although denied by default (allow wins over deny).
-    #[serde(default)]
+    /// CIDRs, or bare addresses for one host.
+    #[serde(default, deserialize_with = "nets")]
     pub allow: Vec<IpNet>,
     /// Ranges denied in addition to the defaults.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nets")]
     pub deny: Vec<IpNet>,
+}
+
+/// One `[peers]` entry: a CIDR, or a bare address meaning that host alone.
+pub fn parse_net(entry: &str) -> Result<IpNet, String> {
+    let t = entry.trim();
+    t.parse::<IpNet>()
+        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!("{entry:?} is not an address or CIDR (e.g. \"192.0.2.7\", \"10.0.0.0/8\", \"2001:db8::/32\")")
+        })
+}
+
+fn nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let entries = Vec::<String>::deserialize(d)?;
+    entries
+        .iter()
+        .map(|e| parse_net(e).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -515,6 +534,38 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         config.validate().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         Ok(config)
+    }
+
+    /// Settings that are valid but probably not what the operator meant;
+    /// `check-config` prints them and the server logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let (low, high) = (self.relay.ports.low, self.relay.ports.high);
+        let relay_ips = [Some(self.relay.address), self.relay.ipv6_address];
+        for l in &self.listen {
+            let port = l.address.port();
+            let same_host = relay_ips
+                .iter()
+                .flatten()
+                .any(|r| r.is_unspecified() || l.address.ip().is_unspecified() || *r == l.address.ip());
+            if (low..=high).contains(&port) && same_host {
+                out.push(format!(
+                    "relay.ports {low}-{high} includes port {port} of the {} listener {}: \
+                     the relay range should not overlap the listeners' ports",
+                    format!("{:?}", l.transport).to_lowercase(),
+                    l.address
+                ));
+            }
+        }
+        if let Some(m) = &self.metrics
+            && !m.listen.ip().is_loopback()
+        {
+            out.push(format!(
+                "metrics.listen {} is not a loopback address: /metrics is served to anyone who can reach it",
+                m.listen
+            ));
+        }
+        out
     }
 
     /// Reads and validates a configuration file.

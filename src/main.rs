@@ -120,7 +120,10 @@ fn main() -> ExitCode {
                 .map_err(turnstile::config::ConfigError),
             None => Ok(c),
         }) {
-            Ok(_) => {
+            Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -298,6 +301,9 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 }
 
 fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std::io::Result<()> {
+    for w in config.warnings() {
+        tracing::warn!("configuration: {w}");
+    }
     if let Some(limit) = turnstile::io::process_limits::raise_open_files() {
         // Each allocation holds a socket; near the limit Allocate is answered 508.
         tracing::info!(open_files = limit, "open file limit");

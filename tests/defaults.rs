@@ -345,3 +345,50 @@ fn sessions_and_kick_as_an_operator_types_them() {
         "alice is not phone-42"
     );
 }
+
+/// `[peers]` takes bare addresses as one host; a bad entry's error names
+/// it; check-config warns when the relay range covers a listener's port.
+#[test]
+fn peer_entries_and_port_overlaps_as_operators_write_them() {
+    let (ok, text) = check_config(&plain(
+        "[peers]\nallow = [\"127.0.0.1\", \"::1\", \"10.0.0.0/8\"]\ndeny = [\"203.0.113.9\"]",
+    ));
+    assert!(ok, "{text}");
+    let (ok, text) = check_config(&plain("[peers]\nallow = [\"10.0.0.0/8\", \"10.0.0.300\"]"));
+    assert!(!ok);
+    assert!(text.contains("\"10.0.0.300\" is not an address or CIDR"), "{text}");
+    assert!(text.contains("line"), "the error points at the line: {text}");
+
+    let (ok, text) = check_config(
+        &plain("")
+            .replace("ports = \"62300-62399\"", "ports = \"3000-65535\"")
+            .replace("address = \"127.0.0.1:0\"", "address = \"0.0.0.0:3478\""),
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: relay.ports 3000-65535 includes port 3478 of the udp listener 0.0.0.0:3478"),
+        "{text}"
+    );
+    let (_, text) = check_config(&plain(""));
+    assert!(!text.contains("warning"), "{text}");
+
+    // A bare allowed address works on the running server: a loopback peer.
+    let server = TestServer::start(&plain("[peers]\nallow = [\"127.0.0.1\"]"));
+    let mut c = RawClient::connect(server.udp[0]);
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+    let ok_peer: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let other: std::net::SocketAddr = "127.0.0.2:9".parse().unwrap();
+    assert_eq!(
+        code(&c.request(Method::CREATE_PERMISSION, true, |w| {
+            w.xor_peer_address(&ok_peer).unwrap()
+        })),
+        0
+    );
+    assert_eq!(
+        code(&c.request(Method::CREATE_PERMISSION, true, |w| w.xor_peer_address(&other).unwrap())),
+        403
+    );
+}
