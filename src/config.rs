@@ -179,6 +179,10 @@ pub struct Relay {
     /// Advertised IPv6 relay address when it differs from `ipv6_address`.
     #[serde(default)]
     pub ipv6_external_address: Option<IpAddr>,
+    /// Offer RFC 6062 TCP allocations (Connect to TCP peers). `false`
+    /// refuses them with 442, as coturn's `no-tcp-relay`.
+    #[serde(default = "yes")]
+    pub tcp: bool,
 }
 
 fn default_relay_address() -> IpAddr {
@@ -193,6 +197,7 @@ impl Default for Relay {
             ports: PortRange::default(),
             ipv6_address: None,
             ipv6_external_address: None,
+            tcp: true,
         }
     }
 }

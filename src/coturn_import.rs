@@ -50,8 +50,10 @@ fn not_carried(key: &str) -> Option<&'static str> {
             "user databases are not supported; list users in [auth] users or use REST secrets"
         }
         "oauth" | "server-relay" | "no-auth" | "secure-stun" | "stun-only" | "no-stun" => "this mode is not offered",
-        "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "no-tlsv1" | "no-tlsv1_1" | "no-tlsv1_2"
-        | "ca-file" => "TLS versions and ciphers are rustls's secure defaults (TLS 1.2 and 1.3)",
+        "no-tlsv1" | "no-tlsv1_1" => "already the behaviour: TLS 1.0 and 1.1 are never offered",
+        "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "no-tlsv1_2" | "ca-file" => {
+            "TLS versions and ciphers are rustls's secure defaults (TLS 1.2 and 1.3)"
+        }
         "alt-listening-port" | "alt-tls-listening-port" => "alternative ports are for RFC 5780, not offered",
         "aux-server" | "udp-self-balance" => "load balancing across auxiliary ports is not offered",
         "verbose" | "Verbose" => return None, // carried as the log level
@@ -169,9 +171,12 @@ pub fn import(text: &str) -> Imported {
             }
         }
     }
+    // external-ip alone is the public address of a NAT'd host (a cloud VM):
+    // it cannot be bound there, so relays bind every local address and
+    // advertise it.
     let relay_v4 = relay_v4
         .or_else(|| ips.iter().copied().find(|i| i.is_ipv4() && !i.is_unspecified()))
-        .or(external_v4)
+        .or(external_v4.map(|_| IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
         .unwrap_or_else(|| {
             notes.push("no relay-ip=, external-ip= or concrete listening-ip=: set [relay] address to this host's public address".into());
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -185,6 +190,9 @@ pub fn import(text: &str) -> Imported {
         if let Some(e) = external_v6.filter(|e| *e != v6) {
             out.push_str(&format!("ipv6_external_address = \"{e}\"\n"));
         }
+    }
+    if has("no-tcp-relay") {
+        out.push_str("tcp = false\n");
     }
     let min: u16 = one("min-port").and_then(|p| p.parse().ok()).unwrap_or(49152);
     let max: u16 = one("max-port").and_then(|p| p.parse().ok()).unwrap_or(65535);
@@ -263,6 +271,10 @@ pub fn import(text: &str) -> Imported {
     if has("prometheus") {
         let port = one("prometheus-port").unwrap_or_else(|| "9641".into());
         out.push_str(&format!("\n[metrics]\nlisten = \"0.0.0.0:{port}\"\n"));
+        notes.push(format!(
+            "prometheus: metrics listen on all addresses (0.0.0.0:{port}), as coturn's exporter does; \
+             set [metrics] listen to 127.0.0.1:{port} or firewall the port"
+        ));
     }
 
     let handled = [
@@ -288,6 +300,7 @@ pub fn import(text: &str) -> Imported {
         "no-udp",
         "no-tcp",
         "no-tls",
+        "no-tcp-relay",
         "prometheus",
         "prometheus-port",
         "max-allocate-lifetime",
@@ -372,6 +385,32 @@ verbose
         assert_eq!(c.limits.user_quota, 12);
         assert_eq!(c.auth.users.get("alice").map(String::as_str), Some("wonderland"));
         assert_eq!(c.listen.len(), 3);
+    }
+
+    #[test]
+    fn a_natd_cloud_vm_and_the_options_refused_anyway() {
+        let i = import("realm=x\nexternal-ip=203.0.113.7\nno-tcp-relay\nno-tlsv1\nno-tlsv1_1\nprometheus\n");
+        let c = Config::from_toml(&i.toml, "imported").unwrap();
+        assert_eq!(c.relay.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED), "{}", i.toml);
+        assert_eq!(c.relay.external_address, Some("203.0.113.7".parse().unwrap()));
+        assert!(!c.relay.tcp, "no-tcp-relay");
+        for key in ["no-tlsv1:", "no-tlsv1_1:"] {
+            assert!(
+                i.notes
+                    .iter()
+                    .any(|n| n.starts_with(key) && n.contains("already the behaviour")),
+                "{:?}",
+                i.notes
+            );
+        }
+        assert!(
+            i.notes
+                .iter()
+                .any(|n| n.starts_with("prometheus:") && n.contains("all addresses")),
+            "{:?}",
+            i.notes
+        );
+        assert!(!i.notes.iter().any(|n| n.starts_with("no-tcp-relay")), "{:?}", i.notes);
     }
 
     #[test]

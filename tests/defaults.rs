@@ -392,3 +392,30 @@ fn peer_entries_and_port_overlaps_as_operators_write_them() {
         403
     );
 }
+
+/// `[relay] tcp = false` (coturn's no-tcp-relay, carried by import-coturn)
+/// refuses RFC 6062 TCP allocations with 442; UDP relaying goes on.
+#[test]
+fn tcp_relaying_can_be_turned_off() {
+    let tcp = "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:0\"\n";
+    for (setting, expect) in [("", 0), ("\n[relay]\ntcp = false\n", 442)] {
+        let cfg = plain(tcp);
+        let cfg = if setting.is_empty() {
+            cfg
+        } else {
+            cfg.replace("[relay]\n", "[relay]\ntcp = false\n")
+        };
+        let server = TestServer::start(&cfg);
+        let mut c = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+        assert_eq!(
+            code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(6).unwrap())),
+            expect,
+            "{setting:?}"
+        );
+        let mut u = RawClient::connect_tcp(server.tcp[0], "alice", "secret");
+        assert_eq!(
+            code(&u.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+            0
+        );
+    }
+}

@@ -62,6 +62,7 @@ impl Started {
                     max_permissions: config.limits.permissions_per_allocation,
                     max_channels: config.limits.channels_per_allocation,
                     max_connections: config.limits.connections_per_allocation,
+                    tcp_relay: config.relay.tcp,
                 },
                 rates: [
                     config.limits.unauthenticated(self.controls.len()),
@@ -415,6 +416,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             max_permissions: config.limits.permissions_per_allocation,
             max_channels: config.limits.channels_per_allocation,
             max_connections: config.limits.connections_per_allocation,
+            tcp_relay: config.relay.tcp,
             channel_range,
             worker_index: index as u8,
             port_seed,

@@ -100,6 +100,8 @@ pub struct ServerConfig {
     pub max_channels: usize,
     /// RFC 6062 peer connections per allocation (Connect and accepted).
     pub max_connections: usize,
+    /// Whether RFC 6062 TCP allocations are offered (442 when not).
+    pub tcp_relay: bool,
     /// Accepted channel numbers.
     pub channel_range: ChannelRange,
     /// This worker's number, carried in RFC 6062 connection ids.
@@ -130,6 +132,7 @@ impl Default for ServerConfig {
             max_permissions: 128,
             max_channels: 128,
             max_connections: 64,
+            tcp_relay: true,
             channel_range: ChannelRange::Rfc8656,
             worker_index: 0,
             port_seed: [7; 32],
@@ -333,6 +336,8 @@ pub struct AllocationLimits {
     pub max_channels: usize,
     /// RFC 6062 peer connections.
     pub max_connections: usize,
+    /// Whether RFC 6062 TCP allocations are offered.
+    pub tcp_relay: bool,
 }
 
 /// Whether an operator's `name` picks out the allocation user `username`:
@@ -626,6 +631,7 @@ impl Server {
         self.config.max_permissions = limits.max_permissions;
         self.config.max_channels = limits.max_channels;
         self.config.max_connections = limits.max_connections;
+        self.config.tcp_relay = limits.tcp_relay;
     }
 
     /// New rate limits (configuration reload): the unauthenticated answer
@@ -1171,7 +1177,7 @@ impl Server {
         match msg.requested_transport() {
             Ok(Some(transport::UDP)) => {}
             // RFC 6062: TCP relaying only for clients that reach us over TCP or TLS.
-            Ok(Some(transport::TCP)) if self.is_stream(&key) => {}
+            Ok(Some(transport::TCP)) if self.is_stream(&key) && self.config.tcp_relay => {}
             Ok(Some(_)) => return Err(refuse(442, "Unsupported Transport Protocol", "unsupported_transport")),
             Ok(None) | Err(_) => return Err(BAD_REQUEST),
         }
