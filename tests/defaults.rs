@@ -419,3 +419,56 @@ fn tcp_relaying_can_be_turned_off() {
         );
     }
 }
+
+/// Every metric family has `# HELP` and `# TYPE`, and families come in one
+/// stable (sorted) order.
+#[test]
+fn every_metric_family_is_described_in_a_stable_order() {
+    let server = TestServer::start(&plain(""));
+    let mut c = RawClient::connect(server.udp[0]);
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+    let mut bad = RawClient::connect_as(server.udp[0], "alice", "wrong");
+    bad.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert!(server.wait_counter("turnstile_allocations_created_total", 1.0));
+    let families = |text: &str| -> Vec<String> {
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or(text);
+        let mut order = Vec::new();
+        let (mut help, mut kind) = (None::<String>, None::<String>);
+        for line in body.lines() {
+            if let Some(r) = line.strip_prefix("# HELP ") {
+                help = r.split(' ').next().map(str::to_owned);
+                assert!(
+                    r.split_once(' ').is_some_and(|(_, h)| !h.is_empty()),
+                    "empty help: {line}"
+                );
+                continue;
+            }
+            if let Some(r) = line.strip_prefix("# TYPE ") {
+                kind = r.split(' ').next().map(str::to_owned);
+                assert_eq!(help, kind, "TYPE without its HELP: {line}");
+                order.push(kind.clone().unwrap());
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = kind.as_deref().expect("a sample before any TYPE");
+            assert!(name.starts_with(family), "{name} under the TYPE of {family}");
+        }
+        order
+    };
+    let first = families(&server.scrape());
+    assert!(first.len() >= 10, "{first:?}");
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(first, sorted, "families in sorted order");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let second = families(&server.scrape());
+    let common: Vec<&String> = second.iter().filter(|f| first.contains(f)).collect();
+    assert_eq!(
+        common,
+        first.iter().collect::<Vec<_>>(),
+        "the same order on every scrape"
+    );
+}

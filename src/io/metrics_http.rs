@@ -7,9 +7,216 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::io::http::{Request, Response};
 
-/// Installs the global metrics recorder.
+/// Every metric family the server exports: name, Prometheus type, help.
+/// A test checks that every `turnstile_…` name in the source is here.
+pub const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "turnstile_allocation_setup_seconds",
+        "summary",
+        "Time to bind an allocation's relay sockets and answer its Allocate.",
+    ),
+    (
+        "turnstile_allocations_active",
+        "gauge",
+        "Allocations now, by worker, client transport (udp, stream) and relay family.",
+    ),
+    ("turnstile_allocations_created_total", "counter", "Allocations created."),
+    (
+        "turnstile_allocations_deleted_total",
+        "counter",
+        "Allocations ended by the client (Refresh 0, connection closed), the operator or a revocation.",
+    ),
+    (
+        "turnstile_allocations_expired_total",
+        "counter",
+        "Allocations that expired without a refresh.",
+    ),
+    (
+        "turnstile_auth_failures_total",
+        "counter",
+        "Authentication failures by reason.",
+    ),
+    (
+        "turnstile_bandwidth_dropped_bytes_total",
+        "counter",
+        "Relayed bytes dropped by max_bps or bps_capacity.",
+    ),
+    (
+        "turnstile_bandwidth_dropped_packets_total",
+        "counter",
+        "Relayed packets dropped by max_bps or bps_capacity.",
+    ),
+    (
+        "turnstile_channels_active",
+        "gauge",
+        "Live channel bindings, by worker.",
+    ),
+    ("turnstile_connections", "gauge", "Open TCP and TLS client connections."),
+    (
+        "turnstile_connections_closed_total",
+        "counter",
+        "TCP and TLS client connections closed by the server, by reason.",
+    ),
+    (
+        "turnstile_connections_refused_total",
+        "counter",
+        "TCP and TLS client connections refused, by reason.",
+    ),
+    (
+        "turnstile_dropped_packets_total",
+        "counter",
+        "Packets dropped without an answer, by reason.",
+    ),
+    (
+        "turnstile_error_responses_total",
+        "counter",
+        "Error responses sent, by code.",
+    ),
+    (
+        "turnstile_http_connections_refused_total",
+        "counter",
+        "Metrics and admin HTTP connections refused, by reason.",
+    ),
+    (
+        "turnstile_icmp_relayed_total",
+        "counter",
+        "ICMP errors relayed to clients as Data indications.",
+    ),
+    (
+        "turnstile_peer_refused_total",
+        "counter",
+        "Peer addresses refused by the peer policy, by reason.",
+    ),
+    ("turnstile_permissions_active", "gauge", "Live permissions, by worker."),
+    (
+        "turnstile_quota_refusals_total",
+        "counter",
+        "Allocations refused for quota: user, ip or total.",
+    ),
+    ("turnstile_relay_sockets", "gauge", "Relay sockets open, by worker."),
+    (
+        "turnstile_relayed_bytes_by_transport_total",
+        "counter",
+        "Relayed bytes by direction and client transport.",
+    ),
+    (
+        "turnstile_relayed_bytes_total",
+        "counter",
+        "Relayed bytes by direction.",
+    ),
+    (
+        "turnstile_relayed_packets_by_transport_total",
+        "counter",
+        "Relayed packets by direction and client transport.",
+    ),
+    (
+        "turnstile_relayed_packets_total",
+        "counter",
+        "Relayed packets by direction.",
+    ),
+    (
+        "turnstile_requests_total",
+        "counter",
+        "STUN/TURN requests received, by method.",
+    ),
+    (
+        "turnstile_responses_total",
+        "counter",
+        "Responses sent, by method and code.",
+    ),
+    (
+        "turnstile_send_dropped_total",
+        "counter",
+        "Datagrams or frames the kernel or a full client queue refused.",
+    ),
+    (
+        "turnstile_tcp_relay_connections",
+        "gauge",
+        "RFC 6062 peer connections, by worker.",
+    ),
+    (
+        "turnstile_udp_gso_sends_total",
+        "counter",
+        "UDP GSO sends (several datagrams in one system call).",
+    ),
+    (
+        "turnstile_unauthenticated_bytes_total",
+        "counter",
+        "Bytes of unauthenticated requests over UDP and of the answers sent, by direction.",
+    ),
+    (
+        "turnstile_unauthenticated_responses_suppressed_total",
+        "counter",
+        "Unauthenticated answers not sent: the source's budget was spent.",
+    ),
+];
+
+/// Installs the global metrics recorder, with every family described.
 pub fn install_recorder() -> io::Result<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().map_err(io::Error::other)
+    let handle = PrometheusBuilder::new().install_recorder().map_err(io::Error::other)?;
+    for (name, kind, help) in FAMILIES {
+        match *kind {
+            "counter" => metrics::describe_counter!(*name, *help),
+            "gauge" => metrics::describe_gauge!(*name, *help),
+            _ => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    Ok(handle)
+}
+
+/// The exporter's text with every family under its `# HELP` and `# TYPE`
+/// lines, families sorted by name, so two scrapes list them alike.
+pub fn render_sorted(text: &str) -> String {
+    let mut families: std::collections::BTreeMap<String, (Option<String>, Option<String>, Vec<String>)> =
+        std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+            current = rest.split(' ').next().unwrap_or_default().to_owned();
+            let entry = families.entry(current.clone()).or_default();
+            if line.starts_with("# HELP ") {
+                entry.0 = Some(line.to_owned());
+            } else {
+                entry.1 = Some(line.to_owned());
+            }
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        // Summary and histogram samples carry suffixes of their family.
+        let family = if name.starts_with(current.as_str()) && !current.is_empty() {
+            current.clone()
+        } else {
+            name.to_owned()
+        };
+        families.entry(family).or_default().2.push(line.to_owned());
+    }
+    let mut out = String::with_capacity(text.len() + 1024);
+    for (name, (help, kind, samples)) in families {
+        if samples.is_empty() {
+            continue;
+        }
+        let known = FAMILIES.iter().find(|(n, _, _)| *n == name);
+        match (help, known) {
+            (Some(h), _) => out.push_str(&h),
+            (None, Some((_, _, h))) => out.push_str(&format!("# HELP {name} {h}")),
+            (None, None) => out.push_str(&format!("# HELP {name} {name}")),
+        }
+        out.push('\n');
+        match (kind, known) {
+            (Some(t), _) => out.push_str(&t),
+            (None, Some((_, k, _))) => out.push_str(&format!("# TYPE {name} {k}")),
+            (None, None) => out.push_str(&format!("# TYPE {name} untyped")),
+        }
+        out.push('\n');
+        for s in samples {
+            out.push_str(&s);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Answers a scrape, or a health check: `/healthz` (the process answers)
@@ -22,8 +229,58 @@ pub fn handle(handle: &PrometheusHandle, req: &Request, ready: bool) -> Response
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: handle.render(),
+            body: render_sorted(&handle.render()),
         },
         _ => Response::text(404, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_in_the_source_is_described() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let mut names = std::collections::BTreeSet::new();
+        let mut dirs = vec![std::path::PathBuf::from(root)];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if !p.ends_with("bin") {
+                        dirs.push(p);
+                    }
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    for part in text.split("\"turnstile_").skip(1) {
+                        let name: String = part
+                            .chars()
+                            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                            .collect();
+                        if part[name.len()..].starts_with('"') && !name.is_empty() {
+                            names.insert(format!("turnstile_{name}"));
+                        }
+                    }
+                }
+            }
+        }
+        names.remove("turnstile_log");
+        for n in &names {
+            assert!(FAMILIES.iter().any(|(f, _, _)| f == n), "{n} has no entry in FAMILIES");
+        }
+        assert!(names.len() >= 25, "{names:?}");
+    }
+
+    #[test]
+    fn families_come_sorted_each_under_help_and_type() {
+        let text = "# TYPE b_total counter\nb_total 1\n\n# TYPE turnstile_relay_sockets gauge\nturnstile_relay_sockets{worker=\"0\"} 3\n\na_total 2\n";
+        let out = render_sorted(text);
+        assert_eq!(
+            out,
+            "# HELP a_total a_total\n# TYPE a_total untyped\na_total 2\n\
+             # HELP b_total b_total\n# TYPE b_total counter\nb_total 1\n\
+             # HELP turnstile_relay_sockets Relay sockets open, by worker.\n# TYPE turnstile_relay_sockets gauge\nturnstile_relay_sockets{worker=\"0\"} 3\n"
+        );
     }
 }
