@@ -164,11 +164,13 @@ pub fn install_recorder() -> io::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// One family's `# HELP` line, `# TYPE` line and samples.
+type Family = (Option<String>, Option<String>, Vec<String>);
+
 /// The exporter's text with every family under its `# HELP` and `# TYPE`
 /// lines, families sorted by name, so two scrapes list them alike.
 pub fn render_sorted(text: &str) -> String {
-    let mut families: std::collections::BTreeMap<String, (Option<String>, Option<String>, Vec<String>)> =
-        std::collections::BTreeMap::new();
+    let mut families: std::collections::BTreeMap<String, Family> = std::collections::BTreeMap::new();
     let mut current = String::new();
     for line in text.lines() {
         if line.is_empty() {
