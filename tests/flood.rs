@@ -171,3 +171,150 @@ user_quota = 0
         "suppressed answers are counted"
     );
 }
+
+/// The configuration as shipped: one worker per core, every limit default.
+fn default_limits_config(ports: &str) -> String {
+    format!(
+        r#"realm = "test.local"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:0"
+
+[relay]
+address = "127.0.0.1"
+ports = "{ports}"
+
+[auth]
+users = {{ alice = "secret" }}
+
+[metrics]
+listen = "127.0.0.1:0"
+"#
+    )
+}
+
+fn allocate_request(tid: u64, signed: Option<&str>) -> Vec<u8> {
+    let key = turnstile::proto::auth::LongTermKey::derive(
+        turnstile::proto::auth::PasswordAlgorithm::Md5,
+        "alice",
+        "test.local",
+        "secret",
+    );
+    let mut id = [0u8; 12];
+    id[..8].copy_from_slice(&tid.to_be_bytes());
+    let mut buf = [0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Class::Request, Method::ALLOCATE, TransactionId(id)).unwrap();
+    w.requested_transport(17).unwrap();
+    if let Some(nonce) = signed {
+        w.username("alice").unwrap();
+        w.realm("test.local").unwrap();
+        w.nonce(nonce).unwrap();
+        w.message_integrity(key.hmac_sha1()).unwrap();
+    }
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
+/// An office or carrier-grade NAT: 300 new clients from one address arrive
+/// within one second (each meeting a 401 first) and all hold allocations
+/// within 2 s, on the default unauthenticated-answer budget.
+#[test]
+fn three_hundred_new_clients_behind_one_address_all_allocate_within_two_seconds() {
+    const CLIENTS: usize = 300;
+    let server = TestServer::start(&default_limits_config("60000-60999"));
+    let target = server.udp[0];
+    let sockets: Vec<UdpSocket> = (0..CLIENTS)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.3:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    // Per client: the message it last sent, when, and when it got its allocation.
+    let mut last: Vec<Option<(Vec<u8>, Instant)>> = vec![None; CLIENTS];
+    let mut done: Vec<Option<Duration>> = vec![None; CLIENTS];
+    let mut retransmissions = 0;
+    let start = Instant::now();
+    let mut buf = [0u8; 1500];
+    while start.elapsed() < Duration::from_secs(3) && done.iter().any(Option::is_none) {
+        let now = start.elapsed();
+        for i in 0..CLIENTS {
+            if done[i].is_some() {
+                continue;
+            }
+            // Arrivals spread over the first second.
+            if last[i].is_none() && now >= Duration::from_micros(i as u64 * 1_000_000 / CLIENTS as u64) {
+                let m = allocate_request(i as u64, None);
+                sockets[i].send_to(&m, target).unwrap();
+                last[i] = Some((m, Instant::now()));
+            }
+            while let Ok((n, _)) = sockets[i].recv_from(&mut buf) {
+                let m = Message::parse(&buf[..n]).unwrap();
+                match (m.class(), m.error_code().ok().flatten().map(|e| e.code)) {
+                    (Class::Success, _) => done[i] = Some(start.elapsed()),
+                    (_, Some(401)) => {
+                        let nonce = m.nonce().unwrap().unwrap().to_owned();
+                        let signed = allocate_request(1_000_000 + i as u64, Some(&nonce));
+                        sockets[i].send_to(&signed, target).unwrap();
+                        last[i] = Some((signed, Instant::now()));
+                    }
+                    other => panic!("client {i}: {other:?}"),
+                }
+            }
+            // A client retransmits after 500 ms without an answer (RFC 8489's RTO).
+            if done[i].is_none()
+                && let Some((m, at)) = &mut last[i]
+                && at.elapsed() > Duration::from_millis(500)
+            {
+                sockets[i].send_to(m, target).unwrap();
+                *at = Instant::now();
+                retransmissions += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let allocated = done.iter().filter(|d| d.is_some()).count();
+    let slowest = done.iter().flatten().max().copied().unwrap_or_default();
+    eprintln!("{allocated}/{CLIENTS} allocated, the last after {slowest:?}, {retransmissions} retransmissions");
+    assert_eq!(allocated, CLIENTS, "{retransmissions} retransmissions");
+    assert!(
+        slowest <= Duration::from_secs(2),
+        "the last allocation after {slowest:?}"
+    );
+}
+
+/// A spoofed source (it never sees the 401s, so it never authenticates)
+/// sending 3,000 unauthenticated Allocates a second gets at most one byte
+/// back per byte it sends, on the default budget.
+#[test]
+fn a_spoofed_flood_from_one_source_gets_less_than_it_sends() {
+    let server = TestServer::start(&default_limits_config("60000-60999"));
+    let target = server.udp[0];
+    let socket = UdpSocket::bind("127.0.0.4:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let (mut sent, mut back) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut buf = [0u8; 1500];
+    for i in 0..6_000u64 {
+        // 3,000 a second, for 2 s.
+        let due = Duration::from_micros(i * 1_000_000 / 3_000);
+        while start.elapsed() < due {
+            while let Ok((n, _)) = socket.recv_from(&mut buf) {
+                back += n as u64;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let m = allocate_request(i, None);
+        socket.send_to(&m, target).unwrap();
+        sent += m.len() as u64;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        back += n as u64;
+    }
+    let ratio = back as f64 / sent as f64;
+    eprintln!("spoofed flood: {sent} bytes sent, {back} back: {ratio:.3} bytes out per byte in");
+    assert!(back > 0, "the budget answers some");
+    assert!(ratio <= 1.0, "{ratio:.3} bytes out per byte in");
+}

@@ -980,6 +980,8 @@ impl Server {
                 }));
             }
         };
+        // A request that authenticates proves its source address is real.
+        self.budgets.earn(key.client.ip(), now.instant);
         let signing_key = authed.key.clone();
         let signing = Signing {
             key: &signing_key,

@@ -71,14 +71,18 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, rate: Rate, now: Instant) {
+        // Tokens above the burst (earned by a proven source) are kept; time
+        // alone refills only up to the burst.
+        if self.tokens >= rate.burst {
+            self.at = now;
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.at);
         let earned =
             u64::try_from(elapsed.as_nanos().saturating_mul(u128::from(rate.bytes_per_second)) / 1_000_000_000)
                 .unwrap_or(u64::MAX);
         if earned > 0 {
             self.tokens = self.tokens.saturating_add(earned).min(rate.burst);
-            self.at = now;
-        } else if self.tokens >= rate.burst {
             self.at = now;
         }
     }
@@ -121,6 +125,14 @@ pub struct SourceBudgets {
 
 /// Slots per worker.
 pub const SOURCE_SLOTS: usize = 4096;
+
+/// Bytes of unauthenticated answers a source earns with each request it
+/// authenticates: four challenges' worth. Clients behind one address (an
+/// office, a campus, a carrier-grade NAT) pay for the next newcomers' 401s
+/// by authenticating, which a spoofed source never can.
+pub const EARNED_PER_AUTHENTICATION: u64 = 512;
+/// Earned bytes a source may hold, as a multiple of the burst.
+pub const EARNED_CAP_BURSTS: u64 = 32;
 
 impl SourceBudgets {
     pub fn new(rate: Rate, seed: u64) -> SourceBudgets {
@@ -168,6 +180,40 @@ impl SourceBudgets {
         (h.finish() as usize) % SOURCE_SLOTS
     }
 
+    /// `source` authenticated a request: it is a real address, whose
+    /// unauthenticated answers it pays for in advance
+    /// ([`EARNED_PER_AUTHENTICATION`], up to [`EARNED_CAP_BURSTS`] bursts).
+    pub fn earn(&mut self, source: IpAddr, now: Instant) {
+        if self.rate.is_off() {
+            return;
+        }
+        if self.slots.is_empty() {
+            self.slots = vec![None; SOURCE_SLOTS];
+        }
+        let index = self.index(source);
+        let rate = self.rate;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        let bucket = match slot {
+            Some((ip, bucket)) if *ip == source => bucket,
+            Some((_, bucket)) => {
+                // Another source's slot: taken over only from an idle owner.
+                if !bucket.is_full(rate, now) {
+                    return;
+                }
+                &mut slot.insert((source, TokenBucket::full(rate, now))).1
+            }
+            None => &mut slot.insert((source, TokenBucket::full(rate, now))).1,
+        };
+        bucket.refill(rate, now);
+        let cap = rate.burst.saturating_mul(EARNED_CAP_BURSTS);
+        bucket.tokens = bucket
+            .tokens
+            .saturating_add(EARNED_PER_AUTHENTICATION)
+            .min(cap.max(bucket.tokens));
+    }
+
     /// Takes `cost` bytes from `source`'s budget; false when it is spent.
     pub fn take(&mut self, source: IpAddr, cost: usize, now: Instant) -> bool {
         if self.rate.is_off() {
@@ -194,5 +240,41 @@ impl SourceBudgets {
             None => &mut slot.insert((source, TokenBucket::full(rate, now))).1,
         };
         bucket.take(rate, cost, now)
+    }
+}
+
+#[cfg(test)]
+mod earn_tests {
+    use super::*;
+    use std::time::Duration;
+
+    const RATE: Rate = Rate {
+        bytes_per_second: 1000,
+        burst: 2000,
+    };
+
+    #[test]
+    fn authenticating_sources_earn_answers_and_spoofed_ones_do_not() {
+        let t0 = Instant::now();
+        let mut b = SourceBudgets::new(RATE, 1);
+        let (real, spoofed): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        // Both spend their burst.
+        for ip in [real, spoofed] {
+            assert!(b.take(ip, 2000, t0));
+            assert!(!b.take(ip, 100, t0));
+        }
+        // The real one authenticates ten requests: 5120 bytes earned, above the burst.
+        for _ in 0..10 {
+            b.earn(real, t0);
+        }
+        assert!(b.take(real, 5000, t0));
+        assert!(!b.take(spoofed, 100, t0));
+        // Earned bytes are capped at EARNED_CAP_BURSTS bursts, and kept over time.
+        for _ in 0..10_000 {
+            b.earn(real, t0);
+        }
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(real, 2000 * EARNED_CAP_BURSTS as usize, later));
+        assert!(!b.take(real, 1, later), "nothing beyond the cap");
     }
 }
