@@ -472,3 +472,39 @@ fn every_metric_family_is_described_in_a_stable_order() {
         "the same order on every scrape"
     );
 }
+
+/// JSON logs carry what a log shipper indexes as fields: addresses as
+/// strings, the client transport, the end reason.
+#[test]
+fn json_logs_carry_structured_fields() {
+    let token = "a-token-for-the-json-test";
+    let server = TestServer::start(&plain(&format!(
+        "[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\""
+    )));
+    let mut c = RawClient::connect(server.udp[0]);
+    assert_eq!(
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+        0
+    );
+    let client = c.socket.local_addr().unwrap().to_string();
+    assert_eq!(
+        server
+            .admin_request("DELETE", "/v1/allocations?user=alice", Some(token), "")
+            .0,
+        200
+    );
+    let line = server.wait_line("allocation ended").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["client"], client.as_str(), "{line}");
+    assert_eq!(f["transport"], "udp", "{line}");
+    assert_eq!(f["reason"], "operator", "{line}");
+    assert_eq!(f["user"], "alice", "{line}");
+    assert!(f["to_peer_bytes"].is_u64(), "{line}");
+    let mut bad = RawClient::connect_as(server.udp[0], "alice", "wrong");
+    bad.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    let line = server.wait_line("authentication failed").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["ip"], "127.0.0.1", "{line}");
+    assert_eq!(v["fields"]["reason"], "bad_integrity", "{line}");
+}

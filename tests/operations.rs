@@ -346,3 +346,22 @@ fn systemd_notifications() {
     let status = server.wait_exit(Duration::from_secs(10)).expect("no exit");
     assert!(status.success());
 }
+
+#[test]
+fn a_drain_that_times_out_says_what_it_cut_off() {
+    let mut server = TestServer::start(&config("pw", "s", "drain_timeout = 1"));
+    let peer = peer();
+    let _c = relaying_client(&server, "alice", "pw", &peer);
+    let _d = relaying_client(&server, "alice", "pw", &peer);
+    server.signal("TERM");
+    let line = server
+        .wait_line("drain timeout: exiting with allocations still open")
+        .expect("the cut-off is logged");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("allocations=2") && line.contains("udp=2") && line.contains("tcp=0"),
+        "{line}"
+    );
+    assert!(line.contains("users=1"), "{line}");
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}
