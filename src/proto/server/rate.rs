@@ -244,7 +244,7 @@ impl SourceBudgets {
 }
 
 #[cfg(test)]
-mod earn_tests {
+mod tests {
     use super::*;
     use std::time::Duration;
 
