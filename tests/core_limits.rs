@@ -280,3 +280,40 @@ fn sources_have_separate_budgets_and_a_flood_cannot_reset_one() {
     assert!(off.take(victim, 1_000_000, t0));
     assert_eq!(off.slot_count(), 0);
 }
+
+mod earned_budgets {
+    use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+    use turnstile::proto::server::Rate;
+    use turnstile::proto::server::rate::{EARNED_CAP_BURSTS, SourceBudgets};
+
+    const RATE: Rate = Rate {
+        bytes_per_second: 1000,
+        burst: 2000,
+    };
+
+    #[test]
+    fn authenticating_sources_earn_answers_and_spoofed_ones_do_not() {
+        let t0 = Instant::now();
+        let mut b = SourceBudgets::new(RATE, 1);
+        let (real, spoofed): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        // Both spend their burst.
+        for ip in [real, spoofed] {
+            assert!(b.take(ip, 2000, t0));
+            assert!(!b.take(ip, 100, t0));
+        }
+        // The real one authenticates ten requests: 5120 bytes earned, above the burst.
+        for _ in 0..10 {
+            b.earn(real, t0);
+        }
+        assert!(b.take(real, 5000, t0));
+        assert!(!b.take(spoofed, 100, t0));
+        // Earned bytes are capped at EARNED_CAP_BURSTS bursts, and kept over time.
+        for _ in 0..10_000 {
+            b.earn(real, t0);
+        }
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(real, 2000 * EARNED_CAP_BURSTS as usize, later));
+        assert!(!b.take(real, 1, later), "nothing beyond the cap");
+    }
+}
