@@ -683,10 +683,18 @@ mod tests {
     }
 
     #[test]
-    fn shipped_example_is_valid() {
-        let c = Config::from_toml(include_str!("../etc/turnstile.toml"), "etc/turnstile.toml").unwrap();
+    fn shipped_example_needs_the_public_address_and_then_is_valid() {
+        let shipped = include_str!("../etc/turnstile.toml");
+        let e = Config::from_toml(shipped, "etc/turnstile.toml").unwrap_err();
+        assert!(e.to_string().contains("relay.external_address"), "{e}");
+        let set = shipped.replace(
+            "# external_address = \"203.0.113.7\"",
+            "external_address = \"203.0.113.7\"",
+        );
+        let c = Config::from_toml(&set, "etc/turnstile.toml").unwrap();
         assert_eq!(c.realm, "example.org");
         assert!(c.metrics.is_none());
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     }
 
     #[test]

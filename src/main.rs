@@ -11,7 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A high-performance TURN/STUN relay server.
 ///
-/// Without --config, runs an embedded demo configuration: UDP on
+/// Without --config, runs an embedded demo configuration: UDP and TCP on
 /// 127.0.0.1:3478, a demo user, loopback only.
 #[derive(Parser)]
 #[command(version, about, long_about)]

@@ -63,7 +63,7 @@ fn systemd_unit_verifies() {
     let file = dir.path().join("turnstile.service");
     std::fs::write(
         &file,
-        unit.replace("/usr/local/bin/turnstile", env!("CARGO_BIN_EXE_turnstile")),
+        unit.replace("/usr/bin/turnstile", env!("CARGO_BIN_EXE_turnstile")),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
@@ -74,4 +74,44 @@ fn systemd_unit_verifies() {
         .expect("systemd-analyze (Debian package systemd) must be installed");
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("turnstile.service:"), "{text}");
+}
+
+/// The `--help` of the command and of every subcommand, as shipped in
+/// docs/COMMANDS.txt (the package's /usr/share/doc/turnstile/COMMANDS.txt).
+fn commands_text() -> String {
+    let mut out = String::from("turnstile: every command's --help\n\n");
+    for sub in [
+        None,
+        Some("check-config"),
+        Some("sessions"),
+        Some("kick"),
+        Some("import-coturn"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        if let Some(s) = sub {
+            c.arg(s);
+        }
+        let text = c.arg("--help").output().unwrap().stdout;
+        out.push_str(&format!(
+            "$ turnstile {}--help\n",
+            sub.map(|s| format!("{s} ")).unwrap_or_default()
+        ));
+        out.push_str(&String::from_utf8_lossy(&text));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn the_shipped_command_reference_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/COMMANDS.txt");
+    let now = commands_text();
+    if std::env::var_os("TURNSTILE_BLESS").is_some() {
+        std::fs::write(path, &now).unwrap();
+    }
+    let shipped = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        shipped == now,
+        "docs/COMMANDS.txt is out of date: rerun with TURNSTILE_BLESS=1 cargo test --test cli"
+    );
 }
