@@ -14,11 +14,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::raw::RawClient;
+
+/// The tests here load the machine on purpose: one at a time, so that none
+/// measures another's load.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 use common::{TestServer, loopback_config};
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 #[test]
 fn a_flood_is_not_amplified_and_does_not_starve_a_real_client() {
+    let _one = exclusive();
     let server = TestServer::start(&loopback_config(
         r#"
 [relay]
@@ -222,6 +231,7 @@ fn allocate_request(tid: u64, signed: Option<&str>) -> Vec<u8> {
 #[test]
 fn three_hundred_new_clients_behind_one_address_all_allocate_within_two_seconds() {
     const CLIENTS: usize = 300;
+    let _one = exclusive();
     let server = TestServer::start(&default_limits_config("60000-60999"));
     let target = server.udp[0];
     let sockets: Vec<UdpSocket> = (0..CLIENTS)
@@ -289,6 +299,7 @@ fn three_hundred_new_clients_behind_one_address_all_allocate_within_two_seconds(
 /// back per byte it sends, on the default budget.
 #[test]
 fn a_spoofed_flood_from_one_source_gets_less_than_it_sends() {
+    let _one = exclusive();
     let server = TestServer::start(&default_limits_config("60000-60999"));
     let target = server.udp[0];
     let socket = UdpSocket::bind("127.0.0.4:0").unwrap();
