@@ -3,7 +3,9 @@
 # with Rust: the system packages the tests drive (coturn's clients, Debian's
 # chromium, node and npm for playwright-core, systemd's tools), the browser
 # driver from npm, then formatting, lints, the fuzz targets' build and every
-# test. Run as root or as a user with sudo; CI runs exactly this.
+# test, and, as root, the Debian package under a real systemd
+# (tests/systemd/run.sh). Run as root or as a user with sudo; CI runs exactly
+# this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,5 +49,25 @@ set -e
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 rm -f "$log"
+
+# The Debian package under a real systemd (root only: debootstrap and
+# systemd-nspawn; the Debian tree is cached between runs on one machine).
+if [ "$(id -u)" -eq 0 ]; then
+    command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
+    cargo deb --quiet >/dev/null
+    deb=$(ls -t target/debian/turnstile_*.deb | head -1)
+    set +e
+    bash tests/systemd/run.sh "$deb" 2>&1 | tee "$log"
+    systemd_status=${PIPESTATUS[0]}
+    set -e
+    line=$(tail -1 "$log")
+    rm -f "$log"
+    passed=$((passed + $(echo "$line" | awk '{print $1+0}')))
+    failed=$((failed + $(echo "$line" | awk '{print $3+0}')))
+    [ "$systemd_status" -eq 0 ] || status=1
+else
+    echo "tests/systemd/run.sh skipped: it needs root (debootstrap, systemd-nspawn)"
+fi
+
 echo "tests: ${passed} passed, ${failed} failed"
 exit "$status"

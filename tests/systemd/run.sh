@@ -65,9 +65,10 @@ cleanup() {
         kill "$NSPAWN" 2>/dev/null || true
         wait "$NSPAWN" 2>/dev/null || true
     fi
-    # What nspawn leaves behind without a host systemd.
-    find /sys/fs/cgroup -maxdepth 3 -depth -type d \( -name payload -o -name supervisor \) \
-        -exec rmdir {} \; 2>/dev/null || true
+    # What nspawn leaves behind without a host systemd: cgroup trees,
+    # removed leaves first.
+    find /sys/fs/cgroup -maxdepth 3 -type d \( -name payload -o -name supervisor \) -print 2>/dev/null |
+        while read -r d; do find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true; done
     rm -rf /run/systemd/nspawn "$WORK"
 }
 trap cleanup EXIT
