@@ -54,8 +54,8 @@ rm -f "$log"
 # systemd-nspawn; the Debian tree is cached between runs on one machine).
 if [ "$(id -u)" -eq 0 ]; then
     command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
-    cargo deb --quiet >/dev/null
-    deb=$(ls -t target/debian/turnstile_*.deb | head -1)
+    # cargo deb prints the paths of what it built (under the target directory).
+    deb=$(cargo deb --quiet | grep '\.deb$' | tail -1)
     set +e
     bash tests/systemd/run.sh "$deb" 2>&1 | tee "$log"
     systemd_status=${PIPESTATUS[0]}

@@ -30,8 +30,7 @@ fi
 DEB=${1:-}
 if [ -z "$DEB" ]; then
     command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
-    cargo deb >/dev/null
-    DEB=$(ls -t target/debian/turnstile_*.deb | head -1)
+    DEB=$(cargo deb --quiet | grep '\.deb$' | tail -1)
 fi
 DEB=$(realpath "$DEB")
 
