@@ -9,8 +9,8 @@ use turnstile::proto::auth::rest;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, PEER_HEADROOM, PeerOutcome, QuotaLimits,
-    Quotas, RelayAddress, RelayId, ServerConfig,
+    BindResult, ClientKey, ClientOutcome, DropReason, Input, ListenerId, Output, PEER_HEADROOM, PeerOutcome,
+    QuotaLimits, Quotas, RelayAddress, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::attr::password_algorithm;
 use turnstile::proto::stun::{AddressFamily, Attribute, Class, Message, Method, kind};
@@ -92,7 +92,7 @@ fn lifetimes_are_clamped_refreshed_and_expire() {
     h.advance(2);
     assert_eq!(h.server.allocation_count(), 0, "expired");
     assert!(
-        matches!(h.commands.as_slice(), [Command::CloseRelay(_)]),
+        matches!(h.commands.as_slice(), [Output::CloseRelay(_)]),
         "{:?}",
         h.commands
     );
@@ -110,7 +110,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.advance(601);
     assert_eq!(h.server.allocation_count(), 0, "expired");
     assert!(
-        h.commands.contains(&Command::CloseClient(client)),
+        h.commands.contains(&Output::CloseClient(client)),
         "expiry closes the connection: {:?}",
         h.commands
     );
@@ -121,7 +121,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.allocate(&c);
     assert_eq!(h.server.kick(Some("alice"), None), 1);
     h.drain();
-    assert!(h.commands.contains(&Command::CloseClient(h.key)), "{:?}", h.commands);
+    assert!(h.commands.contains(&Output::CloseClient(h.key)), "{:?}", h.commands);
 
     // Refresh 0: the client keeps its connection (and may allocate again).
     h.commands.clear();
@@ -131,7 +131,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     let req = h.signed(Method::REFRESH, &c, |w| w.lifetime(0).unwrap());
     assert_eq!(code(&h.exchange(&req)), 0);
     assert!(
-        !h.commands.iter().any(|c| matches!(c, Command::CloseClient(_))),
+        !h.commands.iter().any(|c| matches!(c, Output::CloseClient(_))),
         "{:?}",
         h.commands
     );
@@ -146,7 +146,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.allocate(&c);
     h.advance(601);
     assert!(
-        !h.commands.iter().any(|c| matches!(c, Command::CloseClient(_))),
+        !h.commands.iter().any(|c| matches!(c, Output::CloseClient(_))),
         "{:?}",
         h.commands
     );
@@ -862,13 +862,9 @@ fn icmp_errors_reach_the_client_as_data_indications() {
     h.allocate(&c);
     let peer = sa("8.8.8.8:9");
     assert_eq!(code(&h.permit(&c, peer)), 0);
-    let mut out = vec![0u8; 256];
-    let (key, len) = h
-        .server
-        .handle_relay_icmp(h.now.instant, RelayId(0), peer, 3, 3, 0, &mut out)
-        .unwrap();
+    let (key, out) = h.icmp(RelayId(0), peer, (3, 3, 0)).unwrap();
     assert_eq!(key, h.key);
-    let m = Message::parse(&out[..len]).unwrap();
+    let m = Message::parse(&out).unwrap();
     assert_eq!(m.method(), Method::DATA);
     assert_eq!(
         m.get(kind::ICMP).unwrap(),
@@ -878,11 +874,7 @@ fn icmp_errors_reach_the_client_as_data_indications() {
             error_data: 0
         })
     );
-    assert!(
-        h.server
-            .handle_relay_icmp(h.now.instant, RelayId(0), sa("1.2.3.4:1"), 3, 3, 0, &mut out)
-            .is_none()
-    );
+    assert!(h.icmp(RelayId(0), sa("1.2.3.4:1"), (3, 3, 0)).is_none());
 }
 
 #[test]
@@ -953,28 +945,17 @@ fn tcp_allocations_connect_and_connection_bind() {
     let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("10.0.0.1:80")).unwrap());
     assert_eq!(code(&h.exchange(&req)), 403);
     let peer = sa("8.8.8.8:443");
-    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&peer).unwrap());
-    let ClientOutcome::TcpConnect {
-        relay,
-        peer: to,
-        connection,
-    } = h.send(&req)
-    else {
-        panic!()
-    };
+    let (relay, to, connection) = h.connect(&c, peer);
     assert_eq!((relay, to), (RelayId(0), peer));
     assert_eq!(connection_owner(connection), 0);
     let req2 = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&peer).unwrap());
     assert_eq!(code(&h.exchange(&req2)), 446, "one connection per peer");
-    let (key, len) = h
-        .server
-        .handle_tcp_connected(h.now, connection, true, &mut h.out)
-        .unwrap();
+    let (key, answer) = h.tcp_connected(connection, true).unwrap();
     assert_eq!(key, control);
-    let m = Message::parse(&h.out[..len]).unwrap();
+    let m = Message::parse(&answer).unwrap();
     assert_eq!((m.class(), m.method()), (Class::Success, Method::CONNECT));
     assert_eq!(m.connection_id().unwrap(), Some(connection));
-    assert!(verify_sha1(&h.out[..len], &c.key));
+    assert!(verify_sha1(&answer, &c.key));
 
     // ConnectionBind on a new data connection.
     h.key = ClientKey {
@@ -996,33 +977,23 @@ fn tcp_allocations_connect_and_connection_bind() {
     // A failed Connect is 447.
     h.key = control;
     let other = sa("1.1.1.1:443");
-    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&other).unwrap());
-    let ClientOutcome::TcpConnect { connection: failed, .. } = h.send(&req) else {
-        panic!()
-    };
-    let (_, len) = h.server.handle_tcp_connected(h.now, failed, false, &mut h.out).unwrap();
-    assert_eq!(code(&h.out[..len]), 447);
+    let (_, _, failed) = h.connect(&c, other);
+    let (_, answer) = h.tcp_connected(failed, false).unwrap();
+    assert_eq!(code(&answer), 447);
 
     // Incoming peers: a ConnectionAttempt with a permission, nothing without.
-    assert!(
-        h.server
-            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
-            .is_err()
-    );
+    assert!(h.peer_accepted(RelayId(0), sa("9.9.9.9:5000")).is_err());
     assert_eq!(code(&h.permit(&c, sa("9.9.9.9:1"))), 0);
-    let (key, incoming, len) = h
-        .server
-        .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
-        .unwrap();
+    let (key, incoming, attempt) = h.peer_accepted(RelayId(0), sa("9.9.9.9:5000")).unwrap();
     assert_eq!(key, control);
-    let m = Message::parse(&h.out[..len]).unwrap();
+    let m = Message::parse(&attempt).unwrap();
     assert_eq!((m.class(), m.method()), (Class::Indication, Method::CONNECTION_ATTEMPT));
     assert_eq!(m.connection_id().unwrap(), Some(incoming));
     // Not bound within 30 s: closed.
     h.commands.clear();
     h.advance(CONNECTION_BIND_TIMEOUT.as_secs() + 1);
     assert!(
-        h.commands.contains(&Command::CloseConnection(incoming)),
+        h.commands.contains(&Output::CloseConnection(incoming)),
         "{:?}",
         h.commands
     );
@@ -1031,11 +1002,10 @@ fn tcp_allocations_connect_and_connection_bind() {
     assert_eq!(code(&h.bind_channel(&c, 0x4000, sa("8.8.8.8:1"))), 400);
     // Closing the control connection deletes the allocation and its connections.
     h.commands.clear();
-    h.server.handle_client_closed(control);
-    h.drain();
+    h.input(Input::ClientClosed { key: control });
     assert_eq!(h.server.allocation_count(), 0);
     assert!(
-        h.commands.contains(&Command::CloseConnection(connection)),
+        h.commands.contains(&Output::CloseConnection(connection)),
         "{:?}",
         h.commands
     );
@@ -1056,32 +1026,19 @@ fn peer_connections_per_allocation_are_capped_both_ways() {
     let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
     assert_eq!(code(&h.exchange(&req)), 0);
     assert_eq!(code(&h.permit(&c, sa("9.9.9.9:1"))), 0);
-    let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("8.8.8.8:443")).unwrap());
-    let ClientOutcome::TcpConnect { connection, .. } = h.send(&req) else {
-        panic!("connect")
-    };
-    h.server
-        .handle_tcp_connected(h.now, connection, true, &mut h.out)
-        .unwrap();
-    let (_, incoming, _) = h
-        .server
-        .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5000"), &mut h.out)
-        .unwrap();
+    let (_, _, connection) = h.connect(&c, sa("8.8.8.8:443"));
+    h.tcp_connected(connection, true).unwrap();
+    let (_, incoming, _) = h.peer_accepted(RelayId(0), sa("9.9.9.9:5000")).unwrap();
     // Full: a third connection either way is refused.
     assert_eq!(
-        h.server
-            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5001"), &mut h.out),
+        h.peer_accepted(RelayId(0), sa("9.9.9.9:5001")).map(|_| ()),
         Err(DropReason::ConnectionLimit)
     );
     let req = h.signed(Method::CONNECT, &c, |w| w.xor_peer_address(&sa("8.8.4.4:443")).unwrap());
     assert_eq!(code(&h.exchange(&req)), 508);
     // One closes: room again.
-    h.server.handle_tcp_connection_closed(incoming);
-    assert!(
-        h.server
-            .handle_tcp_peer_accepted(h.now, RelayId(0), sa("9.9.9.9:5002"), &mut h.out)
-            .is_ok()
-    );
+    h.input(Input::TcpConnectionClosed { connection: incoming });
+    assert!(h.peer_accepted(RelayId(0), sa("9.9.9.9:5002")).is_ok());
 }
 
 #[test]

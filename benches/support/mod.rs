@@ -74,10 +74,15 @@ pub fn setup(channel_peer: SocketAddr, plain_peer: SocketAddr) -> Setup {
         .unwrap()
         .to_owned();
     let alloc = request(Method::ALLOCATE, 2, &nonce, &lt, |w| w.requested_transport(17).unwrap());
-    let ClientOutcome::BindRelay(_) = server.handle_client_packet(now, key, &alloc, &mut out) else {
+    let ClientOutcome::Consumed = server.handle_client_packet(now, key, &alloc, &mut out) else {
         panic!()
     };
-    server.relay_bound(now, [Some(BindResult::Bound), None], &mut out);
+    let outputs = turnstile::proto::server::testing::settle(&mut server, now, |_, _, _| BindResult::Bound);
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, turnstile::proto::server::Output::Transmit { .. }))
+    );
     let bind = request(Method::CHANNEL_BIND, 3, &nonce, &lt, |w| {
         w.channel_number(0x4001).unwrap();
         w.xor_peer_address(&channel_peer).unwrap();

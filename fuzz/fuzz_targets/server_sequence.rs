@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, Credentials, ListenerId, Now, OwnRelays, PEER_HEADROOM,
+    BindResult, ClientKey, ClientOutcome, Credentials, Input, Output, ListenerId, Now, OwnRelays, PEER_HEADROOM,
     PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, Server, ServerConfig, Transport,
 };
 use turnstile::proto::stun::{AddressFamily, Class, Message, MessageWriter, Method, TransactionId};
@@ -53,43 +53,51 @@ struct World {
 }
 
 impl World {
-    fn drain(&mut self) {
-        while let Some(c) = self.server.poll_command() {
-            match c {
-                Command::CloseRelay(id) => {
+    /// Carries out the server's outputs as a driver would; relay binds
+    /// succeed, meet EADDRINUSE or fail as the input's bytes say.
+    fn drain(&mut self, bind: &mut Bytes<'_>) {
+        let mut binds = 0;
+        while let Some(o) = self.server.poll_output() {
+            match o {
+                Output::BindRelay { relay, .. } => {
+                    binds += 1;
+                    assert!(binds < 64, "bind retries never end");
+                    let result = match bind.byte().unwrap_or(2) % 8 {
+                        0 => BindResult::InUse,
+                        1 => BindResult::Failed,
+                        _ => BindResult::Bound,
+                    };
+                    if result == BindResult::Bound {
+                        assert!(self.open_relays.insert(relay.0), "relay {relay:?} bound twice");
+                    }
+                    self.server.handle(self.now, Input::RelayBound { relay, result });
+                }
+                Output::CloseRelay(id) => {
                     assert!(self.open_relays.remove(&id.0), "closing relay {id:?} that is not open");
                 }
-                Command::CloseConnection(id) => {
+                Output::TcpConnect { connection, .. } | Output::PeerConnectionAccepted { connection, .. } => {
+                    self.connections.insert(connection);
+                }
+                Output::CloseConnection(id) => {
                     self.connections.remove(&id);
                 }
-                Command::CloseClient(_) => {}
+                Output::Transmit { bytes, .. } => {
+                    // Every message the server sends is well-formed STUN.
+                    let m = Message::parse(&bytes).expect("the server's message parses");
+                    if let Some(n) = m.nonce().ok().flatten() {
+                        if n.starts_with("obMatJos2") {
+                            self.nonce = n.to_owned();
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
 
     fn client_packet(&mut self, who: usize, packet: &[u8], bind: &mut Bytes<'_>) {
         let key = self.keys[who % 4];
-        let mut outcome = self.server.handle_client_packet(self.now, key, packet, &mut self.out);
-        let mut rounds = 0;
-        while let ClientOutcome::BindRelay(req) = outcome {
-            rounds += 1;
-            assert!(rounds < 64, "bind retries never end");
-            let mut results = [None, None];
-            for (slot, r) in req.sockets.iter().zip(results.iter_mut()) {
-                if let Some((id, _)) = slot {
-                    let result = match bind.byte().unwrap_or(0) % 8 {
-                        0 => BindResult::InUse,
-                        1 => BindResult::Failed,
-                        _ => BindResult::Bound,
-                    };
-                    if result == BindResult::Bound {
-                        assert!(self.open_relays.insert(id.0), "relay {id:?} bound twice");
-                    }
-                    *r = Some(result);
-                }
-            }
-            outcome = self.server.relay_bound(self.now, results, &mut self.out);
-        }
+        let outcome = self.server.handle_client_packet(self.now, key, packet, &mut self.out);
         match outcome {
             ClientOutcome::Reply { len } | ClientOutcome::ConnectionBound { len, .. } => {
                 assert!(len <= self.out.len());
@@ -102,12 +110,9 @@ impl World {
                 }
             }
             ClientOutcome::Forward { start, end, .. } => assert!(start <= end && end <= packet.len()),
-            ClientOutcome::TcpConnect { connection, .. } => {
-                self.connections.insert(connection);
-            }
             _ => {}
         }
-        self.drain();
+        self.drain(bind);
     }
 
     fn signed(&mut self, method: Method, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
@@ -290,37 +295,42 @@ fuzz_target!(|data: &[u8]| {
             }
             8 => {
                 let relay = RelayId(u32::from(input.byte().unwrap_or(0) % 16));
-                let mut out = vec![0u8; 1500];
-                if let Some((_, len)) =
-                    w.server
-                        .handle_relay_icmp(w.now.instant, relay, peer, 3, arg, u32::from(arg), &mut out)
-                {
-                    Message::parse(&out[..len]).expect("ICMP indication parses");
-                }
+                w.server.handle(
+                    w.now,
+                    Input::RelayIcmp {
+                        relay,
+                        peer,
+                        icmp_type: 3,
+                        icmp_code: arg,
+                        info: u32::from(arg),
+                    },
+                );
+                w.drain(&mut Bytes(&[]));
             }
             9 => {
-                w.server.handle_client_closed(w.keys[who]);
-                w.drain();
+                let key = w.keys[who];
+                w.server.handle(w.now, Input::ClientClosed { key });
+                w.drain(&mut Bytes(&[]));
             }
             10 => {
                 // TCP relay events: a connection attempt completes, a peer connects, one closes.
                 let connection = w.connections.iter().next().copied();
                 match (arg & 3, connection) {
-                    (0, Some(c)) => {
-                        let mut out = vec![0u8; 1500];
-                        w.server.handle_tcp_connected(w.now, c, arg & 4 != 0, &mut out);
-                    }
+                    (0, Some(c)) => w.server.handle(
+                        w.now,
+                        Input::TcpConnected {
+                            connection: c,
+                            connected: arg & 4 != 0,
+                        },
+                    ),
                     (1, _) => {
                         let relay = RelayId(u32::from(arg >> 2) % 16);
-                        let mut out = vec![0u8; 1500];
-                        if let Ok((_, c, _)) = w.server.handle_tcp_peer_accepted(w.now, relay, peer, &mut out) {
-                            w.connections.insert(c);
-                        }
+                        w.server.handle(w.now, Input::TcpPeerAccepted { relay, peer });
                     }
-                    (2, Some(c)) => w.server.handle_tcp_connection_closed(c),
+                    (2, Some(c)) => w.server.handle(w.now, Input::TcpConnectionClosed { connection: c }),
                     _ => {}
                 }
-                w.drain();
+                w.drain(&mut Bytes(&[]));
             }
             _ => {
                 // Time passes: up to ~4 minutes, or a nonce lifetime.
@@ -331,7 +341,7 @@ fuzz_target!(|data: &[u8]| {
                 if w.server.poll_timeout().is_some_and(|t| t <= w.now.instant) {
                     w.server.handle_timeout(w.now.instant);
                 }
-                w.drain();
+                w.drain(&mut Bytes(&[]));
             }
         }
         w.check();
@@ -340,7 +350,7 @@ fuzz_target!(|data: &[u8]| {
     w.now.instant += Duration::from_secs(7200);
     w.now.unix += 7200;
     w.server.handle_timeout(w.now.instant);
-    w.drain();
+    w.drain(&mut Bytes(&[]));
     let g = w.server.gauges(w.now.instant);
     let total: u64 = g.allocations.iter().flatten().sum();
     assert_eq!(total, 0, "allocations outlived their lifetime");

@@ -23,11 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
-use crate::io::worker::{Handled, Shared, handle_client, now, run_commands};
+use crate::io::worker::{Handled, Shared, handle_client, now, run_outputs};
 use crate::proto::channel_data::ChannelRange;
 use crate::proto::framer::StreamFramer;
 use crate::proto::proxy_protocol;
-use crate::proto::server::{ClientKey, ListenerId, connection_owner};
+use crate::proto::server::{ClientKey, Input, ListenerId, connection_owner};
 use crate::proto::stun::{Class, Message, Method};
 
 /// Binds a listening TCP socket with SO_REUSEPORT.
@@ -311,8 +311,9 @@ async fn serve(
         let mut g = shared.borrow_mut();
         let w = &mut *g;
         w.streams.remove(&key);
-        w.server.handle_client_closed(key);
-        run_commands(w);
+        let now = now();
+        w.server.handle(now, Input::ClientClosed { key });
+        run_outputs(&shared, w, now);
     }
     metrics::gauge!("turnstile_connections").decrement(1.0);
     // Let queued answers go out (an error response, a ConnectionBind success).
@@ -358,7 +359,7 @@ async fn pipe(shared: Shared, connection: u32, mut client: BoxedStream, leftover
     }
     let mut g = shared.borrow_mut();
     g.tcp_peers.remove(&connection);
-    g.server.handle_tcp_connection_closed(connection);
+    g.server.handle(now(), Input::TcpConnectionClosed { connection });
 }
 
 /// Reads the PROXY v2 header; `None` means "use the connection's address".

@@ -22,7 +22,7 @@ use crate::io::stats_export::StatsExporter;
 use crate::io::stream::{self, StreamOut, StreamSettings};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, DropReason, ListenerId, Now, PEER_HEADROOM, PEER_TAILROOM,
+    BindResult, ClientKey, ClientOutcome, DropReason, Input, ListenerId, Now, Output, PEER_HEADROOM, PEER_TAILROOM,
     PeerOutcome, RelayId, Server, Transport,
 };
 
@@ -155,6 +155,9 @@ pub struct Worker {
     pub(crate) stream_settings: Vec<Option<Rc<StreamSettings>>>,
     pub(crate) handoff: Vec<stream::HandoffSender>,
     pub(crate) tcp_peers: FxHashMap<u32, TcpPeer>,
+    /// A peer connection just accepted on a TCP relay, while the core
+    /// decides whether to keep it (`Input::TcpPeerAccepted`).
+    accepting: Option<tokio::net::TcpStream>,
     pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
     /// The task serving each listener, by listener id (to stop it on removal).
     listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
@@ -204,6 +207,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             stream_settings: Vec::new(),
             handoff: setup.handoff_senders,
             tcp_peers: FxHashMap::default(),
+            accepting: None,
             streams: FxHashMap::default(),
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
@@ -318,74 +322,44 @@ pub fn handle_client(
 ) -> Handled {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
-    let mut outcome = w.server.handle_client_packet(now, key, packet, &mut w.out);
-    loop {
-        match outcome {
-            ClientOutcome::Reply { len } => {
-                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-                break;
-            }
-            ClientOutcome::Forward {
-                relay,
-                peer,
-                start,
-                end,
-            } => {
-                if let Some(socket) = w.relays.get(&relay).and_then(|r| r.udp.as_ref()) {
-                    match batch.as_mut() {
-                        Some((queue, at)) => queue.push(Source::Relay(socket.clone()), peer, *at + start, end - start),
-                        None => {
-                            let data = packet.get(start..end).unwrap_or_default();
-                            send_or_count(relay::send_to(socket, data, peer));
-                        }
-                    }
-                }
-                break;
-            }
-            ClientOutcome::TcpConnect {
-                relay,
-                peer,
-                connection,
-            } => {
-                if let Some(from) = w.relays.get(&relay).map(|r| r.bound) {
-                    tokio::task::spawn_local(tcp_connect(shared.clone(), connection, from, peer));
-                }
-                break;
-            }
-            ClientOutcome::ConnectionBound { connection, len } => {
-                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-                run_commands(w);
-                return Handled::Bound(connection);
-            }
-            ClientOutcome::BindRelay(request) => {
-                let started = Instant::now();
-                let mut results = [None, None];
-                for (slot, result) in request.sockets.iter().zip(results.iter_mut()) {
-                    if let Some((rid, addr)) = slot {
-                        *result = Some(if request.tcp {
-                            open_tcp_relay(shared, w, *rid, *addr)
-                        } else {
-                            open_relay(w, *rid, *addr, request.dont_fragment)
-                        });
-                    }
-                }
-                outcome = w.server.relay_bound(now, results, &mut w.out);
-                // Allocation setup: relay sockets bound and the response written.
-                metrics::histogram!("turnstile_allocation_setup_seconds").record(started.elapsed().as_secs_f64());
-            }
-            ClientOutcome::Consumed => break,
-            // Flood drops are counted by the core and exported once a second
-            // (turnstile_unauthenticated_responses_suppressed_total): no
-            // shared counter is touched per flood packet.
-            ClientOutcome::Drop(DropReason::RateLimited) => break,
-            ClientOutcome::Drop(reason) => {
-                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
-                break;
-            }
+    let handled = match w.server.handle_client_packet(now, key, packet, &mut w.out) {
+        ClientOutcome::Reply { len } => {
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+            Handled::Done
         }
-    }
-    run_commands(w);
-    Handled::Done
+        ClientOutcome::Forward {
+            relay,
+            peer,
+            start,
+            end,
+        } => {
+            if let Some(socket) = w.relays.get(&relay).and_then(|r| r.udp.as_ref()) {
+                match batch.as_mut() {
+                    Some((queue, at)) => queue.push(Source::Relay(socket.clone()), peer, *at + start, end - start),
+                    None => {
+                        let data = packet.get(start..end).unwrap_or_default();
+                        send_or_count(relay::send_to(socket, data, peer));
+                    }
+                }
+            }
+            Handled::Done
+        }
+        ClientOutcome::ConnectionBound { connection, len } => {
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+            Handled::Bound(connection)
+        }
+        ClientOutcome::Consumed => Handled::Done,
+        // Flood drops are counted by the core and exported once a second
+        // (turnstile_unauthenticated_responses_suppressed_total): no
+        // shared counter is touched per flood packet.
+        ClientOutcome::Drop(DropReason::RateLimited) => Handled::Done,
+        ClientOutcome::Drop(reason) => {
+            metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
+            Handled::Done
+        }
+    };
+    run_outputs(shared, w, now);
+    handled
 }
 
 fn send_or_count(sent: bool) {
@@ -394,11 +368,30 @@ fn send_or_count(sent: bool) {
     }
 }
 
-/// Carries out the core's control-plane commands.
-pub fn run_commands(w: &mut Worker) {
-    while let Some(cmd) = w.server.poll_command() {
-        match cmd {
-            Command::CloseRelay(id) => {
+/// Carries out everything the core asked for since the last call: the one
+/// place outputs are executed. Binding a relay socket answers the core at
+/// once, which may ask for more (another port); state-change events are
+/// for drivers that mirror the core and are not needed here.
+pub fn run_outputs(shared: &Shared, w: &mut Worker, now: Now) {
+    while let Some(output) = w.server.poll_output() {
+        match output {
+            Output::Transmit { key, bytes } => send_or_count(w.deliver(&key, &bytes)),
+            Output::BindRelay {
+                relay,
+                addr,
+                dont_fragment,
+                tcp,
+            } => {
+                let started = Instant::now();
+                let result = if tcp {
+                    open_tcp_relay(shared, w, relay, addr)
+                } else {
+                    open_relay(w, relay, addr, dont_fragment)
+                };
+                w.server.handle(now, Input::RelayBound { relay, result });
+                metrics::histogram!("turnstile_allocation_setup_seconds").record(started.elapsed().as_secs_f64());
+            }
+            Output::CloseRelay(id) => {
                 if let Some(r) = w.relays.remove(&id) {
                     if let Some(socket) = &r.udp {
                         w.relay_poll.remove(socket.as_raw_fd());
@@ -408,16 +401,44 @@ pub fn run_commands(w: &mut Worker) {
                     }
                 }
             }
-            Command::CloseConnection(id) => {
+            Output::TcpConnect {
+                relay,
+                peer,
+                connection,
+            } => {
+                if let Some(from) = w.relays.get(&relay).map(|r| r.bound) {
+                    tokio::task::spawn_local(tcp_connect(shared.clone(), connection, from, peer));
+                }
+            }
+            Output::PeerConnectionAccepted { connection, .. } => {
+                if let Some(stream) = w.accepting.take() {
+                    let _ = stream.set_nodelay(true);
+                    w.tcp_peers.insert(connection, TcpPeer::new(stream));
+                }
+            }
+            Output::PeerConnectionRefused { reason, .. } => {
+                w.accepting = None;
+                let reason = match reason {
+                    DropReason::NoPermission => "tcp_peer_no_permission",
+                    other => other.label(),
+                };
+                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason).increment(1);
+            }
+            Output::CloseConnection(id) => {
                 if let Some(p) = w.tcp_peers.remove(&id) {
                     p.close.notify_one();
                 }
             }
-            Command::CloseClient(key) => {
+            Output::CloseClient(key) => {
                 if let Some(out) = w.streams.get(&key) {
                     out.end_session();
                 }
             }
+            Output::AllocationCreated { .. }
+            | Output::AllocationRefreshed { .. }
+            | Output::AllocationEnded { .. }
+            | Output::PermissionInstalled { .. }
+            | Output::ChannelBound { .. } => {}
         }
     }
 }
@@ -488,20 +509,12 @@ async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::Tcp
         };
         let mut guard = shared.borrow_mut();
         let w = &mut *guard;
-        match w.server.handle_tcp_peer_accepted(now(), id, peer, &mut w.out) {
-            Ok((key, connection, len)) => {
-                let _ = stream.set_nodelay(true);
-                w.tcp_peers.insert(connection, TcpPeer::new(stream));
-                send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-            }
-            Err(reason) => {
-                let reason = match reason {
-                    DropReason::NoPermission => "tcp_peer_no_permission",
-                    other => other.label(),
-                };
-                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason).increment(1);
-            }
-        }
+        let now = now();
+        w.accepting = Some(stream);
+        w.server.handle(now, Input::TcpPeerAccepted { relay: id, peer });
+        run_outputs(&shared, w, now);
+        // Neither accepted nor refused (cannot happen): not kept.
+        w.accepting = None;
     }
 }
 
@@ -517,11 +530,9 @@ async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: So
         let _ = stream.set_nodelay(true);
         w.tcp_peers.insert(connection, TcpPeer::new(stream));
     }
-    if let Some((key, len)) = w.server.handle_tcp_connected(now(), connection, connected, &mut w.out) {
-        send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-    } else {
-        w.tcp_peers.remove(&connection);
-    }
+    let now = now();
+    w.server.handle(now, Input::TcpConnected { connection, connected });
+    run_outputs(&shared, w, now);
 }
 
 /// Serves every UDP relay socket of the worker: waits for the relay poll,
@@ -677,13 +688,18 @@ fn relay_errors(shared: &Shared, id: RelayId) {
         let Ok(Some(e)) = relay::recv_icmp_error(fd) else {
             break;
         };
-        let now = Instant::now();
-        if let Some((key, len)) =
-            w.server
-                .handle_relay_icmp(now, id, e.peer, e.icmp_type, e.icmp_code, e.info, &mut w.out)
-        {
-            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
-        }
+        let now = now();
+        w.server.handle(
+            now,
+            Input::RelayIcmp {
+                relay: id,
+                peer: e.peer,
+                icmp_type: e.icmp_type,
+                icmp_code: e.icmp_code,
+                info: e.info,
+            },
+        );
+        run_outputs(shared, w, now);
     }
 }
 
@@ -695,10 +711,11 @@ async fn timers(shared: Shared) {
         tick.tick().await;
         let mut guard = shared.borrow_mut();
         let w = &mut *guard;
-        let now = Instant::now();
+        let clock = now();
+        let now = clock.instant;
         if w.server.poll_timeout().is_some_and(|t| t <= now) {
             w.server.handle_timeout(now);
-            run_commands(w);
+            run_outputs(&shared, w, clock);
         }
         let sent = std::mem::take(&mut w.sent);
         metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
@@ -748,7 +765,7 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
                             "allocations revoked: credentials changed"
                         );
                     }
-                    run_commands(&mut w);
+                    run_outputs(&shared, &mut w, now());
                 }
                 w.server.set_policy(policy);
                 w.server.set_limits(limits);
@@ -762,7 +779,7 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
             }
             WorkerControl::Kick { user, client, reply } => {
                 let n = w.server.kick(user.as_deref(), client);
-                run_commands(&mut w);
+                run_outputs(&shared, &mut w, now());
                 let _ = reply.send(n);
             }
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Command, Credentials, ListenerId, Now, OwnRelays, PeerPolicy, Quotas,
+    BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, Now, Output, OwnRelays, PeerPolicy, Quotas,
     RelayAddress, Server, ServerConfig, Transport,
 };
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId, integrity};
@@ -53,7 +53,12 @@ pub struct Harness {
     pub base: Instant,
     pub key: ClientKey,
     pub out: Vec<u8>,
-    pub commands: Vec<Command>,
+    /// Work the core asked of the driver (closing sockets, connecting…).
+    pub commands: Vec<Output>,
+    /// State changes it reported (allocation, permission, channel events).
+    pub events: Vec<Output>,
+    /// Messages the core sent to clients outside a direct reply.
+    pub sent: Vec<(ClientKey, Vec<u8>)>,
     /// What the driver answers to bind requests, in order (then Bound).
     pub bind_script: Vec<BindResult>,
     pub bind_requests: Vec<SocketAddr>,
@@ -91,6 +96,8 @@ impl Harness {
             },
             out: vec![0; 2048],
             commands: Vec::new(),
+            events: Vec::new(),
+            sent: Vec::new(),
             bind_script: Vec::new(),
             bind_requests: Vec::new(),
             next_tid: 0,
@@ -104,10 +111,32 @@ impl Harness {
         self.drain();
     }
 
+    /// Carries out the core's outputs as a driver would (binding relay
+    /// sockets as the script says) and sorts the rest.
     pub fn drain(&mut self) {
-        while let Some(c) = self.server.poll_command() {
-            self.commands.push(c);
+        let script = &mut self.bind_script;
+        let requests = &mut self.bind_requests;
+        let outputs = turnstile::proto::server::testing::settle(&mut self.server, self.now, |_, addr, _| {
+            requests.push(addr);
+            if script.is_empty() {
+                BindResult::Bound
+            } else {
+                script.remove(0)
+            }
+        });
+        for o in outputs {
+            match o {
+                Output::Transmit { key, bytes } => self.sent.push((key, bytes)),
+                o if turnstile::proto::server::testing::is_event(&o) => self.events.push(o),
+                o => self.commands.push(o),
+            }
         }
+    }
+
+    /// Feeds an input and carries out what follows.
+    pub fn input(&mut self, input: Input) {
+        self.server.handle(self.now, input);
+        self.drain();
     }
 
     pub fn tid(&mut self) -> TransactionId {
@@ -115,26 +144,22 @@ impl Harness {
         TransactionId([self.next_tid; 12])
     }
 
-    /// Sends a packet from `self.key`; binds relays as the script says.
+    /// Sends a packet from `self.key`; binds relays as the script says. An
+    /// answer that came through the outputs (an Allocate's, after its relay
+    /// sockets) is returned as the reply, in `self.out`.
     pub fn send(&mut self, packet: &[u8]) -> ClientOutcome {
-        let mut outcome = self
+        let outcome = self
             .server
             .handle_client_packet(self.now, self.key, packet, &mut self.out);
-        while let ClientOutcome::BindRelay(req) = outcome {
-            let mut results = [None, None];
-            for (s, r) in req.sockets.iter().zip(results.iter_mut()) {
-                if let Some((_, addr)) = s {
-                    self.bind_requests.push(*addr);
-                    *r = Some(if self.bind_script.is_empty() {
-                        BindResult::Bound
-                    } else {
-                        self.bind_script.remove(0)
-                    });
-                }
-            }
-            outcome = self.server.relay_bound(self.now, results, &mut self.out);
-        }
+        let before = self.sent.len();
         self.drain();
+        if outcome == ClientOutcome::Consumed
+            && let Some(i) = (before..self.sent.len()).find(|&i| self.sent[i].0 == self.key)
+        {
+            let (_, bytes) = self.sent.remove(i);
+            self.out[..bytes.len()].copy_from_slice(&bytes);
+            return ClientOutcome::Reply { len: bytes.len() };
+        }
         outcome
     }
 
@@ -257,4 +282,73 @@ pub fn ip(s: &str) -> IpAddr {
 
 pub fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+/// RFC 6062 and relay-socket events, as a driver reports them.
+impl Harness {
+    /// Sends a signed Connect; returns the TCP connection the core asked for.
+    pub fn connect(&mut self, c: &Creds, peer: SocketAddr) -> (turnstile::proto::server::RelayId, SocketAddr, u32) {
+        let req = self.signed(Method::CONNECT, c, |w| w.xor_peer_address(&peer).unwrap());
+        self.commands.clear();
+        assert_eq!(self.send(&req), ClientOutcome::Consumed, "Connect is answered later");
+        self.commands
+            .iter()
+            .find_map(|o| match o {
+                Output::TcpConnect {
+                    relay,
+                    peer,
+                    connection,
+                } => Some((*relay, *peer, *connection)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no TcpConnect in {:?}", self.commands))
+    }
+
+    /// Reports how the TCP connection of a Connect went; returns what the
+    /// core sent, and to whom.
+    pub fn tcp_connected(&mut self, connection: u32, connected: bool) -> Option<(ClientKey, Vec<u8>)> {
+        let before = self.sent.len();
+        self.input(Input::TcpConnected { connection, connected });
+        self.sent.get(before).cloned()
+    }
+
+    /// A peer connects to a TCP relay: the connection id and the
+    /// ConnectionAttempt sent, or why the core refused it.
+    pub fn peer_accepted(
+        &mut self,
+        relay: turnstile::proto::server::RelayId,
+        peer: SocketAddr,
+    ) -> Result<(ClientKey, u32, Vec<u8>), turnstile::proto::server::DropReason> {
+        let (before_sent, before) = (self.sent.len(), self.commands.len());
+        self.input(Input::TcpPeerAccepted { relay, peer });
+        let decision = self.commands[before..]
+            .iter()
+            .find_map(|o| match o {
+                Output::PeerConnectionAccepted { connection, .. } => Some(Ok(*connection)),
+                Output::PeerConnectionRefused { reason, .. } => Some(Err(*reason)),
+                _ => None,
+            })
+            .expect("the core decides on an accepted peer at once");
+        let connection = decision?;
+        let (key, bytes) = self.sent[before_sent].clone();
+        Ok((key, connection, bytes))
+    }
+
+    /// An ICMP error on a relay socket: the Data indication sent, if any.
+    pub fn icmp(
+        &mut self,
+        relay: turnstile::proto::server::RelayId,
+        peer: SocketAddr,
+        (icmp_type, icmp_code, info): (u8, u8, u32),
+    ) -> Option<(ClientKey, Vec<u8>)> {
+        let before = self.sent.len();
+        self.input(Input::RelayIcmp {
+            relay,
+            peer,
+            icmp_type,
+            icmp_code,
+            info,
+        });
+        self.sent.get(before).cloned()
+    }
 }

@@ -23,7 +23,9 @@ pub mod peer_policy;
 pub mod ports;
 pub mod quota;
 pub mod rate;
+mod seam;
 mod stats;
+pub mod testing;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -39,6 +41,7 @@ pub use auth::{AuthFailure, Credentials, IntegritySuite};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
+pub use seam::{BindResult, EndReason, Input, Output};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 
 use crate::proto::auth::LongTermKey;
@@ -235,19 +238,12 @@ pub enum ClientOutcome {
         start: usize,
         end: usize,
     },
-    /// Bind relay sockets, then call [`Server::relay_bound`].
-    BindRelay(BindRequest),
-    /// RFC 6062 Connect: open a TCP connection from relay `relay` to `peer`,
-    /// then call [`Server::handle_tcp_connected`].
-    TcpConnect {
-        relay: RelayId,
-        peer: SocketAddr,
-        connection: u32,
-    },
     /// RFC 6062 ConnectionBind succeeded: send `out[..len]`, then this client
     /// connection carries raw bytes to and from peer connection `connection`.
     ConnectionBound { connection: u32, len: usize },
-    /// Nothing to send; the packet was handled (a keepalive).
+    /// Nothing to send now; the packet was handled (a keepalive), or its
+    /// answer comes through [`Server::poll_output`] (an Allocate waiting for
+    /// its relay sockets, a Connect for its TCP connection).
     Consumed,
     /// Refused without an answer; count it under this reason.
     Drop(DropReason),
@@ -280,28 +276,6 @@ enum TcpConnectionState {
     Bound,
 }
 
-/// Relay sockets to bind for an Allocate: per family, an id and an address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BindRequest {
-    /// Index 0: IPv4, index 1: IPv6; `None` for families not requested, or
-    /// already bound in an earlier round.
-    pub sockets: [Option<(RelayId, SocketAddr)>; 2],
-    /// Set DF on the relay socket (DONT-FRAGMENT).
-    pub dont_fragment: bool,
-    /// RFC 6062: a listening TCP socket instead of a UDP socket.
-    pub tcp: bool,
-}
-
-/// The driver's result for one socket of a [`BindRequest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BindResult {
-    Bound,
-    /// EADDRINUSE: try another port.
-    InUse,
-    /// Anything else (EMFILE, EADDRNOTAVAIL, …): give up (508).
-    Failed,
-}
-
 /// What to do with one datagram from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerOutcome {
@@ -312,19 +286,6 @@ pub enum PeerOutcome {
         end: usize,
     },
     Drop(DropReason),
-}
-
-/// Control-plane work for the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// The allocation is gone: close this relay socket.
-    CloseRelay(RelayId),
-    /// Close an RFC 6062 peer connection (and its data connection).
-    CloseConnection(u32),
-    /// The allocation of this TCP or TLS client ended without the client
-    /// asking (expiry, the operator): close its connection, which would
-    /// otherwise hold a descriptor and a connection slot with no deadline.
-    CloseClient(ClientKey),
 }
 
 /// Per-allocation limits that a configuration reload may change.
@@ -372,40 +333,6 @@ impl AuthLog {
         }
         self.logged += 1;
         Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
-/// Why an allocation ended; one log field and metric label each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// Refresh with LIFETIME 0.
-    Deleted,
-    /// Not refreshed in time.
-    Expired,
-    /// The client's TCP or TLS connection closed.
-    ConnectionClosed,
-    /// The admin API or `turnstile kick`.
-    Operator,
-    /// Its credential no longer verifies after a configuration reload.
-    Revoked,
-}
-
-impl EndReason {
-    pub const fn label(self) -> &'static str {
-        match self {
-            EndReason::Deleted => "deleted",
-            EndReason::Expired => "expired",
-            EndReason::ConnectionClosed => "connection_closed",
-            EndReason::Operator => "operator",
-            EndReason::Revoked => "revoked",
-        }
-    }
-
-    /// Whether the client's stream connection goes with the allocation (as
-    /// coturn does); after a Refresh 0 the client still holds the connection
-    /// and the idle timeout applies to it.
-    const fn closes_stream(self) -> bool {
-        matches!(self, EndReason::Expired | EndReason::Operator | EndReason::Revoked)
     }
 }
 
@@ -496,6 +423,8 @@ struct PendingAllocate {
     /// RFC 6062 TCP relay.
     tcp: bool,
     attempts: u8,
+    /// The driver's answers for this round's sockets.
+    results: [Option<BindResult>; 2],
 }
 
 /// One worker's TURN server.
@@ -516,8 +445,12 @@ pub struct Server {
     /// Relay socket → allocation (`None` while its Allocate is pending).
     relays: Slab<Option<usize>>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
-    commands: VecDeque<Command>,
-    pending: Option<PendingAllocate>,
+    outputs: VecDeque<Output>,
+    /// Allocates waiting for their relay sockets, by their relay ids and
+    /// their client.
+    pending: Slab<PendingAllocate>,
+    pending_by_relay: FxHashMap<RelayId, usize>,
+    pending_by_client: FxHashMap<ClientKey, usize>,
     tcp_connections: FxHashMap<u32, TcpConnection>,
     next_connection: u32,
     /// Set while draining, with the alternate server if there is one.
@@ -578,8 +511,10 @@ impl Server {
             by_client: FxHashMap::default(),
             relays: Slab::new(),
             timers: BinaryHeap::new(),
-            commands: VecDeque::new(),
-            pending: None,
+            outputs: VecDeque::new(),
+            pending: Slab::new(),
+            pending_by_relay: FxHashMap::default(),
+            pending_by_client: FxHashMap::default(),
             tcp_connections: FxHashMap::default(),
             next_connection: 0,
             draining: None,
@@ -672,7 +607,7 @@ impl Server {
 
     /// The client's TCP or TLS connection closed: its allocation goes with it
     /// (RFC 8656 §5: the 5-tuple no longer exists).
-    pub fn handle_client_closed(&mut self, key: ClientKey) {
+    fn handle_client_closed(&mut self, key: ClientKey) {
         if let Some(id) = self.by_client.get(&key).copied() {
             self.stats.allocations_deleted += 1;
             self.remove_allocation(id, EndReason::ConnectionClosed);
@@ -757,8 +692,64 @@ impl Server {
         ids.len()
     }
 
-    pub fn poll_command(&mut self) -> Option<Command> {
-        self.commands.pop_front()
+    /// The next piece of work for the driver, or a state change to mirror.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Something happened outside the core: a relay socket bound, a TCP
+    /// connection made, accepted or closed, a client connection closed, an
+    /// ICMP error. What follows comes out of [`Server::poll_output`].
+    pub fn handle(&mut self, now: Now, input: Input) {
+        let mut out = [0u8; 1500];
+        match input {
+            Input::RelayBound { relay, result } => self.relay_bound(now, relay, result),
+            Input::TcpConnected { connection, connected } => {
+                match self.handle_tcp_connected(now, connection, connected, &mut out) {
+                    Some((key, len)) => self.transmit(key, out.get(..len).unwrap_or_default()),
+                    // Its allocation is gone meanwhile: the new connection goes too.
+                    None if connected => self.outputs.push_back(Output::CloseConnection(connection)),
+                    None => {}
+                }
+            }
+            Input::TcpPeerAccepted { relay, peer } => match self.handle_tcp_peer_accepted(now, relay, peer, &mut out) {
+                Ok((key, connection, len)) => {
+                    self.outputs.push_back(Output::PeerConnectionAccepted {
+                        relay,
+                        peer,
+                        connection,
+                    });
+                    self.transmit(key, out.get(..len).unwrap_or_default());
+                }
+                Err(reason) => self
+                    .outputs
+                    .push_back(Output::PeerConnectionRefused { relay, peer, reason }),
+            },
+            Input::TcpConnectionClosed { connection } => self.forget_connection(connection),
+            Input::ClientClosed { key } => self.handle_client_closed(key),
+            Input::RelayIcmp {
+                relay,
+                peer,
+                icmp_type,
+                icmp_code,
+                info,
+            } => {
+                if let Some((key, len)) =
+                    self.handle_relay_icmp(now.instant, relay, peer, (icmp_type, icmp_code, info), &mut out)
+                {
+                    self.transmit(key, out.get(..len).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self, key: ClientKey, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.outputs.push_back(Output::Transmit {
+                key,
+                bytes: bytes.to_vec(),
+            });
+        }
     }
 
     /// When [`Server::handle_timeout`] should next run.
@@ -1141,6 +1132,10 @@ impl Server {
         authed: auth::Authenticated<'_>,
         out: &mut [u8],
     ) -> Handled {
+        if self.pending_by_client.contains_key(&key) {
+            // Its relay sockets are being bound: the answer is on its way.
+            return Ok(ClientOutcome::Consumed);
+        }
         if let Some(&id) = self.by_client.get(&key) {
             let signing = Signing {
                 key: &authed.key,
@@ -1284,7 +1279,8 @@ impl Server {
                 *slot = Some((rid, SocketAddr::new(bind.bind, port)));
             }
         }
-        self.pending = Some(PendingAllocate {
+        let dont_fragment_socket = dont_fragment;
+        let pid = self.pending.insert(PendingAllocate {
             key,
             tid: *msg.transaction_id(),
             username: authed.username.to_owned(),
@@ -1304,12 +1300,19 @@ impl Server {
             dont_fragment,
             tcp,
             attempts: 1,
+            results: [None, None],
         });
-        Ok(ClientOutcome::BindRelay(BindRequest {
-            sockets,
-            dont_fragment,
-            tcp,
-        }))
+        self.pending_by_client.insert(key, pid);
+        for (rid, addr) in sockets.iter().flatten() {
+            self.pending_by_relay.insert(*rid, pid);
+            self.outputs.push_back(Output::BindRelay {
+                relay: *rid,
+                addr: *addr,
+                dont_fragment: dont_fragment_socket,
+                tcp,
+            });
+        }
+        Ok(ClientOutcome::Consumed)
     }
 
     /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
@@ -1323,19 +1326,48 @@ impl Server {
         self.quotas.release(username, ip);
     }
 
-    /// The driver's answer to [`ClientOutcome::BindRelay`]: per family, how
-    /// binding went. Returns the Allocate response, or another bind request
-    /// for the sockets that must try other ports.
-    pub fn relay_bound(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
-        let outcome = self.finish_allocate(now, results, out);
-        self.count_response(&outcome, out);
-        outcome
+    /// The driver's answer for one relay socket of a pending Allocate. Once
+    /// every socket of the round has an answer, the Allocate is answered,
+    /// or the sockets that met EADDRINUSE try other ports.
+    fn relay_bound(&mut self, now: Now, relay: RelayId, result: BindResult) {
+        let Some(pid) = self.pending_by_relay.get(&relay).copied() else {
+            return;
+        };
+        let Some(p) = self.pending.get_mut(pid) else {
+            return;
+        };
+        let Some(i) = p.sockets.iter().position(|s| s.is_some_and(|(r, _)| r == relay)) else {
+            return;
+        };
+        if let Some(r) = p.results.get_mut(i) {
+            *r = Some(result);
+        }
+        let waiting = p
+            .sockets
+            .iter()
+            .zip(p.bound.iter().zip(p.results.iter()))
+            .any(|(s, (bound, r))| s.is_some() && !bound && r.is_none());
+        if waiting {
+            return;
+        }
+        let p = self.pending.remove(pid);
+        self.pending_by_client.remove(&p.key);
+        for (rid, _) in p.sockets.iter().flatten() {
+            self.pending_by_relay.remove(rid);
+        }
+        let key = p.key;
+        let mut out = [0u8; 1500];
+        if let Some(len) = self.finish_allocate(now, p, &mut out) {
+            let outcome = ClientOutcome::Reply { len };
+            self.count_response(&outcome, &out);
+            self.transmit(key, out.get(..len).unwrap_or_default());
+        }
     }
 
-    fn finish_allocate(&mut self, now: Now, results: [Option<BindResult>; 2], out: &mut [u8]) -> ClientOutcome {
-        let Some(mut p) = self.pending.take() else {
-            return ClientOutcome::Drop(DropReason::OutputTooSmall);
-        };
+    /// Answers a pending Allocate whose round of binds is complete: the
+    /// response's length in `out`, or `None` while sockets retry other ports.
+    fn finish_allocate(&mut self, now: Now, mut p: PendingAllocate, out: &mut [u8]) -> Option<usize> {
+        let results = std::mem::take(&mut p.results);
         let mut retry = [None, None];
         let mut failed = false;
         let can_retry = !p.fixed_port && p.attempts < MAX_BIND_ATTEMPTS;
@@ -1369,12 +1401,12 @@ impl Server {
         if failed {
             for (socket, bound) in p.sockets.iter().zip(p.bound) {
                 if let (Some((rid, _)), true) = (socket, bound) {
-                    self.commands.push_back(Command::CloseRelay(*rid));
+                    self.outputs.push_back(Output::CloseRelay(*rid));
                 }
             }
             self.abandon(&p.sockets, &p.username, p.key.client.ip());
             self.stats.count_refusal(508, "no_relay_port");
-            return write_or_drop(error_for(
+            return error_for(
                 p.tid,
                 Method::ALLOCATE,
                 508,
@@ -1383,17 +1415,27 @@ impl Server {
                 p.fingerprint,
                 self.config.software.as_deref(),
                 out,
-            ));
+            );
         }
         if retry.iter().any(Option::is_some) {
             p.attempts += 1;
-            let request = BindRequest {
-                sockets: retry,
-                dont_fragment: p.dont_fragment,
-                tcp: p.tcp,
-            };
-            self.pending = Some(p);
-            return ClientOutcome::BindRelay(request);
+            let (key, dont_fragment, tcp) = (p.key, p.dont_fragment, p.tcp);
+            let pid = self.pending.insert(p);
+            self.pending_by_client.insert(key, pid);
+            if let Some(p) = self.pending.get(pid) {
+                for (rid, _) in p.sockets.iter().flatten() {
+                    self.pending_by_relay.insert(*rid, pid);
+                }
+            }
+            for (relay, addr) in retry.into_iter().flatten() {
+                self.outputs.push_back(Output::BindRelay {
+                    relay,
+                    addr,
+                    dont_fragment,
+                    tcp,
+                });
+            }
+            return None;
         }
 
         // Every socket is bound: the allocation exists.
@@ -1445,6 +1487,11 @@ impl Server {
         self.by_client.insert(p.key, id);
         self.timers.push(Reverse((expires, id)));
         self.stats.allocations_created += 1;
+        self.outputs.push_back(Output::AllocationCreated {
+            key: p.key,
+            relays: relays.map(|r| r.map(|r| (r.id, r.bound))),
+            expires,
+        });
         if let Some(a) = self.allocations.get(id) {
             tracing::info!(
                 client = %a.key.client,
@@ -1459,13 +1506,10 @@ impl Server {
 
         let family_error = p.family_error;
         let software = self.config.software.as_deref();
-        let written = (|| {
-            let a = self.allocations.get(id)?;
-            let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, p.tid).ok()?;
-            write_allocate_body(&mut w, a, p.lifetime, family_error).ok()?;
-            finish(w, Some(signing), p.fingerprint, software)
-        })();
-        write_or_drop(written)
+        let a = self.allocations.get(id)?;
+        let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, p.tid).ok()?;
+        write_allocate_body(&mut w, a, p.lifetime, family_error).ok()?;
+        finish(w, Some(signing), p.fingerprint, software)
     }
 
     /// The success response of an existing allocation (for a retransmitted Allocate).
@@ -1488,8 +1532,12 @@ impl Server {
         let Some(a) = self.allocations.try_remove(id) else {
             return;
         };
+        self.outputs.push_back(Output::AllocationEnded {
+            key: a.key,
+            reason: why,
+        });
         if why.closes_stream() && self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream) {
-            self.commands.push_back(Command::CloseClient(a.key));
+            self.outputs.push_back(Output::CloseClient(a.key));
         }
         let t = a.traffic;
         tracing::info!(
@@ -1512,7 +1560,7 @@ impl Server {
             .collect();
         for cid in connections {
             self.tcp_connections.remove(&cid);
-            self.commands.push_back(Command::CloseConnection(cid));
+            self.outputs.push_back(Output::CloseConnection(cid));
         }
         self.by_client.remove(&a.key);
         for r in a.relays.iter().flatten() {
@@ -1521,7 +1569,7 @@ impl Server {
             if let Some(p) = self.ports.get_mut(i) {
                 p.release(r.bound.port());
             }
-            self.commands.push_back(Command::CloseRelay(r.id));
+            self.outputs.push_back(Output::CloseRelay(r.id));
         }
         self.quotas.release(&a.username, a.key.client.ip());
     }
@@ -1549,6 +1597,8 @@ impl Server {
             let names = &self.listener_names;
             if let Some(a) = self.allocations.get_mut(id) {
                 a.expires = expires;
+                self.outputs
+                    .push_back(Output::AllocationRefreshed { key: a.key, expires });
                 tracing::info!(
                     client = %a.key.client,
                     transport = names.get(usize::from(a.key.listener.0)).copied().unwrap_or("udp"),
@@ -1602,6 +1652,11 @@ impl Server {
         if !a.permit_all(&ips, now, max) {
             return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
         }
+        let (key, expires) = (a.key, now + allocation::PERMISSION_LIFETIME);
+        for peer in ips {
+            self.outputs
+                .push_back(Output::PermissionInstalled { key, peer, expires });
+        }
         let software = self.config.software.as_deref();
         Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
     }
@@ -1642,6 +1697,21 @@ impl Server {
         // Binding installs or refreshes the permission (RFC 8656 §12.2).
         if !a.permit_all(&[peer.ip()], now, max_permissions) {
             return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+        }
+        let key = a.key;
+        if let Some(relay) = a.relay_for(peer).map(|r| r.id) {
+            self.outputs.push_back(Output::PermissionInstalled {
+                key,
+                peer: peer.ip(),
+                expires: now + allocation::PERMISSION_LIFETIME,
+            });
+            self.outputs.push_back(Output::ChannelBound {
+                key,
+                relay,
+                channel: number,
+                peer: *peer,
+                expires: now + allocation::CHANNEL_LIFETIME,
+            });
         }
         let software = self.config.software.as_deref();
         Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
@@ -1700,16 +1770,18 @@ impl Server {
         };
         self.tcp_connections
             .insert(connection, TcpConnection { alloc: id, peer, state });
-        Ok(ClientOutcome::TcpConnect {
+        let peer = self.route(peer);
+        self.outputs.push_back(Output::TcpConnect {
             relay,
-            peer: self.route(peer),
+            peer,
             connection,
-        })
+        });
+        Ok(ClientOutcome::Consumed)
     }
 
-    /// The driver's result for a [`ClientOutcome::TcpConnect`]: the Connect
+    /// The driver's result for an [`Output::TcpConnect`]: the Connect
     /// response (success with CONNECTION-ID, or 447) for the control connection.
-    pub fn handle_tcp_connected(
+    fn handle_tcp_connected(
         &mut self,
         now: Now,
         connection: u32,
@@ -1763,7 +1835,7 @@ impl Server {
     /// gets a connection id and the client a ConnectionAttempt indication
     /// (written into `out`); without one, or beyond the allocation's
     /// connection limit, the driver closes it.
-    pub fn handle_tcp_peer_accepted(
+    fn handle_tcp_peer_accepted(
         &mut self,
         now: Now,
         relay: RelayId,
@@ -1844,11 +1916,6 @@ impl Server {
         }
     }
 
-    /// A peer connection or its data connection closed: forget it.
-    pub fn handle_tcp_connection_closed(&mut self, connection: u32) {
-        self.forget_connection(connection);
-    }
-
     /// Removes a peer connection and gives its place in the allocation's
     /// count back.
     fn forget_connection(&mut self, connection: u32) {
@@ -1868,7 +1935,7 @@ impl Server {
             .collect();
         for id in expired {
             self.forget_connection(id);
-            self.commands.push_back(Command::CloseConnection(id));
+            self.outputs.push_back(Output::CloseConnection(id));
         }
     }
 
@@ -1987,15 +2054,12 @@ impl Server {
     /// An ICMP error the relay socket received for `peer` (IP_RECVERR): tell
     /// the client with a Data indication carrying ICMP (RFC 8656 §11.5),
     /// written into `out`, if the peer has a permission.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handle_relay_icmp(
+    fn handle_relay_icmp(
         &mut self,
         now: Instant,
         relay: RelayId,
         peer: SocketAddr,
-        icmp_type: u8,
-        icmp_code: u8,
-        error_data: u32,
+        (icmp_type, icmp_code, error_data): (u8, u8, u32),
         out: &mut [u8],
     ) -> Option<(ClientKey, usize)> {
         let alloc = self
