@@ -1,0 +1,91 @@
+//! What the operator sees and does: gauges, the allocation list, kicks
+//! and revocations.
+
+use super::*;
+
+/// Whether an operator's `name` picks out the allocation user `username`:
+/// the whole name, or for a REST user "<expiry>:<name>" the name after the
+/// expiry (operators know their users by that, not by the expiry).
+pub(super) fn names_user(username: &str, name: &str) -> bool {
+    username == name || crate::proto::auth::RestUsername::parse(username).and_then(|r| r.user) == Some(name)
+}
+
+impl Server {
+    /// Counts for gauges: allocations by transport and family, live
+    /// permissions and channels, RFC 6062 connections.
+    pub fn gauges(&self, now: Instant) -> Gauges {
+        let mut g = Gauges {
+            tcp_connections: self.tcp_connections.len() as u64,
+            ..Gauges::default()
+        };
+        for (_, a) in &self.allocations {
+            let t = usize::from(self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream));
+            for (f, r) in a.relays.iter().enumerate() {
+                if r.is_some()
+                    && let Some(n) = g.allocations.get_mut(t).and_then(|row| row.get_mut(f))
+                {
+                    *n += 1;
+                }
+            }
+            g.permissions += a.permissions.iter().filter(|p| p.expires > now).count() as u64;
+            g.channels += a.channels.iter().filter(|c| c.expires > now).count() as u64;
+        }
+        g
+    }
+
+    /// A description of every allocation, for the admin API.
+    pub fn allocations_info(&self, now: Instant) -> Vec<AllocationInfo> {
+        self.allocations
+            .iter()
+            .map(|(_, a)| AllocationInfo {
+                user: a.username.clone(),
+                client: a.key.client,
+                transport: self.transport_name(&a.key),
+                relays: a.relays.iter().flatten().map(|r| r.advertised).collect(),
+                tcp_relay: a.tcp,
+                age_secs: now.saturating_duration_since(a.created).as_secs(),
+                expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                permissions: a.permissions.iter().filter(|p| p.expires > now).count(),
+                channels: a.channels.iter().filter(|c| c.expires > now).count(),
+                traffic: a.traffic,
+            })
+            .collect()
+    }
+
+    /// Deletes the allocations of `user` (the whole user name, or a REST
+    /// user's name after its expiry) and/or of client address `client`
+    /// (admin API); returns how many.
+    /// Ends every allocation whose credential no longer verifies against
+    /// the current credentials (a user removed or given a new password, a
+    /// REST secret taken out of the list); returns how many.
+    pub fn revoke_unverifiable(&mut self) -> usize {
+        let creds = Arc::clone(&self.credentials);
+        let ids: Vec<usize> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| !creds.still_verifies(&a.username, a.algorithm, &a.credential))
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &ids {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id, EndReason::Revoked);
+        }
+        ids.len()
+    }
+
+    pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+        let ids: Vec<usize> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| {
+                user.is_none_or(|u| names_user(&a.username, u)) && client.is_none_or(|c| a.key.client == c)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &ids {
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id, EndReason::Operator);
+        }
+        ids.len()
+    }
+}

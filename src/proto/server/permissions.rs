@@ -1,0 +1,107 @@
+//! CreatePermission and ChannelBind: peers checked against family and
+//! policy, per-allocation limits, lifecycle events.
+
+use super::*;
+
+impl Server {
+    /// Peer addresses of a request, each checked against family and policy.
+    pub(super) fn checked_peers(&mut self, id: usize, msg: &Message<'_>) -> Result<Vec<SocketAddr>, Refusal> {
+        let alloc = self.allocations.get(id).ok_or(BAD_REQUEST)?;
+        let mut peers = Vec::new();
+        for p in msg.xor_peer_addresses() {
+            let peer = p.map_err(|_| BAD_REQUEST)?;
+            if alloc.relay_for(&peer).is_none() {
+                return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
+            }
+            if let Err(r) = self.policy.check_permission(peer.ip()) {
+                tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+                self.stats.count_peer_refusal(r);
+                return Err(refuse(403, "Forbidden", "peer_forbidden"));
+            }
+            peers.push(peer);
+        }
+        if peers.is_empty() {
+            return Err(BAD_REQUEST);
+        }
+        Ok(peers)
+    }
+
+    pub(super) fn create_permission(
+        &mut self,
+        now: Instant,
+        id: usize,
+        msg: &Message<'_>,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        let ips: Vec<IpAddr> = self.checked_peers(id, msg)?.iter().map(SocketAddr::ip).collect();
+        let max = self.config.max_permissions;
+        let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
+        if !a.permit_all(&ips, now, max) {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+        }
+        let (key, expires) = (a.key, now + allocation::PERMISSION_LIFETIME);
+        for peer in ips {
+            self.outputs
+                .push_back(Output::PermissionInstalled { key, peer, expires });
+        }
+        let software = self.config.software.as_deref();
+        Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
+    }
+
+    pub(super) fn channel_bind(
+        &mut self,
+        now: Instant,
+        id: usize,
+        msg: &Message<'_>,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        // RFC 6062: a TCP allocation relays over connections, not channels.
+        if self.allocations.get(id).is_some_and(|a| a.tcp) {
+            return Err(BAD_REQUEST);
+        }
+        let number = match msg.channel_number() {
+            Ok(Some(n)) if self.config.channel_range.contains(n) => n,
+            _ => return Err(BAD_REQUEST),
+        };
+        let peers = self.checked_peers(id, msg)?;
+        let [peer] = peers.as_slice() else {
+            return Err(BAD_REQUEST);
+        };
+        // A channel to the server's own address must also name a relay port.
+        if let Err(r) = self.policy.check(peer) {
+            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+            self.stats.count_peer_refusal(r);
+            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+        }
+        let (max_channels, max_permissions) = (self.config.max_channels, self.config.max_permissions);
+        let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
+        match a.bind_channel(number, *peer, now, max_channels) {
+            Ok(()) => {}
+            Err(BindConflict::Full) => return Err(refuse(508, "Insufficient Capacity", "too_many_channels")),
+            Err(_) => return Err(refuse(400, "Bad Request", "channel_conflict")),
+        }
+        // Binding installs or refreshes the permission (RFC 8656 §12.2).
+        if !a.permit_all(&[peer.ip()], now, max_permissions) {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+        }
+        let key = a.key;
+        if let Some(relay) = a.relay_for(peer).map(|r| r.id) {
+            self.outputs.push_back(Output::PermissionInstalled {
+                key,
+                peer: peer.ip(),
+                expires: now + allocation::PERMISSION_LIFETIME,
+            });
+            self.outputs.push_back(Output::ChannelBound {
+                key,
+                relay,
+                channel: number,
+                peer: *peer,
+                expires: now + allocation::CHANNEL_LIFETIME,
+            });
+        }
+        let software = self.config.software.as_deref();
+        Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
+    }
+}

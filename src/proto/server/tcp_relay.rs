@@ -1,0 +1,226 @@
+//! RFC 6062 TCP allocations: Connect, peers connecting to the relay,
+//! ConnectionBind, and the peer connections' bookkeeping and deadline.
+
+use super::*;
+
+impl Server {
+    pub(super) fn is_stream(&self, key: &ClientKey) -> bool {
+        self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream)
+    }
+
+    pub(super) fn new_connection_id(&mut self) -> u32 {
+        loop {
+            self.next_connection = (self.next_connection + 1) & 0x00FF_FFFF;
+            let id = (u32::from(self.config.worker_index) << 24) | self.next_connection;
+            if !self.tcp_connections.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Connect (RFC 6062 §5.2): the answer comes when the driver reports
+    /// whether the TCP connection to the peer was established.
+    pub(super) fn connect(&mut self, id: usize, msg: &Message<'_>) -> Handled {
+        let a = self.allocations.get(id).ok_or(BAD_REQUEST)?;
+        if !a.tcp {
+            return Err(BAD_REQUEST);
+        }
+        let peer = match msg.xor_peer_addresses().next() {
+            Some(Ok(p)) => p,
+            _ => return Err(BAD_REQUEST),
+        };
+        let relay = a
+            .relay_for(&peer)
+            .ok_or(refuse(443, "Peer Address Family Mismatch", "family_mismatch"))?
+            .id;
+        // The same rule as for UDP peers: CVE-2020-26262 came through this path.
+        if let Err(r) = self.policy.check(&peer) {
+            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+            self.stats.count_peer_refusal(r);
+            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+        }
+        if a.connections >= self.config.max_connections {
+            return Err(refuse(508, "Insufficient Capacity", "too_many_connections"));
+        }
+        if self.tcp_connections.values().any(|c| c.alloc == id && c.peer == peer) {
+            return Err(refuse(446, "Connection Already Exists", "connection_exists"));
+        }
+        let connection = self.new_connection_id();
+        if let Some(a) = self.allocations.get_mut(id) {
+            a.connections += 1;
+        }
+        let state = TcpConnectionState::Connecting {
+            tid: *msg.transaction_id(),
+            fingerprint: msg.has_fingerprint(),
+        };
+        self.tcp_connections
+            .insert(connection, TcpConnection { alloc: id, peer, state });
+        let peer = self.route(peer);
+        self.outputs.push_back(Output::TcpConnect {
+            relay,
+            peer,
+            connection,
+        });
+        Ok(ClientOutcome::Consumed)
+    }
+
+    /// The driver's result for an [`Output::TcpConnect`]: the Connect
+    /// response (success with CONNECTION-ID, or 447) for the control connection.
+    pub(super) fn handle_tcp_connected(
+        &mut self,
+        now: Now,
+        connection: u32,
+        connected: bool,
+        out: &mut [u8],
+    ) -> Option<(ClientKey, usize)> {
+        let c = self.tcp_connections.get_mut(&connection)?;
+        let TcpConnectionState::Connecting { tid, fingerprint } = c.state else {
+            return None;
+        };
+        let a = self.allocations.get(c.alloc)?;
+        let signing = Signing {
+            key: &a.credential,
+            suite: a.suite,
+        };
+        let software = self.config.software.as_deref();
+        let written = if connected {
+            c.state = TcpConnectionState::AwaitingBind {
+                deadline: now.instant + CONNECTION_BIND_TIMEOUT,
+            };
+            let mut w = MessageWriter::new(out, Class::Success, Method::CONNECT, tid).ok()?;
+            w.connection_id(connection).ok()?;
+            finish(w, Some(signing), fingerprint, software)?
+        } else {
+            let key = a.key;
+            let credential = a.credential.clone();
+            let suite = a.suite;
+            self.forget_connection(connection);
+            self.stats.count_error(447);
+            let software = self.config.software.as_deref();
+            let signing = Signing {
+                key: &credential,
+                suite,
+            };
+            let n = error_for(
+                tid,
+                Method::CONNECT,
+                447,
+                "Connection Timeout or Failure",
+                Some(signing),
+                fingerprint,
+                software,
+                out,
+            )?;
+            return Some((key, n));
+        };
+        Some((a.key, written))
+    }
+
+    /// A peer connected to a TCP relay (RFC 6062 §5.3): with a permission it
+    /// gets a connection id and the client a ConnectionAttempt indication
+    /// (written into `out`); without one, or beyond the allocation's
+    /// connection limit, the driver closes it.
+    pub(super) fn handle_tcp_peer_accepted(
+        &mut self,
+        now: Now,
+        relay: RelayId,
+        peer: SocketAddr,
+        out: &mut [u8],
+    ) -> Result<(ClientKey, u32, usize), DropReason> {
+        let alloc = self
+            .relays
+            .get(relay.0 as usize)
+            .copied()
+            .flatten()
+            .ok_or(DropReason::UnknownRelay)?;
+        let a = self.allocations.get_mut(alloc).ok_or(DropReason::UnknownRelay)?;
+        if !a.tcp || !a.permits(peer.ip(), now.instant) {
+            return Err(DropReason::NoPermission);
+        }
+        if a.connections >= self.config.max_connections {
+            return Err(DropReason::ConnectionLimit);
+        }
+        a.connections += 1;
+        let key = a.key;
+        let connection = self.new_connection_id();
+        let state = TcpConnectionState::AwaitingBind {
+            deadline: now.instant + CONNECTION_BIND_TIMEOUT,
+        };
+        self.tcp_connections
+            .insert(connection, TcpConnection { alloc, peer, state });
+        let tid = TransactionId(indication_tid(&mut self.stats));
+        let written = (|| {
+            let mut w = MessageWriter::new(out, Class::Indication, Method::CONNECTION_ATTEMPT, tid).ok()?;
+            w.xor_peer_address(&peer).ok()?;
+            w.connection_id(connection).ok()?;
+            Some(w.finish())
+        })();
+        match written {
+            Some(len) => Ok((key, connection, len)),
+            None => {
+                self.forget_connection(connection);
+                Err(DropReason::OutputTooSmall)
+            }
+        }
+    }
+
+    /// ConnectionBind (RFC 6062 §5.4) on a new client connection.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn connection_bind(
+        &mut self,
+        _now: Now,
+        key: ClientKey,
+        alloc_id: Option<usize>,
+        msg: &Message<'_>,
+        username: &str,
+        signing: Signing<'_>,
+        out: &mut [u8],
+    ) -> Handled {
+        // Only a fresh TCP/TLS connection can become a data connection.
+        if !self.is_stream(&key) || alloc_id.is_some() {
+            return Err(BAD_REQUEST);
+        }
+        let connection = match msg.connection_id() {
+            Ok(Some(c)) => c,
+            _ => return Err(BAD_REQUEST),
+        };
+        let c = self.tcp_connections.get(&connection).ok_or(BAD_REQUEST)?;
+        if !matches!(c.state, TcpConnectionState::AwaitingBind { .. }) {
+            return Err(BAD_REQUEST);
+        }
+        if self.allocations.get(c.alloc).is_none_or(|a| a.username != username) {
+            return Err(refuse(441, "Wrong Credentials", "wrong_credentials"));
+        }
+        if let Some(c) = self.tcp_connections.get_mut(&connection) {
+            c.state = TcpConnectionState::Bound;
+        }
+        let software = self.config.software.as_deref();
+        match success_response(msg, signing, software, out, |_| Ok(())) {
+            Some(len) => Ok(ClientOutcome::ConnectionBound { connection, len }),
+            None => Ok(ClientOutcome::Drop(DropReason::OutputTooSmall)),
+        }
+    }
+
+    /// Removes a peer connection and gives its place in the allocation's
+    /// count back.
+    pub(super) fn forget_connection(&mut self, connection: u32) {
+        if let Some(c) = self.tcp_connections.remove(&connection)
+            && let Some(a) = self.allocations.get_mut(c.alloc)
+        {
+            a.connections = a.connections.saturating_sub(1);
+        }
+    }
+
+    pub(super) fn expire_tcp_connections(&mut self, now: Instant) {
+        let expired: Vec<u32> = self
+            .tcp_connections
+            .iter()
+            .filter(|(_, c)| matches!(c.state, TcpConnectionState::AwaitingBind { deadline } if deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.forget_connection(id);
+            self.outputs.push_back(Output::CloseConnection(id));
+        }
+    }
+}
