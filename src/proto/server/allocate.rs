@@ -63,7 +63,7 @@ impl Server {
             {
                 return Ok(write_or_drop(self.allocate_success(msg, id, now, signing, out)));
             }
-            return Err(refuse(437, "Allocation Mismatch", "allocation_mismatch"));
+            return Err(Refusal::AllocationMismatch);
         }
         if let Some(alternate) = self.draining {
             return match alternate {
@@ -83,14 +83,14 @@ impl Server {
                     })();
                     Ok(write_or_drop(written))
                 }
-                None => Err(refuse(508, "Insufficient Capacity", "draining")),
+                None => Err(Refusal::Draining),
             };
         }
         match msg.requested_transport() {
             Ok(Some(transport::UDP)) => {}
             // RFC 6062: TCP relaying only for clients that reach us over TCP or TLS.
             Ok(Some(transport::TCP)) if self.is_stream(&key) && self.config.tcp_relay => {}
-            Ok(Some(_)) => return Err(refuse(442, "Unsupported Transport Protocol", "unsupported_transport")),
+            Ok(Some(_)) => return Err(Refusal::UnsupportedTransport),
             Ok(None) | Err(_) => return Err(BAD_REQUEST),
         }
         let tcp = msg.requested_transport().ok().flatten() == Some(transport::TCP);
@@ -134,7 +134,7 @@ impl Server {
                     .iter()
                     .enumerate()
                     .find_map(|(i, p)| p.redeem(&t, now.unix, authed.username).map(|port| (i, port)))
-                    .ok_or(refuse(508, "Insufficient Capacity", "bad_reservation_token"))?,
+                    .ok_or(Refusal::BadReservationToken)?,
             ),
             None => None,
         };
@@ -145,7 +145,7 @@ impl Server {
         };
         let fixed_port = redeemed.map(|(_, port)| port);
         if self.relay_config(primary).is_none() {
-            return Err(refuse(440, "Address Family not Supported", "family_not_supported"));
+            return Err(Refusal::FamilyNotSupported);
         }
         let mut family_error = None;
         let mut wanted = vec![primary];
@@ -166,9 +166,9 @@ impl Server {
                 "allocation refused: quota reached"
             );
             return Err(match q {
-                QuotaRefusal::User => refuse(486, "Allocation Quota Reached", "user_quota"),
-                QuotaRefusal::Address => refuse(486, "Allocation Quota Reached", "ip_quota"),
-                QuotaRefusal::Total => refuse(508, "Insufficient Capacity", "total_quota"),
+                QuotaRefusal::User => Refusal::UserQuota,
+                QuotaRefusal::Address => Refusal::IpQuota,
+                QuotaRefusal::Total => Refusal::TotalQuota,
             });
         }
         // EVEN-PORT with R reserves the next port of the primary family's relay.
@@ -187,7 +187,7 @@ impl Server {
             };
             let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
                 self.abandon(&sockets, authed.username, key.client.ip());
-                return Err(refuse(508, "Insufficient Capacity", "no_relay_port"));
+                return Err(Refusal::NoRelayPort);
             };
             let rid = RelayId(self.relays.insert(None) as u32);
             if let Some(slot) = sockets.get_mut(i) {
@@ -320,12 +320,12 @@ impl Server {
                 }
             }
             self.abandon(&p.sockets, &p.username, p.key.client.ip());
-            self.stats.count_refusal(508, "no_relay_port");
+            let r = Refusal::NoRelayPort;
+            self.stats.count_refusal(r.code(), r.label());
             return error_for(
                 p.tid,
                 Method::ALLOCATE,
-                508,
-                "Insufficient Capacity",
+                r,
                 Some(signing),
                 p.fingerprint,
                 self.config.software.as_deref(),
@@ -505,7 +505,7 @@ impl Server {
                 .get(id)
                 .is_some_and(|a| a.relays.get(family_index(f)).is_none_or(Option::is_none))
         {
-            return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
+            return Err(Refusal::FamilyMismatch);
         }
         let lifetime = if requested == Some(0) {
             self.stats.allocations_deleted += 1;

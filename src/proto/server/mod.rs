@@ -315,19 +315,7 @@ pub struct Server {
 /// What the request handlers produce before it becomes a ClientOutcome.
 type Handled = Result<ClientOutcome, Refusal>;
 
-/// An error response to send: code, reason, and a label for logs.
-#[derive(Debug, Clone, Copy)]
-struct Refusal {
-    code: u16,
-    reason: &'static str,
-    label: &'static str,
-}
-
-const fn refuse(code: u16, reason: &'static str, label: &'static str) -> Refusal {
-    Refusal { code, reason, label }
-}
-
-const BAD_REQUEST: Refusal = refuse(400, "Bad Request", "bad_request");
+const BAD_REQUEST: Refusal = Refusal::BadRequest;
 
 /// Authentication context of a response: MESSAGE-INTEGRITY of the request's suite.
 #[derive(Clone, Copy)]
@@ -687,23 +675,13 @@ impl Server {
 
         let result = match method {
             Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
-            Method::CONNECTION_BIND => self.connection_bind(now, key, alloc_id, &msg, authed.username, signing, out),
+            Method::CONNECTION_BIND => self.connection_bind(key, alloc_id, &msg, authed.username, signing, out),
             _ => {
                 let Some(id) = alloc_id else {
-                    return self.refuse(
-                        &msg,
-                        refuse(437, "Allocation Mismatch", "allocation_mismatch"),
-                        signing,
-                        out,
-                    );
+                    return self.refuse(&msg, Refusal::AllocationMismatch, signing, out);
                 };
                 if self.allocations.get(id).is_some_and(|a| a.username != authed.username) {
-                    return self.refuse(
-                        &msg,
-                        refuse(441, "Wrong Credentials", "wrong_credentials"),
-                        signing,
-                        out,
-                    );
+                    return self.refuse(&msg, Refusal::WrongCredentials, signing, out);
                 }
                 match method {
                     Method::REFRESH => self.refresh(now, id, &msg, signing, out),
@@ -744,8 +722,15 @@ impl Server {
     }
 
     fn refuse(&mut self, msg: &Message<'_>, r: Refusal, signing: Signing<'_>, out: &mut [u8]) -> ClientOutcome {
-        self.stats.count_refusal(r.code, r.label);
-        write_or_drop(error_response(msg, r.code, r.reason, Some(signing), out, |_| Ok(())))
+        self.stats.count_refusal(r.code(), r.label());
+        write_or_drop(error_response(
+            msg,
+            r.code(),
+            r.reason(),
+            Some(signing),
+            out,
+            |_| Ok(()),
+        ))
     }
 
     fn handle_indication(&mut self, now: Instant, key: &ClientKey, msg: &Message<'_>) -> ClientOutcome {

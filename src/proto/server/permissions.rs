@@ -11,12 +11,12 @@ impl Server {
         for p in msg.xor_peer_addresses() {
             let peer = p.map_err(|_| BAD_REQUEST)?;
             if alloc.relay_for(&peer).is_none() {
-                return Err(refuse(443, "Peer Address Family Mismatch", "family_mismatch"));
+                return Err(Refusal::FamilyMismatch);
             }
             if let Err(r) = self.policy.check_permission(peer.ip()) {
                 tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
                 self.stats.count_peer_refusal(r);
-                return Err(refuse(403, "Forbidden", "peer_forbidden"));
+                return Err(Refusal::Forbidden);
             }
             peers.push(peer);
         }
@@ -38,7 +38,7 @@ impl Server {
         let max = self.config.max_permissions;
         let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
         if !a.permit_all(&ips, now, max) {
-            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+            return Err(Refusal::TooManyPermissions);
         }
         let (key, expires) = (a.key, now + allocation::PERMISSION_LIFETIME);
         for peer in ips {
@@ -73,18 +73,18 @@ impl Server {
         if let Err(r) = self.policy.check(peer) {
             tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
             self.stats.count_peer_refusal(r);
-            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+            return Err(Refusal::Forbidden);
         }
         let (max_channels, max_permissions) = (self.config.max_channels, self.config.max_permissions);
         let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
         match a.bind_channel(number, *peer, now, max_channels) {
             Ok(()) => {}
-            Err(BindConflict::Full) => return Err(refuse(508, "Insufficient Capacity", "too_many_channels")),
-            Err(_) => return Err(refuse(400, "Bad Request", "channel_conflict")),
+            Err(BindConflict::Full) => return Err(Refusal::TooManyChannels),
+            Err(_) => return Err(Refusal::ChannelConflict),
         }
         // Binding installs or refreshes the permission (RFC 8656 §12.2).
         if !a.permit_all(&[peer.ip()], now, max_permissions) {
-            return Err(refuse(508, "Insufficient Capacity", "too_many_permissions"));
+            return Err(Refusal::TooManyPermissions);
         }
         let key = a.key;
         if let Some(relay) = a.relay_for(peer).map(|r| r.id) {

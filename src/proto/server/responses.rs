@@ -3,6 +3,105 @@
 
 use super::*;
 
+/// Every error response a request handler gives, with its code, reason
+/// phrase and metric label: spelled here once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    BadRequest,
+    ChannelConflict,
+    Forbidden,
+    AllocationMismatch,
+    FamilyNotSupported,
+    WrongCredentials,
+    UnsupportedTransport,
+    FamilyMismatch,
+    ConnectionExists,
+    ConnectFailed,
+    UserQuota,
+    IpQuota,
+    Draining,
+    BadReservationToken,
+    TotalQuota,
+    NoRelayPort,
+    TooManyPermissions,
+    TooManyChannels,
+    TooManyConnections,
+}
+
+impl Refusal {
+    pub(super) const fn code(self) -> u16 {
+        match self {
+            Refusal::BadRequest => 400,
+            Refusal::ChannelConflict => 400,
+            Refusal::Forbidden => 403,
+            Refusal::AllocationMismatch => 437,
+            Refusal::FamilyNotSupported => 440,
+            Refusal::WrongCredentials => 441,
+            Refusal::UnsupportedTransport => 442,
+            Refusal::FamilyMismatch => 443,
+            Refusal::ConnectionExists => 446,
+            Refusal::ConnectFailed => 447,
+            Refusal::UserQuota => 486,
+            Refusal::IpQuota => 486,
+            Refusal::Draining => 508,
+            Refusal::BadReservationToken => 508,
+            Refusal::TotalQuota => 508,
+            Refusal::NoRelayPort => 508,
+            Refusal::TooManyPermissions => 508,
+            Refusal::TooManyChannels => 508,
+            Refusal::TooManyConnections => 508,
+        }
+    }
+
+    pub(super) const fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "Bad Request",
+            Refusal::ChannelConflict => "Bad Request",
+            Refusal::Forbidden => "Forbidden",
+            Refusal::AllocationMismatch => "Allocation Mismatch",
+            Refusal::FamilyNotSupported => "Address Family not Supported",
+            Refusal::WrongCredentials => "Wrong Credentials",
+            Refusal::UnsupportedTransport => "Unsupported Transport Protocol",
+            Refusal::FamilyMismatch => "Peer Address Family Mismatch",
+            Refusal::ConnectionExists => "Connection Already Exists",
+            Refusal::ConnectFailed => "Connection Timeout or Failure",
+            Refusal::UserQuota => "Allocation Quota Reached",
+            Refusal::IpQuota => "Allocation Quota Reached",
+            Refusal::Draining => "Insufficient Capacity",
+            Refusal::BadReservationToken => "Insufficient Capacity",
+            Refusal::TotalQuota => "Insufficient Capacity",
+            Refusal::NoRelayPort => "Insufficient Capacity",
+            Refusal::TooManyPermissions => "Insufficient Capacity",
+            Refusal::TooManyChannels => "Insufficient Capacity",
+            Refusal::TooManyConnections => "Insufficient Capacity",
+        }
+    }
+
+    pub(super) const fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::ChannelConflict => "channel_conflict",
+            Refusal::Forbidden => "peer_forbidden",
+            Refusal::AllocationMismatch => "allocation_mismatch",
+            Refusal::FamilyNotSupported => "family_not_supported",
+            Refusal::WrongCredentials => "wrong_credentials",
+            Refusal::UnsupportedTransport => "unsupported_transport",
+            Refusal::FamilyMismatch => "family_mismatch",
+            Refusal::ConnectionExists => "connection_exists",
+            Refusal::ConnectFailed => "connect_failed",
+            Refusal::UserQuota => "user_quota",
+            Refusal::IpQuota => "ip_quota",
+            Refusal::Draining => "draining",
+            Refusal::BadReservationToken => "bad_reservation_token",
+            Refusal::TotalQuota => "total_quota",
+            Refusal::NoRelayPort => "no_relay_port",
+            Refusal::TooManyPermissions => "too_many_permissions",
+            Refusal::TooManyChannels => "too_many_channels",
+            Refusal::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
 /// Transaction ids of server-originated indications: unique per worker, no
 /// randomness needed (RFC 8489 only asks clients for unpredictable ids).
 pub(super) fn indication_tid(stats: &mut Stats) -> [u8; 12] {
@@ -76,18 +175,18 @@ pub(super) fn error_response(
     finish(w, signing, request.has_fingerprint(), None)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An error response to a request answered after its call returned (a
+/// pending Allocate, a Connect).
 pub(super) fn error_for(
     tid: TransactionId,
     method: Method,
-    code: u16,
-    reason: &str,
+    r: Refusal,
     signing: Option<Signing<'_>>,
     fingerprint: bool,
     software: Option<&str>,
     out: &mut [u8],
 ) -> Option<usize> {
     let mut w = MessageWriter::new(out, Class::Error, method, tid).ok()?;
-    w.error_code(code, reason).ok()?;
+    w.error_code(r.code(), r.reason()).ok()?;
     finish(w, signing, fingerprint, software)
 }

@@ -29,21 +29,18 @@ impl Server {
             Some(Ok(p)) => p,
             _ => return Err(BAD_REQUEST),
         };
-        let relay = a
-            .relay_for(&peer)
-            .ok_or(refuse(443, "Peer Address Family Mismatch", "family_mismatch"))?
-            .id;
+        let relay = a.relay_for(&peer).ok_or(Refusal::FamilyMismatch)?.id;
         // The same rule as for UDP peers: CVE-2020-26262 came through this path.
         if let Err(r) = self.policy.check(&peer) {
             tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
             self.stats.count_peer_refusal(r);
-            return Err(refuse(403, "Forbidden", "peer_forbidden"));
+            return Err(Refusal::Forbidden);
         }
         if a.connections >= self.config.max_connections {
-            return Err(refuse(508, "Insufficient Capacity", "too_many_connections"));
+            return Err(Refusal::TooManyConnections);
         }
         if self.tcp_connections.values().any(|c| c.alloc == id && c.peer == peer) {
-            return Err(refuse(446, "Connection Already Exists", "connection_exists"));
+            return Err(Refusal::ConnectionExists);
         }
         let connection = self.new_connection_id();
         if let Some(a) = self.allocations.get_mut(id) {
@@ -101,16 +98,8 @@ impl Server {
                 key: &credential,
                 suite,
             };
-            let n = error_for(
-                tid,
-                Method::CONNECT,
-                447,
-                "Connection Timeout or Failure",
-                Some(signing),
-                fingerprint,
-                software,
-                out,
-            )?;
+            let r = Refusal::ConnectFailed;
+            let n = error_for(tid, Method::CONNECT, r, Some(signing), fingerprint, software, out)?;
             return Some((key, n));
         };
         Some((a.key, written))
@@ -165,10 +154,8 @@ impl Server {
     }
 
     /// ConnectionBind (RFC 6062 §5.4) on a new client connection.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn connection_bind(
         &mut self,
-        _now: Now,
         key: ClientKey,
         alloc_id: Option<usize>,
         msg: &Message<'_>,
@@ -189,7 +176,7 @@ impl Server {
             return Err(BAD_REQUEST);
         }
         if self.allocations.get(c.alloc).is_none_or(|a| a.username != username) {
-            return Err(refuse(441, "Wrong Credentials", "wrong_credentials"));
+            return Err(Refusal::WrongCredentials);
         }
         if let Some(c) = self.tcp_connections.get_mut(&connection) {
             c.state = TcpConnectionState::Bound;
