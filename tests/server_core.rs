@@ -1092,3 +1092,36 @@ fn a_reservation_token_is_the_users_own_and_ends_with_the_reservation() {
         "within the reservation"
     );
 }
+
+#[test]
+fn a_connect_that_takes_too_long_is_447_at_the_cores_deadline() {
+    use turnstile::proto::server::CONNECT_TIMEOUT;
+    let mut h = Harness::new();
+    h.key.listener = ListenerId(1);
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    let (_, _, connection) = h.connect(&c, sa("8.8.8.8:443"));
+    assert!(h.server.poll_timeout().is_some());
+    let before = h.sent.len();
+    h.commands.clear();
+    h.advance(CONNECT_TIMEOUT.as_secs() - 1);
+    assert_eq!(h.sent.len(), before, "not yet");
+    h.advance(2);
+    let (key, answer) = h.sent.last().cloned().expect("447 sent");
+    assert_eq!(key, h.key);
+    assert_eq!(code(&answer), 447);
+    assert!(
+        h.commands.contains(&Output::CloseConnection(connection)),
+        "{:?}",
+        h.commands
+    );
+    // The connection the driver makes after all is closed on the core's word.
+    h.commands.clear();
+    assert!(h.tcp_connected(connection, true).is_none());
+    assert!(
+        h.commands.contains(&Output::CloseConnection(connection)),
+        "{:?}",
+        h.commands
+    );
+}

@@ -339,7 +339,7 @@ fuzz_target!(|data: &[u8]| {
                 w.now.instant += Duration::from_secs(secs);
                 w.now.unix += secs;
                 if w.server.poll_timeout().is_some_and(|t| t <= w.now.instant) {
-                    w.server.handle_timeout(w.now.instant);
+                    w.server.handle_timeout(w.now);
                 }
                 w.drain(&mut Bytes(&[]));
             }
@@ -349,7 +349,7 @@ fuzz_target!(|data: &[u8]| {
     // Once every lifetime has passed, nothing is left.
     w.now.instant += Duration::from_secs(7200);
     w.now.unix += 7200;
-    w.server.handle_timeout(w.now.instant);
+    w.server.handle_timeout(w.now);
     w.drain(&mut Bytes(&[]));
     let g = w.server.gauges(w.now.instant);
     let total: u64 = g.allocations.iter().flatten().sum();

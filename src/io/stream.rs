@@ -171,9 +171,6 @@ impl<T: AsyncRead + AsyncWrite + Send> Stream for T {}
 
 pub type BoxedStream = Pin<Box<dyn Stream>>;
 
-/// How long a Connect may take before 447 (RFC 6062 §5.2).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A client connection handed to the worker that owns the RFC 6062
 /// connection id its ConnectionBind names.
 pub struct Handoff {

@@ -521,12 +521,13 @@ async fn tcp_relay_accept(shared: Shared, id: RelayId, listener: tokio::net::Tcp
 /// Connect (RFC 6062): a TCP connection from the relayed address to the
 /// peer; the Connect response goes out when it succeeds or fails.
 async fn tcp_connect(shared: Shared, connection: u32, from: SocketAddr, peer: SocketAddr) {
-    let attempt = async { tcp_relay_socket(from)?.connect(peer).await };
-    let result = tokio::time::timeout(stream::CONNECT_TIMEOUT, attempt).await;
+    // The core answers 447 at its own deadline; a connection that comes
+    // after it is closed on the core's word.
+    let result = async { tcp_relay_socket(from)?.connect(peer).await }.await;
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
-    let connected = matches!(result, Ok(Ok(_)));
-    if let Ok(Ok(stream)) = result {
+    let connected = result.is_ok();
+    if let Ok(stream) = result {
         let _ = stream.set_nodelay(true);
         w.tcp_peers.insert(connection, TcpPeer::new(stream));
     }
@@ -703,25 +704,33 @@ fn relay_errors(shared: &Shared, id: RelayId) {
     }
 }
 
-/// Expires allocations and exports statistics, once a second.
+/// The core's timers, and the statistics export once a second: sleeps
+/// until the core's next deadline or the next export, whichever is first
+/// (a deadline set meanwhile is at most a second away from being seen).
 async fn timers(shared: Shared) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_export = tokio::time::Instant::now() + Duration::from_secs(1);
     loop {
-        tick.tick().await;
+        let deadline = shared.borrow().server.poll_timeout();
+        let wake = match deadline {
+            Some(d) => next_export.min(tokio::time::Instant::from_std(d)),
+            None => next_export,
+        };
+        tokio::time::sleep_until(wake).await;
         let mut guard = shared.borrow_mut();
         let w = &mut *guard;
         let clock = now();
-        let now = clock.instant;
-        if w.server.poll_timeout().is_some_and(|t| t <= now) {
-            w.server.handle_timeout(now);
+        if w.server.poll_timeout().is_some_and(|t| t <= clock.instant) {
+            w.server.handle_timeout(clock);
             run_outputs(&shared, w, clock);
         }
-        let sent = std::mem::take(&mut w.sent);
-        metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
-        metrics::counter!("turnstile_send_dropped_total").increment(sent.dropped);
-        let gauges = w.server.gauges(now);
-        w.exporter.export(w.server.stats(), &gauges, w.relays.len());
+        if tokio::time::Instant::now() >= next_export {
+            next_export = tokio::time::Instant::now() + Duration::from_secs(1);
+            let sent = std::mem::take(&mut w.sent);
+            metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
+            metrics::counter!("turnstile_send_dropped_total").increment(sent.dropped);
+            let gauges = w.server.gauges(clock.instant);
+            w.exporter.export(w.server.stats(), &gauges, w.relays.len());
+        }
     }
 }
 

@@ -107,7 +107,7 @@ impl Harness {
     pub fn advance(&mut self, secs: u64) {
         self.now.instant += Duration::from_secs(secs);
         self.now.unix += secs;
-        self.server.handle_timeout(self.now.instant);
+        self.server.handle_timeout(self.now);
         self.drain();
     }
 

@@ -51,6 +51,7 @@ pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use seam::{BindResult, EndReason, Input, Output};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
+pub use tcp_relay::CONNECT_TIMEOUT;
 
 use crate::proto::auth::LongTermKey;
 use crate::proto::channel_data::{self, ChannelData, ChannelDataError, ChannelRange};
@@ -198,8 +199,13 @@ struct TcpConnection {
 
 #[derive(Debug, Clone)]
 enum TcpConnectionState {
-    /// Connect sent to the driver; the response waits for the result.
-    Connecting { tid: TransactionId, fingerprint: bool },
+    /// Connect sent to the driver; the response waits for the result, or
+    /// is 447 at the deadline (RFC 6062 §5.2).
+    Connecting {
+        tid: TransactionId,
+        fingerprint: bool,
+        deadline: Instant,
+    },
     /// Connected (or accepted); waiting for the client's ConnectionBind.
     AwaitingBind { deadline: Instant },
     /// Joined to a client data connection.
@@ -519,8 +525,10 @@ impl Server {
             .tcp_connections
             .values()
             .filter_map(|c| match c.state {
-                TcpConnectionState::AwaitingBind { deadline } => Some(deadline),
-                _ => None,
+                TcpConnectionState::AwaitingBind { deadline } | TcpConnectionState::Connecting { deadline, .. } => {
+                    Some(deadline)
+                }
+                TcpConnectionState::Bound => None,
             })
             .min();
         [
@@ -534,8 +542,10 @@ impl Server {
         .min()
     }
 
-    /// Expires allocations and port holds whose time has come.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    /// Expires allocations, port holds and RFC 6062 connections whose time
+    /// has come.
+    pub fn handle_timeout(&mut self, clock: Now) {
+        let now = clock.instant;
         while let Some(Reverse((t, id))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -550,7 +560,7 @@ impl Server {
         for p in &mut self.ports {
             p.expire(now);
         }
-        self.expire_tcp_connections(now);
+        self.expire_tcp_connections(clock);
     }
 
     // ----- client side -------------------------------------------------
@@ -686,7 +696,7 @@ impl Server {
                 match method {
                     Method::REFRESH => self.refresh(now, id, &msg, signing, out),
                     Method::CREATE_PERMISSION => self.create_permission(now.instant, id, &msg, signing, out),
-                    Method::CONNECT => self.connect(id, &msg),
+                    Method::CONNECT => self.connect(now.instant, id, &msg),
                     _ => self.channel_bind(now.instant, id, &msg, signing, out),
                 }
             }

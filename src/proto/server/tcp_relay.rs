@@ -1,5 +1,8 @@
 //! RFC 6062 TCP allocations: Connect, peers connecting to the relay,
-//! ConnectionBind, and the peer connections' bookkeeping and deadline.
+//! ConnectionBind, and the peer connections' bookkeeping and deadlines.
+
+/// How long a Connect may take before 447 (RFC 6062 §5.2).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 use super::*;
 
@@ -20,7 +23,7 @@ impl Server {
 
     /// Connect (RFC 6062 §5.2): the answer comes when the driver reports
     /// whether the TCP connection to the peer was established.
-    pub(super) fn connect(&mut self, id: usize, msg: &Message<'_>) -> Handled {
+    pub(super) fn connect(&mut self, now: Instant, id: usize, msg: &Message<'_>) -> Handled {
         let a = self.allocations.get(id).ok_or(BAD_REQUEST)?;
         if !a.tcp {
             return Err(BAD_REQUEST);
@@ -49,6 +52,7 @@ impl Server {
         let state = TcpConnectionState::Connecting {
             tid: *msg.transaction_id(),
             fingerprint: msg.has_fingerprint(),
+            deadline: now + CONNECT_TIMEOUT,
         };
         self.tcp_connections
             .insert(connection, TcpConnection { alloc: id, peer, state });
@@ -71,7 +75,7 @@ impl Server {
         out: &mut [u8],
     ) -> Option<(ClientKey, usize)> {
         let c = self.tcp_connections.get_mut(&connection)?;
-        let TcpConnectionState::Connecting { tid, fingerprint } = c.state else {
+        let TcpConnectionState::Connecting { tid, fingerprint, .. } = c.state else {
             return None;
         };
         let a = self.allocations.get(c.alloc)?;
@@ -198,15 +202,29 @@ impl Server {
         }
     }
 
-    pub(super) fn expire_tcp_connections(&mut self, now: Instant) {
-        let expired: Vec<u32> = self
+    /// Peer connections past their deadline: a Connect still pending is
+    /// answered 447 and its connection dropped if it comes later; one never
+    /// bound by ConnectionBind is closed.
+    pub(super) fn expire_tcp_connections(&mut self, clock: Now) {
+        let now = clock.instant;
+        let expired: Vec<(u32, bool)> = self
             .tcp_connections
             .iter()
-            .filter(|(_, c)| matches!(c.state, TcpConnectionState::AwaitingBind { deadline } if deadline <= now))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, c)| match c.state {
+                TcpConnectionState::AwaitingBind { deadline } if deadline <= now => Some((*id, false)),
+                TcpConnectionState::Connecting { deadline, .. } if deadline <= now => Some((*id, true)),
+                _ => None,
+            })
             .collect();
-        for id in expired {
-            self.forget_connection(id);
+        let mut out = [0u8; 512];
+        for (id, connecting) in expired {
+            if connecting {
+                if let Some((key, len)) = self.handle_tcp_connected(clock, id, false, &mut out) {
+                    self.transmit(key, out.get(..len).unwrap_or_default());
+                }
+            } else {
+                self.forget_connection(id);
+            }
             self.outputs.push_back(Output::CloseConnection(id));
         }
     }
