@@ -2,10 +2,12 @@
 //!
 //! [`proto`] is the sans-IO protocol core (codec, credentials, server state
 //! machines); [`io`] holds the thin drivers that move bytes between sockets
-//! and the core; [`config`] reads the operator's TOML.
+//! and the core; [`ops`] the operator's endpoints (metrics, admin API);
+//! [`config`] reads the operator's TOML.
 
 pub mod config;
 pub mod coturn_import;
 pub mod io;
 pub mod logging;
+pub mod ops;
 pub mod proto;

@@ -304,14 +304,14 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     for w in config.warnings() {
         tracing::warn!("configuration: {w}");
     }
-    if let Some(limit) = turnstile::io::process_limits::raise_open_files() {
+    if let Some(limit) = turnstile::ops::process_limits::raise_open_files() {
         // Each allocation holds a socket; near the limit Allocate is answered 508.
         tracing::info!(open_files = limit, "open file limit");
     }
     let metrics = match &config.metrics {
         Some(m) => {
-            let handle = turnstile::io::metrics_http::install_recorder()?;
-            let listener = turnstile::io::http::bind(m.listen)?;
+            let handle = turnstile::ops::metrics_http::install_recorder()?;
+            let listener = turnstile::ops::http::bind(m.listen)?;
             tracing::info!("metrics listening on http://{}/metrics", listener.local_addr()?);
             Some((listener, handle))
         }
@@ -319,7 +319,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     };
     let admin = match &config.admin {
         Some(a) => {
-            let listener = turnstile::io::http::bind(a.listen)?;
+            let listener = turnstile::ops::http::bind(a.listen)?;
             tracing::info!("admin listening on http://{}", listener.local_addr()?);
             Some((listener, a.clone()))
         }
@@ -334,7 +334,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     }
     let started = std::rc::Rc::new(turnstile::io::start(&config, &services)?);
     if let Some(user) = &config.user {
-        turnstile::io::privileges::drop_to(user, config.group.as_deref())?;
+        turnstile::ops::privileges::drop_to(user, config.group.as_deref())?;
     }
     if demo {
         tracing::warn!(
@@ -364,24 +364,24 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
             let ready = ready.clone();
             let quotas = started.quotas.clone();
             // Ready: listeners up, not draining, room for another allocation.
-            let handler = move |req: turnstile::io::http::Request| {
+            let handler = move |req: turnstile::ops::http::Request| {
                 let ready = ready.load(std::sync::atomic::Ordering::Relaxed) && quotas.has_capacity();
-                turnstile::io::metrics_http::handle(&handle, &req, ready)
+                turnstile::ops::metrics_http::handle(&handle, &req, ready)
             };
-            tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
+            tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
         }
         if let Some((listener, a)) = admin {
             let fallback = config.relay.external_address.unwrap_or(config.relay.address);
-            let api = turnstile::io::admin::CredentialApi::new(
+            let api = turnstile::ops::admin::CredentialApi::new(
                 a.token.clone(),
                 config.auth.secrets.first().cloned(),
                 (&started.udp, &started.tcp, &started.tls),
                 a.public_host.as_deref(),
                 fallback,
             );
-            let admin = turnstile::io::admin::AdminApi { credentials: api, started: started.clone() };
-            let handler = move |req: turnstile::io::http::Request| admin.handle(&req);
-            tokio::task::spawn_local(turnstile::io::http::serve(listener, handler));
+            let admin = turnstile::ops::admin::AdminApi { credentials: api, started: started.clone() };
+            let handler = move |req: turnstile::ops::http::Request| admin.handle(&req);
+            tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
         }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnstile::io::http::{Head, parse_head};
+use turnstile::ops::http::{Head, parse_head};
 
 fuzz_target!(|data: &[u8]| {
     if let Head::Complete { request, head_len, .. } = parse_head(data) {

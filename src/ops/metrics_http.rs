@@ -5,7 +5,7 @@ use std::io;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::io::http::{Request, Response};
+use crate::ops::http::{Request, Response};
 
 /// Every metric family the server exports: name, Prometheus type, help.
 /// A test checks that every `turnstile_…` name in the source is here.

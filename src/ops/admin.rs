@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::io::http::{Request, Response};
+use crate::ops::http::{Request, Response};
 use crate::proto::auth::rest;
 
 /// Longest credential lifetime handed out (seconds).

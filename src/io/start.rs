@@ -1,0 +1,443 @@
+//! The composition root: binds every listener, builds each worker's core
+//! and starts the workers; reloads and drains them later.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{stream, tls, udp, worker};
+use crate::config::{Config, Transport};
+use crate::proto::channel_data::ChannelRange;
+use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
+
+/// What `start` bound, for logs and for the iceServers hint.
+pub struct Started {
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    /// The TLS certificate, for reloads.
+    pub certificates: Option<Arc<tls::CertStore>>,
+    /// Allocation counts shared by the workers (the total tells when a drain is done).
+    pub quotas: Arc<Quotas>,
+    controls: Vec<worker::ControlSender>,
+    nonce_secret: [u8; 32],
+    /// Listen entries by listener id, with where each is bound.
+    listening: std::sync::Mutex<Vec<Option<(crate::config::Listen, SocketAddr)>>>,
+    extra_services: Vec<SocketAddr>,
+    stream_context: StreamContext,
+}
+
+impl Started {
+    /// Applies a new, already validated configuration to the running
+    /// workers: users, secrets, realm, peer ACLs, quotas and limits. Existing
+    /// allocations keep their keys and lifetimes; listeners are added and
+    /// removed. The nonce key stays, so outstanding nonces remain valid.
+    pub fn reload(&self, config: &Config) -> io::Result<()> {
+        self.reload_listeners(config)?;
+        let credentials = credentials(config, &self.nonce_secret)?;
+        let policy = peer_policy(config, self.services());
+        self.quotas.set_limits(config.limits.quota_limits());
+        let (applied, acks) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Reload {
+                credentials: credentials.clone(),
+                revoke: config.auth.revoke_on_reload,
+                policy: policy.clone(),
+                limits: crate::proto::server::AllocationLimits {
+                    max_lifetime: config.limits.max_lifetime,
+                    max_permissions: config.limits.permissions_per_allocation,
+                    max_channels: config.limits.channels_per_allocation,
+                    max_connections: config.limits.connections_per_allocation,
+                    tcp_relay: config.relay.tcp,
+                },
+                rates: [
+                    config.limits.unauthenticated(self.controls.len()),
+                    config.limits.allocation_bandwidth(),
+                    config.limits.worker_bandwidth(self.controls.len()),
+                ],
+                applied: applied.clone(),
+            });
+        }
+        // Report success only once every worker applied the new settings.
+        for _ in &self.controls {
+            acks.recv_timeout(Duration::from_secs(5))
+                .map_err(|_| io::Error::other("a worker did not apply the reload"))?;
+        }
+        if let Some(store) = &self.certificates {
+            store.reload().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// The server's own sockets (listeners, metrics, admin), which relayed
+    /// traffic must never reach.
+    fn services(&self) -> Vec<SocketAddr> {
+        let mut services: Vec<SocketAddr> = self
+            .listening
+            .lock()
+            .map(|l| l.iter().flatten().map(|(_, a)| *a).collect())
+            .unwrap_or_default();
+        services.extend_from_slice(&self.extra_services);
+        services
+    }
+
+    /// Opens listeners the new configuration adds and closes the ones it
+    /// drops; the others (and their clients) are untouched.
+    fn reload_listeners(&self, config: &Config) -> io::Result<()> {
+        let Ok(mut listening) = self.listening.lock() else {
+            return Ok(());
+        };
+        let same = |a: &crate::config::Listen, b: &crate::config::Listen| {
+            a.transport == b.transport
+                && a.address == b.address
+                && a.autodetect == b.autodetect
+                && a.proxy_protocol == b.proxy_protocol
+        };
+        for (index, slot) in listening.iter_mut().enumerate() {
+            if let Some((listen, addr)) = slot
+                && !config.listen.iter().any(|l| same(l, listen))
+            {
+                tracing::info!("closing listener {:?} {addr}", listen.transport);
+                for c in &self.controls {
+                    let _ = c.send(worker::WorkerControl::RemoveListener(index));
+                }
+                *slot = None;
+            }
+        }
+        let workers = self.controls.len();
+        for listen in &config.listen {
+            if listening.iter().flatten().any(|(l, _)| same(l, listen)) {
+                continue;
+            }
+            if listen.transport == Transport::Udp {
+                let (addr, sockets) = bind_udp(listen.address, workers)?;
+                for (c, socket) in self.controls.iter().zip(sockets) {
+                    let _ = c.send(worker::WorkerControl::AddUdpListener(socket));
+                }
+                listening.push(Some((listen.clone(), addr)));
+            } else {
+                let (addr, setups) = bind_stream(listen, config, &self.stream_context, workers)?;
+                for (c, setup) in self.controls.iter().zip(setups) {
+                    let _ = c.send(worker::WorkerControl::AddStreamListener(setup));
+                }
+                listening.push(Some((listen.clone(), addr)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every worker's allocations (admin API).
+    pub fn allocations(&self) -> Vec<crate::proto::server::AllocationInfo> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::ListAllocations { reply: tx.clone() });
+        }
+        let mut all = Vec::new();
+        for _ in &self.controls {
+            if let Ok(list) = rx.recv_timeout(Duration::from_secs(2)) {
+                all.extend(list);
+            }
+        }
+        all
+    }
+
+    /// Deletes allocations by user and/or client address on every worker.
+    pub fn kick(&self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Kick {
+                user: user.map(str::to_owned),
+                client,
+                reply: tx.clone(),
+            });
+        }
+        (0..self.controls.len())
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+            .sum()
+    }
+
+    /// Stops granting new allocations on every worker.
+    pub fn drain(&self, alternate: Option<SocketAddr>) {
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::Drain { alternate });
+        }
+    }
+}
+
+/// Builds the shared parts of the core from the configuration.
+pub fn credentials(config: &Config, nonce_secret: &[u8; 32]) -> io::Result<Arc<Credentials>> {
+    let users = config.auth.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
+    Credentials::new(
+        &config.realm,
+        users,
+        &config.auth.secrets,
+        nonce_secret,
+        config.auth.nonce_lifetime,
+    )
+    .map(Arc::new)
+    .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
+}
+
+/// The peer policy, with the relay addresses as "own" addresses and the
+/// listeners and metrics endpoint as the server's own services.
+pub fn peer_policy(config: &Config, services: Vec<SocketAddr>) -> PeerPolicy {
+    let r = &config.relay;
+    let addresses: Vec<IpAddr> = [
+        Some(r.address),
+        r.external_address,
+        r.ipv6_address,
+        r.ipv6_external_address,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    PeerPolicy::new(
+        config.peers.allow.clone(),
+        config.peers.deny.clone(),
+        OwnRelays {
+            addresses,
+            port_low: r.ports.low,
+            port_high: r.ports.high,
+            services,
+        },
+    )
+}
+
+fn random_secret() -> io::Result<[u8; 32]> {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
+    Ok(s)
+}
+
+/// Binds every listener for every worker and starts the workers. Port 0 in
+/// a listen address is resolved once, so all workers share the port.
+/// Refuses an address another process already serves. SO_REUSEPORT lets
+/// every socket of one user share a port, so a second turnstile started
+/// on the same address would silently split the clients with the first:
+/// a socket bound without it first finds out whether anyone is there.
+fn ensure_free(transport: &str, address: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let (kind, protocol) = if transport == "udp" {
+        (Type::DGRAM, Protocol::UDP)
+    } else {
+        (Type::STREAM, Protocol::TCP)
+    };
+    let probe = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if address.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    match probe.bind(&address.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "listen {transport} {address}: address already in use by another process (another turnstile or TURN server?)"
+            ),
+        )),
+        Err(e) => Err(io::Error::new(e.kind(), format!("listen {transport} {address}: {e}"))),
+    }
+}
+
+/// Names the listener in a bind error.
+fn naming(transport: &str, address: SocketAddr) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("listen {transport} {address}: {e}"))
+}
+
+/// Binds one UDP listen address once per worker (port 0 resolved once).
+fn bind_udp(address: SocketAddr, workers: usize) -> io::Result<(SocketAddr, Vec<std::net::UdpSocket>)> {
+    ensure_free("udp", address)?;
+    let first = udp::bind_reuseport(address).map_err(naming("udp", address))?;
+    let addr = first.local_addr()?;
+    tracing::info!("listening udp {addr}");
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(udp::bind_reuseport(addr).map_err(naming("udp", addr))?);
+    }
+    Ok((addr, sockets))
+}
+
+/// What stream listeners need beyond their address.
+struct StreamContext {
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<stream::ConnLimits>,
+}
+
+/// Binds one TCP/TLS listen address once per worker, with its settings.
+fn bind_stream(
+    listen: &crate::config::Listen,
+    config: &Config,
+    ctx: &StreamContext,
+    workers: usize,
+) -> io::Result<(SocketAddr, Vec<worker::StreamListenerSetup>)> {
+    let is_tls = listen.transport == Transport::Tls;
+    if is_tls && ctx.acceptor.is_none() {
+        return Err(io::Error::other(format!(
+            "listen {}: tls needs a [tls] certificate",
+            listen.address
+        )));
+    }
+    let name = if is_tls { "tls" } else { "tcp" };
+    ensure_free(name, listen.address)?;
+    let first = stream::bind_reuseport(listen.address).map_err(naming(name, listen.address))?;
+    let addr = first.local_addr()?;
+    tracing::info!("listening {name} {addr}");
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(stream::bind_reuseport(addr).map_err(naming(name, addr))?);
+    }
+    let channel_range = if config.compat.legacy_channel_numbers {
+        ChannelRange::Rfc5766
+    } else {
+        ChannelRange::Rfc8656
+    };
+    let setups = sockets
+        .into_iter()
+        .map(|listener| worker::StreamListenerSetup {
+            listener,
+            settings: stream::StreamSettings {
+                tls: if is_tls { ctx.acceptor.clone() } else { None },
+                autodetect: listen.autodetect,
+                proxy_protocol: listen.proxy_protocol,
+                limits: ctx.limits.clone(),
+                idle_timeout: Duration::from_secs(config.limits.idle_timeout),
+                handshake_timeout: Duration::from_secs(config.limits.handshake_timeout),
+                send_buffer: config.limits.stream_send_buffer,
+                channel_range,
+            },
+        })
+        .collect();
+    Ok((addr, setups))
+}
+
+/// `extra_services` are sockets bound elsewhere (the metrics listener) that
+/// relayed traffic must never reach.
+pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Started> {
+    let workers = config.worker_count();
+    let mut per_worker: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    // Listener ids are positions in this list: UDP first, then TCP/TLS, then
+    // whatever reloads add; removed ones keep their place as `None`.
+    let mut listening = Vec::new();
+    let mut udp_bound = Vec::new();
+    for listen in config.listen.iter().filter(|l| l.transport == Transport::Udp) {
+        let (addr, sockets) = bind_udp(listen.address, workers)?;
+        udp_bound.push(addr);
+        listening.push(Some((listen.clone(), addr)));
+        for (slot, socket) in per_worker.iter_mut().zip(sockets) {
+            slot.push(socket);
+        }
+    }
+
+    let certificates = match &config.tls {
+        Some(t) => Some(tls::CertStore::load(&t.certificate, &t.private_key)?),
+        None => None,
+    };
+    let acceptor = match &certificates {
+        Some(store) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(store.clone())?)),
+        None => None,
+    };
+    let ctx = StreamContext {
+        acceptor,
+        limits: stream::ConnLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip),
+    };
+    let channel_range = if config.compat.legacy_channel_numbers {
+        ChannelRange::Rfc5766
+    } else {
+        ChannelRange::Rfc8656
+    };
+    let mut per_worker_streams: Vec<Vec<worker::StreamListenerSetup>> = (0..workers).map(|_| Vec::new()).collect();
+    let (mut tcp_bound, mut tls_bound) = (Vec::new(), Vec::new());
+    for listen in config.listen.iter().filter(|l| l.transport != Transport::Udp) {
+        let (addr, setups) = bind_stream(listen, config, &ctx, workers)?;
+        if listen.transport == Transport::Tls {
+            tls_bound.push(addr)
+        } else {
+            tcp_bound.push(addr)
+        }
+        listening.push(Some((listen.clone(), addr)));
+        for (slot, setup) in per_worker_streams.iter_mut().zip(setups) {
+            slot.push(setup);
+        }
+    }
+
+    let nonce_secret = random_secret()?;
+    let credentials = credentials(config, &nonce_secret)?;
+    let mut services = udp_bound.clone();
+    services.extend_from_slice(&tcp_bound);
+    services.extend_from_slice(&tls_bound);
+    services.extend_from_slice(extra_services);
+    let policy = peer_policy(config, services.clone());
+    let quotas = Arc::new(Quotas::with_limits(config.limits.quota_limits()));
+    let port_seed = random_secret()?;
+    let r = &config.relay;
+    let relay_v4 = Some(RelayAddress {
+        bind: r.address,
+        external: r.external_address,
+    });
+    let relay_v6 = r.ipv6_address.map(|bind| RelayAddress {
+        bind,
+        external: r.ipv6_external_address,
+    });
+    let software = (!config.software.is_empty()).then(|| config.software.clone());
+    let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
+    let span = high - low + 1;
+    let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+    handoff_receivers.reverse();
+    let mut controls = Vec::new();
+    for (index, (udp, streams)) in per_worker.into_iter().zip(per_worker_streams).enumerate() {
+        // Each worker hands out its own slice of the relay port range.
+        let i = index as u32;
+        let n = workers as u32;
+        let slice_low = low + span * i / n;
+        let slice_high = low + span * (i + 1) / n - 1;
+        let server_config = ServerConfig {
+            software: software.clone(),
+            relay_v4,
+            relay_v6,
+            ports: (slice_low as u16, slice_high as u16),
+            max_lifetime: config.limits.max_lifetime,
+            max_permissions: config.limits.permissions_per_allocation,
+            max_channels: config.limits.channels_per_allocation,
+            max_connections: config.limits.connections_per_allocation,
+            tcp_relay: config.relay.tcp,
+            channel_range,
+            worker_index: index as u8,
+            port_seed,
+            unauthenticated: config.limits.unauthenticated(workers),
+            allocation_bandwidth: config.limits.allocation_bandwidth(),
+            worker_bandwidth: config.limits.worker_bandwidth(workers),
+        };
+        let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
+        let handoff_receiver = handoff_receivers
+            .pop()
+            .ok_or_else(|| io::Error::other("worker count"))?;
+        let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
+        controls.push(control_tx);
+        worker::spawn(worker::WorkerSetup {
+            index,
+            udp,
+            streams,
+            server,
+            handoff_senders: handoff_senders.clone(),
+            handoff_receiver,
+            control,
+            coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
+        })?;
+    }
+    Ok(Started {
+        udp: udp_bound,
+        tcp: tcp_bound,
+        tls: tls_bound,
+        certificates,
+        quotas,
+        controls,
+        nonce_secret,
+        listening: std::sync::Mutex::new(listening),
+        extra_services: extra_services.to_vec(),
+        stream_context: ctx,
+    })
+}
