@@ -83,7 +83,8 @@ fn run_scenario(name: &str, iterations: u64) {
                 plain_peer
             };
             for _ in 0..iterations {
-                let r = server.handle_peer_packet(now, RelayId(0), black_box(peer), &mut buf, PEER_HEADROOM, 160);
+                let r =
+                    server.handle_peer_packet(now.instant, RelayId(0), black_box(peer), &mut buf, PEER_HEADROOM, 160);
                 assert!(matches!(r, PeerOutcome::ToClient { .. }));
             }
         }

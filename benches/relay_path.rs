@@ -34,14 +34,18 @@ fn bench(c: &mut Criterion) {
 
     let mut buf = vec![0u8; PEER_HEADROOM + 1500 + PEER_TAILROOM];
     assert!(matches!(
-        server.handle_peer_packet(now, RelayId(0), channel_peer, &mut buf, PEER_HEADROOM, 160),
+        server.handle_peer_packet(now.instant, RelayId(0), channel_peer, &mut buf, PEER_HEADROOM, 160),
         PeerOutcome::ToClient { .. }
     ));
     c.bench_function("core/peer_to_client_channel_data", |b| {
-        b.iter(|| black_box(server.handle_peer_packet(now, RelayId(0), channel_peer, &mut buf, PEER_HEADROOM, 160)))
+        b.iter(|| {
+            black_box(server.handle_peer_packet(now.instant, RelayId(0), channel_peer, &mut buf, PEER_HEADROOM, 160))
+        })
     });
     c.bench_function("core/peer_to_client_data_indication", |b| {
-        b.iter(|| black_box(server.handle_peer_packet(now, RelayId(0), plain_peer, &mut buf, PEER_HEADROOM, 160)))
+        b.iter(|| {
+            black_box(server.handle_peer_packet(now.instant, RelayId(0), plain_peer, &mut buf, PEER_HEADROOM, 160))
+        })
     });
 }
 

@@ -165,7 +165,7 @@ fn max_bps_drops_beyond_the_allocation_rate_each_way() {
     assert_eq!(h.server.stats().bandwidth_dropped_packets, 2500);
     // The other direction has its own bucket.
     let mut buf = vec![0u8; PEER_HEADROOM + 1000 + PEER_TAILROOM];
-    let now = h.now;
+    let now = h.now.instant;
     let to_client = (0..2000)
         .filter(|_| {
             matches!(

@@ -86,7 +86,7 @@ fn relaying_allocates_nothing() {
             }
             for peer in [channel_peer, send_peer] {
                 if let PeerOutcome::ToClient { .. } =
-                    server.handle_peer_packet(now, RelayId(0), peer, &mut peer_buf, PEER_HEADROOM, 160)
+                    server.handle_peer_packet(now.instant, RelayId(0), peer, &mut peer_buf, PEER_HEADROOM, 160)
                 {
                     forwarded += 1;
                 }

@@ -609,7 +609,7 @@ fn permissions_policy_family_and_expiry() {
     let mut buf = vec![0u8; PEER_HEADROOM + 100];
     assert_eq!(
         h.server
-            .handle_peer_packet(h.now, relay, sa("8.8.8.8:9"), &mut buf, PEER_HEADROOM, 10),
+            .handle_peer_packet(h.now.instant, relay, sa("8.8.8.8:9"), &mut buf, PEER_HEADROOM, 10),
         PeerOutcome::Drop(DropReason::NoPermission)
     );
     let req = h.signed(Method::CREATE_PERMISSION, &c, |w| {
@@ -619,19 +619,19 @@ fn permissions_policy_family_and_expiry() {
     assert_eq!(code(&h.exchange(&req)), 0);
     assert!(matches!(
         h.server
-            .handle_peer_packet(h.now, relay, sa("8.8.8.8:9"), &mut buf, PEER_HEADROOM, 10),
+            .handle_peer_packet(h.now.instant, relay, sa("8.8.8.8:9"), &mut buf, PEER_HEADROOM, 10),
         PeerOutcome::ToClient { .. }
     ));
     h.advance(299);
     assert!(matches!(
         h.server
-            .handle_peer_packet(h.now, relay, sa("1.1.1.1:9"), &mut buf, PEER_HEADROOM, 10),
+            .handle_peer_packet(h.now.instant, relay, sa("1.1.1.1:9"), &mut buf, PEER_HEADROOM, 10),
         PeerOutcome::ToClient { .. }
     ));
     h.advance(1);
     assert_eq!(
         h.server
-            .handle_peer_packet(h.now, relay, sa("1.1.1.1:9"), &mut buf, PEER_HEADROOM, 10),
+            .handle_peer_packet(h.now.instant, relay, sa("1.1.1.1:9"), &mut buf, PEER_HEADROOM, 10),
         PeerOutcome::Drop(DropReason::NoPermission),
         "permissions last 300 s"
     );
@@ -683,7 +683,7 @@ fn channel_bind_rules() {
     buf[PEER_HEADROOM..PEER_HEADROOM + 5].copy_from_slice(b"hello");
     let out = h
         .server
-        .handle_peer_packet(h.now, RelayId(0), p1, &mut buf, PEER_HEADROOM, 5);
+        .handle_peer_packet(h.now.instant, RelayId(0), p1, &mut buf, PEER_HEADROOM, 5);
     let PeerOutcome::ToClient { key, start, end } = out else {
         panic!("{out:?}")
     };
@@ -775,7 +775,7 @@ fn relayed_data_both_ways_without_copies() {
     buf[PEER_HEADROOM..PEER_HEADROOM + 5].copy_from_slice(b"reply");
     let PeerOutcome::ToClient { start, end, .. } =
         h.server
-            .handle_peer_packet(h.now, RelayId(0), other, &mut buf, PEER_HEADROOM, 5)
+            .handle_peer_packet(h.now.instant, RelayId(0), other, &mut buf, PEER_HEADROOM, 5)
     else {
         panic!()
     };
@@ -793,7 +793,7 @@ fn relayed_data_both_ways_without_copies() {
     let mut buf = vec![0xEEu8; PEER_HEADROOM + 16];
     let PeerOutcome::ToClient { start, end, .. } =
         s.server
-            .handle_peer_packet(s.now, RelayId(0), peer, &mut buf, PEER_HEADROOM, 5)
+            .handle_peer_packet(s.now.instant, RelayId(0), peer, &mut buf, PEER_HEADROOM, 5)
     else {
         panic!()
     };

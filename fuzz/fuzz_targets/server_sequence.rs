@@ -288,7 +288,7 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(input.byte().unwrap_or(0)).min(1500);
                 let out = w
                     .server
-                    .handle_peer_packet(w.now, relay, peer, &mut peer_buf, PEER_HEADROOM, len);
+                    .handle_peer_packet(w.now.instant, relay, peer, &mut peer_buf, PEER_HEADROOM, len);
                 if let turnstile::proto::server::PeerOutcome::ToClient { start, end, .. } = out {
                     assert!(start <= end && end <= peer_buf.len());
                 }

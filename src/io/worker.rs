@@ -599,7 +599,7 @@ const WAKE_BUDGET: usize = 1024;
 fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, errors: &mut Vec<RelayId>) -> usize {
     let mut guard = shared.borrow_mut();
     let w = &mut *guard;
-    let now = now();
+    let now = Instant::now();
     let (mut used, mut total) = (0, 0);
     for ev in work {
         if ev.error {
@@ -655,7 +655,7 @@ fn relay_round(shared: &Shared, work: &[RelayEvent], carry: &mut Vec<RelayId>, e
 
 /// One peer datagram (slot `i` of the peer batch) through the core; what
 /// goes to a UDP client is queued, to a stream client pushed at once.
-fn relay_one(w: &mut Worker, relay: RelayId, i: usize, now: Now) {
+fn relay_one(w: &mut Worker, relay: RelayId, i: usize, now: Instant) {
     let len = w.peer_batch.len(i);
     let Some((peer, slot, at)) = w.peer_batch.slot_mut(i) else {
         return;

@@ -190,14 +190,13 @@ impl Server {
     /// it and [`PEER_TAILROOM`] after it are the core's to write.
     pub fn handle_peer_packet(
         &mut self,
-        clock: Now,
+        now: Instant,
         relay: RelayId,
         peer: SocketAddr,
         buf: &mut [u8],
         start: usize,
         len: usize,
     ) -> PeerOutcome {
-        let now = clock.instant;
         // One lookup of the allocation's index serves the whole packet.
         let Some(alloc_idx) = self.relays.get(relay.0 as usize).copied().flatten() else {
             return PeerOutcome::Drop(DropReason::UnknownRelay);
