@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Credentials, ListenerId, Now, OwnRelays, PeerPolicy, Quotas, Server,
-    ServerConfig, Transport,
+    BindResult, ClientKey, ClientOutcome, Credentials, ListenerId, ListenerKind, Now, OwnRelays, PeerPolicy, Quotas,
+    Server, ServerConfig,
 };
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
@@ -52,7 +52,7 @@ pub fn setup(channel_peer: SocketAddr, plain_peer: SocketAddr) -> Setup {
         policy,
         Arc::new(Quotas::new(0, 0)),
     );
-    server.add_listener(Transport::Udp);
+    server.add_listener(ListenerKind::Udp);
     let now = Now {
         instant: Instant::now(),
         unix: 1_700_000_000,

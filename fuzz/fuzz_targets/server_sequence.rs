@@ -17,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::server::{
     BindResult, ClientKey, ClientOutcome, Credentials, Input, Output, ListenerId, Now, OwnRelays, PEER_HEADROOM,
-    PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, Server, ServerConfig, Transport,
+    PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, Server, ServerConfig, ListenerKind,
 };
 use turnstile::proto::stun::{AddressFamily, Class, Message, MessageWriter, Method, TransactionId};
 
@@ -172,8 +172,8 @@ fuzz_target!(|data: &[u8]| {
         OwnRelays::default(),
     );
     let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(Quotas::new(6, 10)));
-    let udp = server.add_listener(Transport::Udp);
-    let stream = server.add_listener(Transport::Stream);
+    let udp = server.add_listener(ListenerKind::Udp);
+    let stream = server.add_listener(ListenerKind::Stream);
     let base = Instant::now();
     let key = |l: ListenerId, a: &str| ClientKey {
         listener: l,

@@ -22,8 +22,8 @@ use crate::io::stats_export::StatsExporter;
 use crate::io::stream::{self, StreamOut, StreamSettings};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::proto::server::{
-    BindResult, ClientKey, ClientOutcome, DropReason, Input, ListenerId, Now, Output, PEER_HEADROOM, PEER_TAILROOM,
-    PeerOutcome, RelayId, Server, Transport,
+    BindResult, ClientKey, ClientOutcome, DropReason, Input, ListenerId, ListenerKind, Now, Output, PEER_HEADROOM,
+    PEER_TAILROOM, PeerOutcome, RelayId, Server,
 };
 
 /// Control messages from the main thread (configuration reload, drain).
@@ -243,7 +243,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
 pub fn add_udp_listener(shared: &Shared, socket: std::net::UdpSocket) -> io::Result<()> {
     let listener = Rc::new(UdpListener::new(socket)?);
     let mut w = shared.borrow_mut();
-    let id = w.server.add_listener(Transport::Udp);
+    let id = w.server.add_listener(ListenerKind::Udp);
     w.listeners.push(Listener::Udp(listener.clone()));
     w.stream_settings.push(None);
     let task = tokio::task::spawn_local(log_end(listen_udp(shared.clone(), id, listener)));
@@ -257,7 +257,7 @@ pub fn add_stream_listener(shared: &Shared, setup: StreamListenerSetup) -> io::R
     let settings = Rc::new(setup.settings);
     let mut w = shared.borrow_mut();
     let name = if settings.tls.is_some() { "tls" } else { "tcp" };
-    let id = w.server.add_named_listener(Transport::Stream, name);
+    let id = w.server.add_named_listener(ListenerKind::Stream, name);
     w.listeners.push(Listener::Stream);
     w.stream_settings.push(Some(settings.clone()));
     let task = tokio::task::spawn_local(log_end(stream::accept_loop(shared.clone(), id, listener, settings)));
@@ -352,7 +352,9 @@ pub fn handle_client(
         // Flood drops are counted by the core and exported once a second
         // (turnstile_unauthenticated_responses_suppressed_total): no
         // shared counter is touched per flood packet.
-        ClientOutcome::Drop(DropReason::RateLimited) => Handled::Done,
+        // So are bandwidth drops (turnstile_bandwidth_dropped_*_total): one
+        // metric each, never two.
+        ClientOutcome::Drop(DropReason::RateLimited | DropReason::BandwidthLimit) => Handled::Done,
         ClientOutcome::Drop(reason) => {
             metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
             Handled::Done
@@ -671,6 +673,8 @@ fn relay_one(w: &mut Worker, relay: RelayId, i: usize, now: Instant) {
             }
             Some(Listener::Removed) | None => send_or_count(false),
         },
+        // Counted by the core (turnstile_bandwidth_dropped_*_total).
+        PeerOutcome::Drop(DropReason::BandwidthLimit) => {}
         PeerOutcome::Drop(reason) => {
             metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
         }

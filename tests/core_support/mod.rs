@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, Now, Output, OwnRelays, PeerPolicy, Quotas,
-    RelayAddress, Server, ServerConfig, Transport,
+    BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, ListenerKind, Now, Output, OwnRelays,
+    PeerPolicy, Quotas, RelayAddress, Server, ServerConfig,
 };
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId, integrity};
 
@@ -80,8 +80,8 @@ impl Harness {
         )
         .unwrap();
         let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(quotas));
-        server.add_listener(Transport::Udp);
-        server.add_listener(Transport::Stream);
+        server.add_listener(ListenerKind::Udp);
+        server.add_listener(ListenerKind::Stream);
         let base = Instant::now();
         Harness {
             server,

@@ -19,7 +19,7 @@ impl Server {
             ..Gauges::default()
         };
         for (_, a) in &self.allocations {
-            let t = usize::from(self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream));
+            let t = usize::from(self.listeners.get(usize::from(a.key.listener.0)) == Some(&ListenerKind::Stream));
             for (f, r) in a.relays.iter().enumerate() {
                 if r.is_some()
                     && let Some(n) = g.allocations.get_mut(t).and_then(|row| row.get_mut(f))

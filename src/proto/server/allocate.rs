@@ -44,9 +44,9 @@ impl Server {
         now: Now,
         key: ClientKey,
         msg: &Message<'_>,
-        authed: auth::Authenticated<'_>,
+        authed: credentials::Authenticated<'_>,
         out: &mut [u8],
-    ) -> Handled {
+    ) -> RequestResult {
         if self.pending_by_client.contains_key(&key) {
             // Its relay sockets are being bound: the answer is on its way.
             return Ok(ClientOutcome::Consumed);
@@ -451,7 +451,7 @@ impl Server {
             key: a.key,
             reason: why,
         });
-        if why.closes_stream() && self.listeners.get(usize::from(a.key.listener.0)) == Some(&Transport::Stream) {
+        if why.closes_stream() && self.listeners.get(usize::from(a.key.listener.0)) == Some(&ListenerKind::Stream) {
             self.outputs.push_back(Output::CloseClient(a.key));
         }
         let t = a.traffic;
@@ -496,7 +496,7 @@ impl Server {
         msg: &Message<'_>,
         signing: Signing<'_>,
         out: &mut [u8],
-    ) -> Handled {
+    ) -> RequestResult {
         let requested = msg.lifetime().map_err(|_| BAD_REQUEST)?;
         if let Some(Attribute::RequestedAddressFamily(f)) =
             msg.get(kind::REQUESTED_ADDRESS_FAMILY).map_err(|_| BAD_REQUEST)?

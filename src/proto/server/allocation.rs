@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::auth::IntegritySuite;
+use super::credentials::IntegritySuite;
 use crate::proto::auth::{LongTermKey, PasswordAlgorithm};
 use crate::proto::stun::{AddressFamily, TransactionId};
 

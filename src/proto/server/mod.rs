@@ -19,8 +19,8 @@
 mod admin_view;
 mod allocate;
 pub mod allocation;
-pub mod auth;
 pub mod binding;
+pub mod credentials;
 mod outcome;
 pub mod peer_policy;
 mod permissions;
@@ -44,7 +44,7 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 
 pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
-pub use auth::{AuthFailure, Credentials, IntegritySuite};
+pub use credentials::{AuthFailure, Credentials, IntegritySuite};
 pub use outcome::{ClientOutcome, DropReason, PeerOutcome};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
@@ -84,7 +84,7 @@ pub struct Now {
 
 /// How a listener carries messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
+pub enum ListenerKind {
     Udp,
     /// TCP or TLS: ChannelData is padded to a multiple of 4.
     Stream,
@@ -290,7 +290,7 @@ pub struct Server {
     credentials: Arc<Credentials>,
     policy: PeerPolicy,
     quotas: Arc<Quotas>,
-    listeners: Vec<Transport>,
+    listeners: Vec<ListenerKind>,
     /// What each listener is called in logs and the admin API: udp, tcp, tls.
     listener_names: Vec<&'static str>,
     /// Rate limit of the authentication-failure log lines.
@@ -319,7 +319,7 @@ pub struct Server {
 }
 
 /// What the request handlers produce before it becomes a ClientOutcome.
-type Handled = Result<ClientOutcome, Refusal>;
+type RequestResult = Result<ClientOutcome, Refusal>;
 
 const BAD_REQUEST: Refusal = Refusal::BadRequest;
 
@@ -369,17 +369,17 @@ impl Server {
     }
 
     /// Registers a listening socket; its id goes into every [`ClientKey`].
-    pub fn add_listener(&mut self, transport: Transport) -> ListenerId {
+    pub fn add_listener(&mut self, transport: ListenerKind) -> ListenerId {
         let name = match transport {
-            Transport::Udp => "udp",
-            Transport::Stream => "tcp",
+            ListenerKind::Udp => "udp",
+            ListenerKind::Stream => "tcp",
         };
         self.add_named_listener(transport, name)
     }
 
     /// Adds a listener with the name logs give its clients' transport
     /// ("tls" for a TLS listener).
-    pub fn add_named_listener(&mut self, transport: Transport, name: &'static str) -> ListenerId {
+    pub fn add_named_listener(&mut self, transport: ListenerKind, name: &'static str) -> ListenerId {
         self.listeners.push(transport);
         self.listener_names.push(name);
         ListenerId((self.listeners.len() - 1) as u16)

@@ -33,7 +33,7 @@ impl Server {
         msg: &Message<'_>,
         signing: Signing<'_>,
         out: &mut [u8],
-    ) -> Handled {
+    ) -> RequestResult {
         let ips: Vec<IpAddr> = self.checked_peers(id, msg)?.iter().map(SocketAddr::ip).collect();
         let max = self.config.max_permissions;
         let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
@@ -56,7 +56,7 @@ impl Server {
         msg: &Message<'_>,
         signing: Signing<'_>,
         out: &mut [u8],
-    ) -> Handled {
+    ) -> RequestResult {
         // RFC 6062: a TCP allocation relays over connections, not channels.
         if self.allocations.get(id).is_some_and(|a| a.tcp) {
             return Err(BAD_REQUEST);

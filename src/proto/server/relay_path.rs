@@ -227,7 +227,7 @@ impl Server {
             return PeerOutcome::Drop(DropReason::UnknownRelay);
         };
         let key = alloc.key;
-        let stream = self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream);
+        let stream = self.listeners.get(usize::from(key.listener.0)) == Some(&ListenerKind::Stream);
         let end = start + len;
         let outcome = if let Some(ch) = alloc.channel_for_peer(&peer, now) {
             let Ok(len16) = u16::try_from(len) else {

@@ -2,7 +2,7 @@
 //! touches no shared atomic. The driver reads them periodically and exports
 //! the deltas.
 
-use super::auth::AuthFailure;
+use super::credentials::AuthFailure;
 use super::peer_policy::PeerRefusal;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

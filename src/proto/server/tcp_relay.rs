@@ -8,7 +8,7 @@ use super::*;
 
 impl Server {
     pub(super) fn is_stream(&self, key: &ClientKey) -> bool {
-        self.listeners.get(usize::from(key.listener.0)) == Some(&Transport::Stream)
+        self.listeners.get(usize::from(key.listener.0)) == Some(&ListenerKind::Stream)
     }
 
     pub(super) fn new_connection_id(&mut self) -> u32 {
@@ -23,7 +23,7 @@ impl Server {
 
     /// Connect (RFC 6062 §5.2): the answer comes when the driver reports
     /// whether the TCP connection to the peer was established.
-    pub(super) fn connect(&mut self, now: Instant, id: usize, msg: &Message<'_>) -> Handled {
+    pub(super) fn connect(&mut self, now: Instant, id: usize, msg: &Message<'_>) -> RequestResult {
         let a = self.allocations.get(id).ok_or(BAD_REQUEST)?;
         if !a.tcp {
             return Err(BAD_REQUEST);
@@ -166,7 +166,7 @@ impl Server {
         username: &str,
         signing: Signing<'_>,
         out: &mut [u8],
-    ) -> Handled {
+    ) -> RequestResult {
         // Only a fresh TCP/TLS connection can become a data connection.
         if !self.is_stream(&key) || alloc_id.is_some() {
             return Err(BAD_REQUEST);
