@@ -41,21 +41,23 @@ impl Started {
         let (applied, acks) = std::sync::mpsc::channel();
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Reload {
-                credentials: credentials.clone(),
-                revoke: config.auth.revoke_on_reload,
-                policy: policy.clone(),
-                limits: crate::proto::server::AllocationLimits {
-                    max_lifetime: config.limits.max_lifetime,
-                    max_permissions: config.limits.permissions_per_allocation,
-                    max_channels: config.limits.channels_per_allocation,
-                    max_connections: config.limits.connections_per_allocation,
-                    tcp_relay: config.relay.tcp,
+                settings: crate::proto::server::Reconfiguration {
+                    credentials: credentials.clone(),
+                    revoke: config.auth.revoke_on_reload,
+                    policy: policy.clone(),
+                    limits: crate::proto::server::AllocationLimits {
+                        max_lifetime: config.limits.max_lifetime,
+                        max_permissions: config.limits.permissions_per_allocation,
+                        max_channels: config.limits.channels_per_allocation,
+                        max_connections: config.limits.connections_per_allocation,
+                        tcp_relay: config.relay.tcp,
+                    },
+                    rates: [
+                        config.limits.unauthenticated(self.controls.len()),
+                        config.limits.allocation_bandwidth(),
+                        config.limits.worker_bandwidth(self.controls.len()),
+                    ],
                 },
-                rates: [
-                    config.limits.unauthenticated(self.controls.len()),
-                    config.limits.allocation_bandwidth(),
-                    config.limits.worker_bandwidth(self.controls.len()),
-                ],
                 applied: applied.clone(),
             });
         }

@@ -29,13 +29,7 @@ use crate::proto::server::{
 /// Control messages from the main thread (configuration reload, drain).
 pub enum WorkerControl {
     Reload {
-        credentials: std::sync::Arc<crate::proto::server::Credentials>,
-        /// End the allocations the new credentials no longer verify.
-        revoke: bool,
-        policy: crate::proto::server::PeerPolicy,
-        limits: crate::proto::server::AllocationLimits,
-        /// Unauthenticated answer budget per source, bandwidth per allocation, per worker.
-        rates: [crate::proto::server::Rate; 3],
+        settings: crate::proto::server::Reconfiguration,
         /// Told once the worker applied it.
         applied: std::sync::mpsc::Sender<()>,
     },
@@ -760,30 +754,16 @@ async fn controls(shared: Shared, mut rx: ControlReceiver) {
         match c {
             WorkerControl::RemoveListener(index) => remove_listener(&mut w, index),
             WorkerControl::AddUdpListener(_) | WorkerControl::AddStreamListener(_) => {}
-            WorkerControl::Reload {
-                credentials,
-                revoke,
-                policy,
-                limits,
-                rates: [unauthenticated, allocation_bandwidth, worker_bandwidth],
-                applied,
-            } => {
-                w.server.set_credentials(credentials);
-                if revoke {
-                    let n = w.server.revoke_unverifiable();
-                    if n > 0 {
-                        tracing::info!(
-                            worker = w.index,
-                            allocations = n,
-                            "allocations revoked: credentials changed"
-                        );
-                    }
-                    run_outputs(&shared, &mut w, now());
+            WorkerControl::Reload { settings, applied } => {
+                let revoked = w.server.reconfigure(settings);
+                if revoked > 0 {
+                    tracing::info!(
+                        worker = w.index,
+                        allocations = revoked,
+                        "allocations revoked: credentials changed"
+                    );
                 }
-                w.server.set_policy(policy);
-                w.server.set_limits(limits);
-                w.server
-                    .set_rates(unauthenticated, allocation_bandwidth, worker_bandwidth);
+                run_outputs(&shared, &mut w, now());
                 let _ = applied.send(());
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),

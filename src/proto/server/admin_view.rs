@@ -58,7 +58,7 @@ impl Server {
     /// Ends every allocation whose credential no longer verifies against
     /// the current credentials (a user removed or given a new password, a
     /// REST secret taken out of the list); returns how many.
-    pub fn revoke_unverifiable(&mut self) -> usize {
+    pub(super) fn revoke_unverifiable(&mut self) -> usize {
         let creds = Arc::clone(&self.credentials);
         let ids: Vec<usize> = self
             .allocations

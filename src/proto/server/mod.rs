@@ -212,6 +212,19 @@ enum TcpConnectionState {
     Bound,
 }
 
+/// What a configuration reload changes in a running core.
+#[derive(Debug, Clone)]
+pub struct Reconfiguration {
+    pub credentials: Arc<Credentials>,
+    /// End the allocations the new credentials no longer verify.
+    pub revoke: bool,
+    pub policy: PeerPolicy,
+    pub limits: AllocationLimits,
+    /// Unauthenticated answer budget per source, bandwidth per allocation,
+    /// bandwidth of this worker.
+    pub rates: [Rate; 3],
+}
+
 /// Per-allocation limits that a configuration reload may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllocationLimits {
@@ -393,29 +406,21 @@ impl Server {
             .unwrap_or("udp")
     }
 
-    /// Replaces users, secrets and realm (configuration reload); allocations keep their keys.
-    pub fn set_credentials(&mut self, credentials: Arc<Credentials>) {
-        self.credentials = credentials;
-    }
-
-    /// Replaces the peer policy (configuration reload).
-    pub fn set_policy(&mut self, policy: PeerPolicy) {
-        self.policy = policy;
-    }
-
-    /// New lifetime and per-allocation limits (configuration reload). They
-    /// apply to requests from now on; existing state is kept.
-    pub fn set_limits(&mut self, limits: AllocationLimits) {
+    /// A configuration reload: new credentials, peer policy, limits and
+    /// rates, applied to requests from now on (allocations keep their keys
+    /// and state). With `revoke`, allocations whose credential no longer
+    /// verifies end; returns how many.
+    pub fn reconfigure(&mut self, r: Reconfiguration) -> usize {
+        self.credentials = r.credentials;
+        let revoked = if r.revoke { self.revoke_unverifiable() } else { 0 };
+        self.policy = r.policy;
+        let limits = r.limits;
         self.config.max_lifetime = limits.max_lifetime;
         self.config.max_permissions = limits.max_permissions;
         self.config.max_channels = limits.max_channels;
         self.config.max_connections = limits.max_connections;
         self.config.tcp_relay = limits.tcp_relay;
-    }
-
-    /// New rate limits (configuration reload): the unauthenticated answer
-    /// budget per source and the bandwidth limits.
-    pub fn set_rates(&mut self, unauthenticated: Rate, allocation_bandwidth: Rate, worker_bandwidth: Rate) {
+        let [unauthenticated, allocation_bandwidth, worker_bandwidth] = r.rates;
         self.config.unauthenticated = unauthenticated;
         self.budgets.set_rate(unauthenticated);
         self.config.allocation_bandwidth = allocation_bandwidth;
@@ -423,6 +428,7 @@ impl Server {
         if worker_bandwidth.is_off() {
             self.worker_bandwidth = None;
         }
+        revoked
     }
 
     /// Stops granting new allocations (shutdown drain). Existing ones keep
