@@ -10,9 +10,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::TestServer;
-use common::raw::RawClient;
+use common::raw::{RawClient, code};
 use turnstile::proto::auth::rest;
-use turnstile::proto::stun::{Class, Message, Method};
+use turnstile::proto::stun::{Class, Method};
 
 const REST_SECRET: &str = "attack-test-secret";
 const ADMIN_TOKEN: &str = "an-admin-token-for-tests";
@@ -55,15 +55,6 @@ token = "{ADMIN_TOKEN}"
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// The error code of an answer, 0 for a success.
-fn code(answer: &[u8]) -> u16 {
-    let m = Message::parse(answer).unwrap();
-    match m.class() {
-        Class::Success => 0,
-        _ => m.error_code().unwrap().map(|e| e.code).unwrap_or(1),
-    }
 }
 
 fn allocate(c: &mut RawClient) -> u16 {

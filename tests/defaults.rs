@@ -4,8 +4,8 @@
 mod common;
 
 use common::TestServer;
-use common::raw::RawClient;
-use turnstile::proto::stun::{Class, Message, Method};
+use common::raw::{RawClient, code};
+use turnstile::proto::stun::Method;
 
 /// A configuration with users and a REST secret and nothing else set.
 fn plain(extra: &str) -> String {
@@ -31,14 +31,6 @@ listen = "127.0.0.1:0"
 {extra}
 "#
     )
-}
-
-fn code(answer: &[u8]) -> u16 {
-    let m = Message::parse(answer).unwrap();
-    match m.class() {
-        Class::Success => 0,
-        _ => m.error_code().unwrap().map(|e| e.code).unwrap_or(1),
-    }
 }
 
 fn bind_channel(c: &mut RawClient, number: u16) -> u16 {

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
-use common::raw::RawClient;
+use common::raw::{RawClient, code};
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 fn config(ports: &str, extra: &str) -> String {
@@ -38,14 +38,6 @@ user_quota = 0
 {extra}
 "#
     )
-}
-
-fn code(resp: &[u8]) -> u16 {
-    let m = Message::parse(resp).unwrap();
-    match m.class() {
-        Class::Success => 0,
-        _ => m.error_code().unwrap().unwrap().code,
-    }
 }
 
 fn allocate(c: &mut RawClient) -> u16 {

@@ -7,7 +7,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::raw::RawClient;
+use common::raw::{RawClient, code};
 use common::{TestServer, loopback_config};
 use turnstile::proto::stun::{Attribute, Class, Message, Method, kind};
 
@@ -32,16 +32,6 @@ allow = ["127.0.0.0/8"]
 
 fn class(resp: &[u8]) -> Class {
     Message::parse(resp).unwrap().class()
-}
-
-fn code(resp: &[u8]) -> u16 {
-    Message::parse(resp)
-        .unwrap()
-        .error_code()
-        .ok()
-        .flatten()
-        .map(|e| e.code)
-        .unwrap_or(0)
 }
 
 /// Allocates, permits `peer`, and checks a Send reaches it.

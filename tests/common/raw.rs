@@ -107,3 +107,17 @@ impl RawClient {
         self.socket.send_to(&buf[..n], self.server).unwrap();
     }
 }
+
+/// The error code of an answer, 0 for a success.
+pub fn code(answer: &[u8]) -> u16 {
+    let m = Message::parse(answer).unwrap();
+    match m.class() {
+        Class::Success => 0,
+        _ => {
+            m.error_code()
+                .unwrap()
+                .expect("an error response carries ERROR-CODE")
+                .code
+        }
+    }
+}
