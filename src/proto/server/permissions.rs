@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// The peer policy's verdict, logged and counted when it refuses: the one
+/// place every path (CreatePermission, ChannelBind, Send, Connect) reports
+/// a refused peer.
+pub(super) fn counted(
+    stats: &mut Stats,
+    peer: &SocketAddr,
+    verdict: Result<(), PeerRefusal>,
+) -> Result<(), PeerRefusal> {
+    if let Err(r) = verdict {
+        tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
+        stats.count_peer_refusal(r);
+    }
+    verdict
+}
+
 impl Server {
     /// Peer addresses of a request, each checked against family and policy.
     pub(super) fn checked_peers(&mut self, id: usize, msg: &Message<'_>) -> Result<Vec<SocketAddr>, Refusal> {
@@ -13,11 +28,7 @@ impl Server {
             if alloc.relay_for(&peer).is_none() {
                 return Err(Refusal::FamilyMismatch);
             }
-            if let Err(r) = self.policy.check_permission(peer.ip()) {
-                tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
-                self.stats.count_peer_refusal(r);
-                return Err(Refusal::Forbidden);
-            }
+            counted(&mut self.stats, &peer, self.policy.check_permission(peer.ip())).map_err(|_| Refusal::Forbidden)?;
             peers.push(peer);
         }
         if peers.is_empty() {
@@ -70,11 +81,7 @@ impl Server {
             return Err(BAD_REQUEST);
         };
         // A channel to the server's own address must also name a relay port.
-        if let Err(r) = self.policy.check(peer) {
-            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
-            self.stats.count_peer_refusal(r);
-            return Err(Refusal::Forbidden);
-        }
+        counted(&mut self.stats, peer, self.policy.check(peer)).map_err(|_| Refusal::Forbidden)?;
         let (max_channels, max_permissions) = (self.config.max_channels, self.config.max_permissions);
         let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
         match a.bind_channel(number, *peer, now, max_channels) {

@@ -148,9 +148,7 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return ClientOutcome::Drop(DropReason::NoPermission);
         }
-        if let Err(r) = self.policy.check(&peer) {
-            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
-            self.stats.count_peer_refusal(r);
+        if let Err(r) = permissions::counted(&mut self.stats, &peer, self.policy.check(&peer)) {
             return ClientOutcome::Drop(DropReason::PeerRefused(r));
         }
         let start = data.offset + 4;

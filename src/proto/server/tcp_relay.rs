@@ -34,11 +34,7 @@ impl Server {
         };
         let relay = a.relay_for(&peer).ok_or(Refusal::FamilyMismatch)?.id;
         // The same rule as for UDP peers: CVE-2020-26262 came through this path.
-        if let Err(r) = self.policy.check(&peer) {
-            tracing::debug!(peer = %peer, reason = r.label(), "peer refused");
-            self.stats.count_peer_refusal(r);
-            return Err(Refusal::Forbidden);
-        }
+        permissions::counted(&mut self.stats, &peer, self.policy.check(&peer)).map_err(|_| Refusal::Forbidden)?;
         if a.connections >= self.config.max_connections {
             return Err(Refusal::TooManyConnections);
         }
