@@ -74,21 +74,27 @@ fn is_unsafe(c: char) -> bool {
         || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
-/// Appends `s` with every unsafe character written as an escape (`\n`,
-/// `\r`, `\t`, `\u{1b}`).
+/// Writes one unsafe character as an escape (`\n`, `\r`, `\t`, `\u{1b}`).
+fn push_escape(c: char, out: &mut String) {
+    match c {
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        '\t' => out.push_str("\\t"),
+        c => {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        }
+    }
+}
+
+/// Appends `s` with every unsafe character written as an escape.
 pub fn escape_into(s: &str, out: &mut String) {
     // A backslash is doubled only where escapes were written, so that
     // ordinary text (paths, errors) stays as it is.
     let escaping = s.chars().any(is_unsafe);
     for c in s.chars() {
         match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
             '\\' if escaping => out.push_str("\\\\"),
-            c if is_unsafe(c) => {
-                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-            }
+            c if is_unsafe(c) => push_escape(c, out),
             c => out.push(c),
         }
     }
@@ -112,8 +118,6 @@ fn is_string_literal(s: &str) -> bool {
     !escaped
 }
 
-/// Appends a field value: as it is when it is one plain word, else quoted
-/// with `"` and `\` escaped too, so a value can never look like another field.
 /// One word that cannot be read as anything but a single value.
 fn is_plain(s: &str) -> bool {
     !s.is_empty()
@@ -122,6 +126,8 @@ fn is_plain(s: &str) -> bool {
             .any(|c| c.is_whitespace() || c == '"' || c == '=' || is_unsafe(c))
 }
 
+/// Appends a field value: as it is when it is one plain word, else quoted
+/// with `"` and `\` escaped too, so a value can never look like another field.
 pub fn field_value_into(s: &str, out: &mut String) {
     if is_plain(s) {
         out.push_str(s);
@@ -132,12 +138,7 @@ pub fn field_value_into(s: &str, out: &mut String) {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if is_unsafe(c) => {
-                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-            }
+            c if is_unsafe(c) => push_escape(c, out),
             c => out.push(c),
         }
     }
