@@ -131,28 +131,34 @@ impl Outcome {
     }
 }
 
-/// Runs the page script and splits its JSON array into one object per variant.
-fn run(spki: &str, variants: &[String]) -> Vec<Outcome> {
+/// Runs a script of tests/browser with its JSON input; returns its stdout.
+fn node(script: &str, input: &str) -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     assert!(
         std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-        "run `npm ci` in tests/browser first (.ci/run does)"
+        "run `npm ci` in tests/browser first (tests/run.sh does)"
     );
-    let input = format!(r#"{{"spki":"{spki}","variants":[{}]}}"#, variants.join(","));
     let out = Command::new("timeout")
         .arg("300")
         .arg("node")
-        .arg("call.mjs")
-        .arg(&input)
+        .arg(script)
+        .arg(input)
         .current_dir(dir)
         .output()
         .expect("node (and Debian's chromium) must be installed");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "browser run failed:\n{stdout}\n{}",
+        "{script} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// Runs the page script and splits its JSON array into one object per variant.
+fn run(spki: &str, variants: &[String]) -> Vec<Outcome> {
+    let input = format!(r#"{{"spki":"{spki}","variants":[{}]}}"#, variants.join(","));
+    let stdout = node("call.mjs", &input);
     let line = stdout
         .lines()
         .rev()
@@ -279,22 +285,8 @@ fn a_broken_relay_setting_fails_the_call() {
 
 /// Runs `mesh.mjs` with one `iceServers` list per participant.
 fn run_mesh(participants: &[serde_json::Value]) -> serde_json::Value {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     let input = serde_json::json!({"participants": participants, "messages": 40, "timeoutMs": 90_000});
-    let out = Command::new("timeout")
-        .arg("300")
-        .arg("node")
-        .arg("mesh.mjs")
-        .arg(input.to_string())
-        .current_dir(dir)
-        .output()
-        .expect("node (and Debian's chromium) must be installed");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "mesh run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = node("mesh.mjs", &input.to_string());
     let line = stdout.lines().rev().find(|l| l.starts_with('{')).expect("no report");
     serde_json::from_str(line).unwrap()
 }

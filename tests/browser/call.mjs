@@ -7,37 +7,11 @@
 //   { "spki": "<base64 sha256 of the TLS key's SPKI, for turns:>",
 //     "variants": [{ "name", "iceServers", "messages", "media", "expectFail", "timeoutMs" }] }
 // Prints one JSON array of results on stdout.
-import http from 'node:http';
-import { chromium } from 'playwright-core';
+import { start } from './launch.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 
-// A page on http://127.0.0.1 is a secure context, so getUserMedia works.
-const server = http.createServer((_req, res) => {
-  res.writeHead(200, { 'content-type': 'text/html' });
-  res.end('<!doctype html><title>turnstile relay test</title><p>relay test</p>');
-});
-await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-const url = `http://127.0.0.1:${server.address().port}/`;
-
-const args = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--use-fake-device-for-media-stream',
-  '--use-fake-ui-for-media-stream',
-  // WebRTC ignores loopback addresses unless told otherwise.
-  '--allow-loopback-in-peer-connection',
-];
-if (cfg.spki) {
-  // Certificate pinning for the test certificate of turns: (not a blanket "ignore errors").
-  args.push(`--ignore-certificate-errors-spki-list=${cfg.spki}`);
-}
-const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args });
+const { browser, url, close } = await start({ spki: cfg.spki });
 
 async function callInPage({ iceServers, messages, media, expectFail, budgetMs }) {
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -171,5 +145,4 @@ for (const v of cfg.variants) {
   await page.close();
 }
 console.log(JSON.stringify(results));
-await browser.close();
-server.close();
+await close();

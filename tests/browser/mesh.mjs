@@ -8,33 +8,11 @@
 // Usage: node mesh.mjs '<json>' where json is
 //   { "participants": [{ "iceServers": [...] }, ...], "messages": 50, "timeoutMs": 90000 }
 // Prints one JSON object on stdout: { "pairs": [...], "peerConnections": N }.
-import http from 'node:http';
-import { chromium } from 'playwright-core';
+import { start } from './launch.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 
-const server = http.createServer((_req, res) => {
-  res.writeHead(200, { 'content-type': 'text/html' });
-  res.end('<!doctype html><title>turnstile mesh test</title><p>mesh</p>');
-});
-await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-const url = `http://127.0.0.1:${server.address().port}/`;
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    // WebRTC ignores loopback addresses unless told otherwise.
-    '--allow-loopback-in-peer-connection',
-  ],
-});
+const { browser, url, close } = await start();
 
 async function mesh({ participants, messages, budgetMs }) {
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -134,5 +112,4 @@ try {
 }
 await page.close();
 console.log(JSON.stringify(out));
-await browser.close();
-server.close();
+await close();
