@@ -9,8 +9,8 @@ use turnstile::proto::auth::rest;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, DropReason, Input, ListenerId, Output, PEER_HEADROOM, PeerOutcome,
-    QuotaLimits, Quotas, RelayAddress, RelayId, ServerConfig,
+    BindResult, ClientKey, ClientOutcome, CloseReason, DropReason, Input, ListenerId, Output, PEER_HEADROOM,
+    PeerOutcome, QuotaLimits, Quotas, RelayAddress, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::attr::password_algorithm;
 use turnstile::proto::stun::{AddressFamily, Attribute, Class, Message, Method, kind};
@@ -110,7 +110,10 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.advance(601);
     assert_eq!(h.server.allocation_count(), 0, "expired");
     assert!(
-        h.commands.contains(&Output::CloseClient(client)),
+        h.commands.contains(&Output::CloseClient {
+            key: client,
+            reason: CloseReason::AllocationEnded
+        }),
         "expiry closes the connection: {:?}",
         h.commands
     );
@@ -121,7 +124,14 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.allocate(&c);
     assert_eq!(h.server.kick(Some("alice"), None), 1);
     h.drain();
-    assert!(h.commands.contains(&Output::CloseClient(h.key)), "{:?}", h.commands);
+    assert!(
+        h.commands.contains(&Output::CloseClient {
+            key: h.key,
+            reason: CloseReason::AllocationEnded
+        }),
+        "{:?}",
+        h.commands
+    );
 
     // Refresh 0: the client keeps its connection (and may allocate again).
     h.commands.clear();
@@ -131,7 +141,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     let req = h.signed(Method::REFRESH, &c, |w| w.lifetime(0).unwrap());
     assert_eq!(code(&h.exchange(&req)), 0);
     assert!(
-        !h.commands.iter().any(|c| matches!(c, Output::CloseClient(_))),
+        !h.commands.iter().any(|c| matches!(c, Output::CloseClient { .. })),
         "{:?}",
         h.commands
     );
@@ -146,7 +156,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.allocate(&c);
     h.advance(601);
     assert!(
-        !h.commands.iter().any(|c| matches!(c, Output::CloseClient(_))),
+        !h.commands.iter().any(|c| matches!(c, Output::CloseClient { .. })),
         "{:?}",
         h.commands
     );

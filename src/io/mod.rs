@@ -1,14 +1,28 @@
 //! IO drivers: sockets, threads and timers around the sans-IO core.
-//! `start` (in start.rs) composes them: binds the listeners and starts
-//! the workers.
+//!
+//! - `executor`: the worker state and the one place outputs run.
+//! - Drivers, each depending on `executor` and not on each other:
+//!   `listen_udp` (UDP clients), `stream` (TCP/TLS clients, RFC 6062 data
+//!   connections), `peer_udp` (UDP relay sockets), `peer_tcp` (RFC 6062
+//!   peer connections).
+//! - Sockets and buffers they use: `udp`, `relay`, `relay_poll`,
+//!   `send_queue`, `stream_queue`, `tls`, `coalesce`, `stats_export`.
+//! - `worker`: a worker thread, its drivers, timers and control messages.
+//! - `start` (in start.rs), the composition root: binds the listeners and
+//!   starts the workers.
 
 pub mod coalesce;
+pub mod executor;
+pub mod listen_udp;
+pub mod peer_tcp;
+pub mod peer_udp;
 pub mod relay;
 pub mod relay_poll;
 pub mod send_queue;
 mod start;
 pub mod stats_export;
 pub mod stream;
+pub mod stream_queue;
 pub mod tls;
 pub mod udp;
 pub mod worker;

@@ -52,6 +52,21 @@ pub fn bind(addr: SocketAddr, dont_fragment: bool) -> Result<std::net::UdpSocket
     Ok(socket.into())
 }
 
+/// A TCP socket bound to a relayed address (RFC 6062). The relay's
+/// listener and its outgoing connections share the address, so all set
+/// SO_REUSEADDR and SO_REUSEPORT.
+pub fn tcp_socket(addr: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    Ok(s)
+}
+
 /// Sends a datagram from a relay socket straight to the kernel (a new
 /// socket has no readiness in the runtime yet, and UDP needs none: a full
 /// buffer is a drop). False when the datagram was not sent.

@@ -51,6 +51,7 @@ impl Started {
                         max_channels: config.limits.channels_per_allocation,
                         max_connections: config.limits.connections_per_allocation,
                         tcp_relay: config.relay.tcp,
+                        idle_timeout: Duration::from_secs(config.limits.idle_timeout),
                     },
                     rates: [
                         config.limits.unauthenticated(self.controls.len()),
@@ -305,7 +306,6 @@ fn bind_stream(
                 autodetect: listen.autodetect,
                 proxy_protocol: listen.proxy_protocol,
                 limits: ctx.limits.clone(),
-                idle_timeout: Duration::from_secs(config.limits.idle_timeout),
                 handshake_timeout: Duration::from_secs(config.limits.handshake_timeout),
                 send_buffer: config.limits.stream_send_buffer,
                 channel_range,
@@ -412,6 +412,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             unauthenticated: config.limits.unauthenticated(workers),
             allocation_bandwidth: config.limits.allocation_bandwidth(),
             worker_bandwidth: config.limits.worker_bandwidth(workers),
+            idle_timeout: Duration::from_secs(config.limits.idle_timeout),
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
         let handoff_receiver = handoff_receivers

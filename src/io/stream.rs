@@ -3,12 +3,13 @@
 //! split by the sans-IO stream framer and handed to the same core as UDP.
 //!
 //! Robustness: connection caps (total and per source IP), a TLS handshake
-//! timeout, an idle timeout while a connection has no allocation, a bounded
-//! send queue per connection (a slow reader loses relayed data, counted, as
-//! UDP would, and never stalls anyone else), and a garbage or oversized frame
-//! closes only its own connection.
+//! timeout, the core's idle and slow-message deadlines (the driver reports
+//! what each read did and closes when the core says), a bounded send queue
+//! per connection (a slow reader loses relayed data, counted, as UDP would,
+//! and never stalls anyone else), and a garbage or oversized frame closes
+//! only its own connection.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,10 +21,10 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
-use crate::io::worker::{Handled, Shared, handle_client, now, run_outputs};
+use crate::io::executor::{Handled, Shared, feed, handle_client, now};
+use crate::io::stream_queue::StreamOut;
 use crate::proto::channel_data::ChannelRange;
 use crate::proto::framer::StreamFramer;
 use crate::proto::proxy_protocol;
@@ -109,59 +110,9 @@ pub struct StreamSettings {
     pub autodetect: bool,
     pub proxy_protocol: bool,
     pub limits: Arc<ConnLimits>,
-    pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     pub send_buffer: usize,
     pub channel_range: ChannelRange,
-}
-
-/// The bounded queue of bytes waiting to be written to one client.
-pub struct StreamOut {
-    buf: RefCell<BytesMut>,
-    cap: usize,
-    notify: Notify,
-    closed: Cell<bool>,
-    /// Wakes the reader when the core ended the connection's allocation.
-    ended: Notify,
-}
-
-impl StreamOut {
-    fn new(cap: usize) -> StreamOut {
-        StreamOut {
-            buf: RefCell::new(BytesMut::new()),
-            cap,
-            notify: Notify::new(),
-            closed: Cell::new(false),
-            ended: Notify::new(),
-        }
-    }
-
-    /// Queues a whole message, or refuses it when the queue is full or closed.
-    pub fn push(&self, data: &[u8]) -> bool {
-        if self.closed.get() {
-            return false;
-        }
-        let Ok(mut b) = self.buf.try_borrow_mut() else {
-            return false;
-        };
-        if b.len() + data.len() > self.cap {
-            return false;
-        }
-        b.extend_from_slice(data);
-        self.notify.notify_one();
-        true
-    }
-
-    /// The allocation ended by expiry or by the operator: the reader closes
-    /// the connection (a stored permit if it is busy right now).
-    pub fn end_session(&self) {
-        self.ended.notify_one();
-    }
-
-    fn close(&self) {
-        self.closed.set(true);
-        self.notify.notify_one();
-    }
 }
 
 /// A client connection after PROXY and TLS: plain TCP or TLS, sendable to
@@ -184,9 +135,44 @@ pub struct Handoff {
 pub type HandoffSender = tokio::sync::mpsc::UnboundedSender<Handoff>;
 pub type HandoffReceiver = tokio::sync::mpsc::UnboundedReceiver<Handoff>;
 
+/// What the stream tasks of one worker share: where to hand connections
+/// over, and each listener's settings by listener id.
+pub struct Streams {
+    index: usize,
+    handoff: Vec<HandoffSender>,
+    settings: RefCell<Vec<Option<Rc<StreamSettings>>>>,
+}
+
+impl Streams {
+    pub fn new(index: usize, handoff: Vec<HandoffSender>) -> Streams {
+        Streams {
+            index,
+            handoff,
+            settings: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records a listener's settings (`None` for UDP) under its id.
+    pub fn register(&self, id: ListenerId, settings: Option<Rc<StreamSettings>>) {
+        let mut all = self.settings.borrow_mut();
+        let i = usize::from(id.0);
+        if all.len() <= i {
+            all.resize(i + 1, None);
+        }
+        if let Some(slot) = all.get_mut(i) {
+            *slot = settings;
+        }
+    }
+
+    fn settings(&self, id: ListenerId) -> Option<Rc<StreamSettings>> {
+        self.settings.borrow().get(usize::from(id.0)).cloned().flatten()
+    }
+}
+
 /// Accepts connections on one listener until the socket fails.
 pub async fn accept_loop(
     shared: Shared,
+    streams: Rc<Streams>,
     id: ListenerId,
     listener: TcpListener,
     settings: Rc<StreamSettings>,
@@ -206,12 +192,21 @@ pub async fn accept_loop(
             metrics::counter!("turnstile_connections_refused_total", "reason" => "limit").increment(1);
             continue;
         };
-        tokio::task::spawn_local(connection(shared.clone(), id, tcp, remote, settings.clone(), guard));
+        tokio::task::spawn_local(connection(
+            shared.clone(),
+            streams.clone(),
+            id,
+            tcp,
+            remote,
+            settings.clone(),
+            guard,
+        ));
     }
 }
 
 async fn connection(
     shared: Shared,
+    streams: Rc<Streams>,
     id: ListenerId,
     mut tcp: TcpStream,
     remote: SocketAddr,
@@ -253,6 +248,7 @@ async fn connection(
     };
     serve(
         shared,
+        streams,
         ClientKey { listener: id, client },
         io,
         BytesMut::with_capacity(4096),
@@ -263,16 +259,18 @@ async fn connection(
 }
 
 /// Receives connections other workers hand over.
-pub async fn receive_handoffs(shared: Shared, mut rx: HandoffReceiver) {
+pub async fn receive_handoffs(shared: Shared, streams: Rc<Streams>, mut rx: HandoffReceiver) {
     while let Some(h) = rx.recv().await {
-        let settings = shared
-            .borrow()
-            .stream_settings
-            .get(usize::from(h.key.listener.0))
-            .cloned()
-            .flatten();
-        if let Some(settings) = settings {
-            tokio::task::spawn_local(serve(shared.clone(), h.key, h.io, h.buf, settings, h.guard));
+        if let Some(settings) = streams.settings(h.key.listener) {
+            tokio::task::spawn_local(serve(
+                shared.clone(),
+                streams.clone(),
+                h.key,
+                h.io,
+                h.buf,
+                settings,
+                h.guard,
+            ));
         }
     }
 }
@@ -290,6 +288,7 @@ enum ReadEnd {
 /// core, then, after an RFC 6062 ConnectionBind, raw bytes to its peer.
 async fn serve(
     shared: Shared,
+    streams: Rc<Streams>,
     key: ClientKey,
     io: BoxedStream,
     buf: BytesMut,
@@ -299,19 +298,14 @@ async fn serve(
     let (rd, wr) = tokio::io::split(io);
     let out = Rc::new(StreamOut::new(settings.send_buffer));
     shared.borrow_mut().streams.insert(key, out.clone());
+    feed(&shared, Input::StreamOpened { key });
     metrics::gauge!("turnstile_connections").increment(1.0);
     let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
-    let (end, rd) = read_loop(&shared, key, rd, buf, &settings, &out).await;
+    let (end, rd) = read_loop(&shared, streams.index, key, rd, buf, &settings, &out).await;
 
     out.close();
-    {
-        let mut g = shared.borrow_mut();
-        let w = &mut *g;
-        w.streams.remove(&key);
-        let now = now();
-        w.server.handle(now, Input::ClientClosed { key });
-        run_outputs(&shared, w, now);
-    }
+    shared.borrow_mut().streams.remove(&key);
+    feed(&shared, Input::ClientClosed { key });
     metrics::gauge!("turnstile_connections").decrement(1.0);
     // Let queued answers go out (an error response, a ConnectionBind success).
     let wr = match tokio::time::timeout(Duration::from_secs(2), writer).await {
@@ -326,8 +320,7 @@ async fn serve(
         }
         ReadEnd::Bound(connection, leftover) => pipe(shared, connection, rd.unsplit(wr), leftover, guard).await,
         ReadEnd::Handoff(owner, buf) => {
-            let sender = shared.borrow().handoff.get(owner).cloned();
-            if let Some(sender) = sender {
+            if let Some(sender) = streams.handoff.get(owner) {
                 let _ = sender.send(Handoff {
                     io: rd.unsplit(wr),
                     key,
@@ -354,9 +347,8 @@ async fn pipe(shared: Shared, connection: u32, mut client: BoxedStream, leftover
             _ = close.notified() => {}
         }
     }
-    let mut g = shared.borrow_mut();
-    g.tcp_peers.remove(&connection);
-    g.server.handle(now(), Input::TcpConnectionClosed { connection });
+    shared.borrow_mut().tcp_peers.remove(&connection);
+    feed(&shared, Input::TcpConnectionClosed { connection });
 }
 
 /// Reads the PROXY v2 header; `None` means "use the connection's address".
@@ -381,6 +373,7 @@ fn connection_bind_target(frame: &[u8]) -> Option<u32> {
 
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
+    me: usize,
     key: ClientKey,
     mut rd: R,
     mut buf: BytesMut,
@@ -388,11 +381,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     out: &StreamOut,
 ) -> (ReadEnd, R) {
     let framer = StreamFramer::default().with_channel_range(settings.channel_range);
-    let me = shared.borrow().index;
-    // Progress, not traffic, keeps a connection open: a client trickling
-    // bytes (slowloris) must still finish a message within idle_timeout.
-    let mut last_message = tokio::time::Instant::now();
-    let mut partial_since: Option<tokio::time::Instant> = None;
     loop {
         let mut consumed = 0;
         loop {
@@ -406,7 +394,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         return (ReadEnd::Handoff(owner, buf), rd);
                     }
                     let handled = handle_client(shared, now(), key, frame, None);
-                    last_message = tokio::time::Instant::now();
                     consumed += f.frame_len;
                     if let Handled::Bound(connection) = handled {
                         buf.advance(consumed);
@@ -421,47 +408,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         buf.advance(consumed);
-        if consumed > 0 {
-            // Whatever is left starts a new message.
-            partial_since = None;
-        }
         if buf.capacity() - buf.len() < 2048 {
             buf.reserve(4096);
         }
-        // Without an allocation a connection must complete a message every
-        // idle_timeout; with one, only a started message has that deadline.
-        if buf.is_empty() {
-            partial_since = None;
-        } else if partial_since.is_none() {
-            partial_since = Some(tokio::time::Instant::now());
-        }
-        let has_allocation = shared.borrow().server.allocation(&key).is_some();
-        let deadline = match (has_allocation, partial_since) {
-            (false, _) => Some(last_message + settings.idle_timeout),
-            (true, Some(since)) => Some(since + settings.idle_timeout),
-            (true, None) => None,
-        };
-        let read = rd.read_buf(&mut buf);
-        let deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        // Progress, not traffic, keeps a connection open: the core closes
+        // one that trickles bytes (slowloris) without finishing a message.
+        feed(
+            shared,
+            Input::StreamProgress {
+                key,
+                completed: consumed > 0,
+                partial: !buf.is_empty(),
+            },
+        );
         let n = tokio::select! {
-            r = read => r,
-            () = deadline => {
-                let reason = if has_allocation { "slow_message" } else { "idle" };
-                metrics::counter!("turnstile_connections_closed_total", "reason" => reason).increment(1);
-                return (ReadEnd::Closed(reason), rd);
-            }
-            () = out.ended.notified() => {
-                // Expired or removed by the operator: nothing more can be
-                // relayed on this connection, and it must not hold its
-                // descriptor and connection slot with no deadline.
-                metrics::counter!("turnstile_connections_closed_total", "reason" => "allocation_ended").increment(1);
-                return (ReadEnd::Closed("allocation_ended"), rd);
-            }
+            r = rd.read_buf(&mut buf) => r,
+            // Idle, too slow, or its allocation ended (counted by the executor).
+            reason = out.ended() => return (ReadEnd::Closed(reason.label()), rd),
         };
         match n {
             Ok(0) => return (ReadEnd::Closed("eof"), rd),
@@ -475,19 +438,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// back so the connection can become an RFC 6062 data connection.
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> Option<W> {
     loop {
-        let chunk = {
-            let mut b = out.buf.borrow_mut();
-            if b.is_empty() { None } else { Some(b.split()) }
-        };
-        match chunk {
+        match out.take() {
             Some(c) => {
                 if wr.write_all(&c).await.is_err() {
-                    out.closed.set(true);
+                    out.fail();
                     return None;
                 }
             }
-            None if out.closed.get() => return Some(wr),
-            None => out.notify.notified().await,
+            None if out.is_closed() => return Some(wr),
+            None => out.queued().await,
         }
     }
 }

@@ -391,6 +391,8 @@ impl Server {
             traffic: allocation::Traffic::default(),
             created: now.instant,
             connections: 0,
+            scheduled: None,
+            swept: None,
             shaper: (!self.config.allocation_bandwidth.is_off())
                 .then(|| Box::new([TokenBucket::full(self.config.allocation_bandwidth, now.instant); 2])),
         });
@@ -400,7 +402,7 @@ impl Server {
             }
         }
         self.by_client.insert(p.key, id);
-        self.timers.push(Reverse((expires, id)));
+        self.schedule_allocation(id, expires);
         self.stats.allocations_created += 1;
         self.outputs.push_back(Output::AllocationCreated {
             key: p.key,
@@ -451,9 +453,6 @@ impl Server {
             key: a.key,
             reason: why,
         });
-        if why.closes_stream() && self.listeners.get(usize::from(a.key.listener.0)) == Some(&ListenerKind::Stream) {
-            self.outputs.push_back(Output::CloseClient(a.key));
-        }
         let t = a.traffic;
         tracing::info!(
             client = %a.key.client,
@@ -478,6 +477,18 @@ impl Server {
             self.outputs.push_back(Output::CloseConnection(cid));
         }
         self.by_client.remove(&a.key);
+        if self.is_stream(&a.key) {
+            if why.closes_stream() {
+                self.streams.remove(&a.key);
+                self.outputs.push_back(Output::CloseClient {
+                    key: a.key,
+                    reason: CloseReason::AllocationEnded,
+                });
+            } else {
+                // The connection stays with the client, under the idle rule.
+                self.schedule_stream(a.key);
+            }
+        }
         for r in a.relays.iter().flatten() {
             self.relays.try_remove(r.id.0 as usize);
             let i = usize::from(r.bound.is_ipv6());
@@ -527,7 +538,7 @@ impl Server {
                     "allocation refreshed"
                 );
             }
-            self.timers.push(Reverse((expires, id)));
+            self.schedule_allocation(id, expires);
             lifetime
         };
         let software = self.config.software.as_deref();

@@ -26,7 +26,7 @@ pub struct ListenerId(pub u16);
 
 /// The client side of the 5-tuple: which listener, which client address.
 /// (The transport is the listener's.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientKey {
     pub listener: ListenerId,
     pub client: SocketAddr,
@@ -103,6 +103,10 @@ pub struct Allocation {
     /// RFC 6062 peer connections it holds (Connect, or accepted from a
     /// peer), bound or waiting for their ConnectionBind.
     pub connections: usize,
+    /// The instant its timer entry is for (see `timers.rs`).
+    pub(crate) scheduled: Option<Instant>,
+    /// When its permissions and channels were last checked for expiry.
+    pub(crate) swept: Option<Instant>,
     /// Bandwidth buckets (to peer, to client) when `max_bps` is set.
     pub shaper: Option<Box<[crate::proto::server::TokenBucket; 2]>>,
 }

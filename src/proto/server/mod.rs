@@ -2,17 +2,19 @@
 //! in, decisions out. It owns no socket and reads no clock; the drivers in
 //! `crate::io` feed it and carry out what it returns.
 //!
+//! The two hot calls return a routing decision over the caller's buffer:
 //! - [`Server::handle_client_packet`]: a datagram (or stream frame) from a
-//!   client. The answer is a reply written into the caller's `out` buffer, a
-//!   routing decision for relayed data (which relay socket, which peer, which
-//!   byte range of the caller's packet), or a request to bind relay sockets.
-//! - [`Server::relay_bound`]: the driver's answer to such a request.
+//!   client. The answer is a reply written into the caller's `out` buffer or
+//!   a routing decision for relayed data (which relay socket, which peer,
+//!   which byte range of the caller's packet).
 //! - [`Server::handle_peer_packet`]: a datagram from a peer on a relay
 //!   socket, received with headroom so the ChannelData or Data-indication
 //!   header is written in place in front of it.
-//! - [`Server::handle_timeout`] / [`Server::poll_timeout`]: timers.
-//! - [`Server::poll_command`]: control-plane work for the driver (close a
-//!   relay socket).
+//!
+//! Everything else goes through one seam (`seam.rs`): [`Server::handle`]
+//! takes an [`Input`], [`Server::poll_output`] gives [`Output`]s (work for
+//! the driver and state changes to mirror), and [`Server::poll_timeout`] /
+//! [`Server::handle_timeout`] carry every deadline (`timers.rs`).
 //!
 //! Relayed data is never copied or heap-allocated here.
 
@@ -33,6 +35,7 @@ mod seam;
 mod stats;
 mod tcp_relay;
 pub mod testing;
+mod timers;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -52,6 +55,7 @@ pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use seam::{BindResult, EndReason, Input, Output};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 pub use tcp_relay::CONNECT_TIMEOUT;
+pub use timers::CloseReason;
 
 use crate::proto::auth::LongTermKey;
 use crate::proto::channel_data::{self, ChannelData, ChannelDataError, ChannelRange};
@@ -129,6 +133,10 @@ pub struct ServerConfig {
     pub allocation_bandwidth: Rate,
     /// Relayed bytes through this worker, each direction.
     pub worker_bandwidth: Rate,
+    /// A TCP or TLS client connection without an allocation must complete
+    /// a message this often; with one, a started message must finish
+    /// within it.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -152,6 +160,7 @@ impl Default for ServerConfig {
             unauthenticated: Rate::OFF,
             allocation_bandwidth: Rate::OFF,
             worker_bandwidth: Rate::OFF,
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -236,6 +245,8 @@ pub struct AllocationLimits {
     pub max_connections: usize,
     /// Whether RFC 6062 TCP allocations are offered.
     pub tcp_relay: bool,
+    /// See [`ServerConfig::idle_timeout`].
+    pub idle_timeout: Duration,
 }
 
 /// Authentication-failure log lines per second per worker.
@@ -313,7 +324,9 @@ pub struct Server {
     by_client: FxHashMap<ClientKey, usize>,
     /// Relay socket → allocation (`None` while its Allocate is pending).
     relays: Slab<Option<usize>>,
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    timers: BinaryHeap<Reverse<(Instant, timers::Timer)>>,
+    /// Idle and slow-message clocks of TCP/TLS client connections.
+    streams: FxHashMap<ClientKey, timers::StreamClock>,
     outputs: VecDeque<Output>,
     /// Allocates waiting for their relay sockets, by their relay ids and
     /// their client.
@@ -368,6 +381,7 @@ impl Server {
             by_client: FxHashMap::default(),
             relays: Slab::new(),
             timers: BinaryHeap::new(),
+            streams: FxHashMap::default(),
             outputs: VecDeque::new(),
             pending: Slab::new(),
             pending_by_relay: FxHashMap::default(),
@@ -420,6 +434,7 @@ impl Server {
         self.config.max_channels = limits.max_channels;
         self.config.max_connections = limits.max_connections;
         self.config.tcp_relay = limits.tcp_relay;
+        self.config.idle_timeout = limits.idle_timeout;
         let [unauthenticated, allocation_bandwidth, worker_bandwidth] = r.rates;
         self.config.unauthenticated = unauthenticated;
         self.budgets.set_rate(unauthenticated);
@@ -498,7 +513,16 @@ impl Server {
                     .push_back(Output::PeerConnectionRefused { relay, peer, reason }),
             },
             Input::TcpConnectionClosed { connection } => self.forget_connection(connection),
-            Input::ClientClosed { key } => self.handle_client_closed(key),
+            Input::ClientClosed { key } => {
+                self.streams.remove(&key);
+                self.handle_client_closed(key);
+            }
+            Input::StreamOpened { key } => self.stream_opened(key, now.instant),
+            Input::StreamProgress {
+                key,
+                completed,
+                partial,
+            } => self.stream_progress(key, completed, partial, now.instant),
             Input::RelayIcmp {
                 relay,
                 peer,
@@ -522,51 +546,6 @@ impl Server {
                 bytes: bytes.to_vec(),
             });
         }
-    }
-
-    /// When [`Server::handle_timeout`] should next run.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let alloc = self.timers.peek().map(|Reverse((t, _))| *t);
-        let bind = self
-            .tcp_connections
-            .values()
-            .filter_map(|c| match c.state {
-                TcpConnectionState::AwaitingBind { deadline } | TcpConnectionState::Connecting { deadline, .. } => {
-                    Some(deadline)
-                }
-                TcpConnectionState::Bound => None,
-            })
-            .min();
-        [
-            alloc,
-            bind,
-            self.ports[0].next_deadline(),
-            self.ports[1].next_deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
-    /// Expires allocations, port holds and RFC 6062 connections whose time
-    /// has come.
-    pub fn handle_timeout(&mut self, clock: Now) {
-        let now = clock.instant;
-        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
-            // Refreshes push new entries; act only when the allocation really expired.
-            if self.allocations.get(id).is_some_and(|a| a.expires <= now) {
-                self.stats.allocations_expired += 1;
-                self.remove_allocation(id, EndReason::Expired);
-            }
-        }
-        for p in &mut self.ports {
-            p.expire(now);
-        }
-        self.expire_tcp_connections(clock);
     }
 
     // ----- client side -------------------------------------------------

@@ -56,6 +56,7 @@ impl Server {
             self.outputs
                 .push_back(Output::PermissionInstalled { key, peer, expires });
         }
+        self.schedule_allocation(id, expires);
         let software = self.config.software.as_deref();
         Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
     }
@@ -108,6 +109,7 @@ impl Server {
                 expires: now + allocation::CHANNEL_LIFETIME,
             });
         }
+        self.schedule_allocation(id, now + allocation::PERMISSION_LIFETIME);
         let software = self.config.software.as_deref();
         Ok(write_or_drop(success_response(msg, signing, software, out, |_| Ok(()))))
     }

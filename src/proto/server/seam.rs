@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::DropReason;
 use super::allocation::{ClientKey, RelayId};
+use super::timers::CloseReason;
 
 /// Something that happened outside the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +23,19 @@ pub enum Input {
     TcpPeerAccepted { relay: RelayId, peer: SocketAddr },
     /// An RFC 6062 peer connection or its data connection closed.
     TcpConnectionClosed { connection: u32 },
+    /// A client's TCP or TLS connection is open (after PROXY header and TLS
+    /// handshake): from now on it must complete a message every
+    /// `idle_timeout` until it has an allocation.
+    StreamOpened { key: ClientKey },
+    /// What a read on a client connection did: whether it completed at
+    /// least one message (each handed to `handle_client_packet`), and
+    /// whether bytes of an unfinished one wait in the driver's buffer. The
+    /// core keeps the idle and slow-message deadlines from these.
+    StreamProgress {
+        key: ClientKey,
+        completed: bool,
+        partial: bool,
+    },
     /// A client's TCP or TLS connection closed: its allocation goes with it.
     ClientClosed { key: ClientKey },
     /// An ICMP error arrived on a relay socket, about `peer`.
@@ -118,10 +132,12 @@ pub enum Output {
     },
     /// Close an RFC 6062 peer connection (and its data connection).
     CloseConnection(u32),
-    /// The allocation of this TCP or TLS client ended without the client
-    /// asking (expiry, the operator): close its connection, which would
-    /// otherwise hold a descriptor and a connection slot with no deadline.
-    CloseClient(ClientKey),
+    /// Close this TCP or TLS client connection, then report
+    /// [`Input::ClientClosed`]: its allocation ended without the client
+    /// asking (expiry, the operator), which would otherwise leave it holding
+    /// a descriptor and a connection slot with no deadline, or it missed its
+    /// idle or slow-message deadline.
+    CloseClient { key: ClientKey, reason: CloseReason },
     /// An allocation exists, with these relays (index 0 IPv4, 1 IPv6).
     AllocationCreated {
         key: ClientKey,
@@ -138,6 +154,8 @@ pub enum Output {
         peer: IpAddr,
         expires: Instant,
     },
+    /// A permission ran out (a refreshed one is reported installed again).
+    PermissionExpired { key: ClientKey, peer: IpAddr },
     /// A channel was bound or refreshed.
     ChannelBound {
         key: ClientKey,
@@ -145,5 +163,13 @@ pub enum Output {
         channel: u16,
         peer: SocketAddr,
         expires: Instant,
+    },
+    /// A channel binding ran out. Its number and peer stay reserved for
+    /// the RFC's quarantine, but nothing is relayed on it.
+    ChannelExpired {
+        key: ClientKey,
+        relay: RelayId,
+        channel: u16,
+        peer: SocketAddr,
     },
 }

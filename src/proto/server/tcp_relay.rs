@@ -45,13 +45,15 @@ impl Server {
         if let Some(a) = self.allocations.get_mut(id) {
             a.connections += 1;
         }
+        let deadline = now + CONNECT_TIMEOUT;
         let state = TcpConnectionState::Connecting {
             tid: *msg.transaction_id(),
             fingerprint: msg.has_fingerprint(),
-            deadline: now + CONNECT_TIMEOUT,
+            deadline,
         };
         self.tcp_connections
             .insert(connection, TcpConnection { alloc: id, peer, state });
+        self.schedule_connection(connection, deadline);
         let peer = self.route(peer);
         self.outputs.push_back(Output::TcpConnect {
             relay,
@@ -74,33 +76,28 @@ impl Server {
         let TcpConnectionState::Connecting { tid, fingerprint, .. } = c.state else {
             return None;
         };
-        let a = self.allocations.get(c.alloc)?;
+        let alloc = c.alloc;
+        if connected {
+            let deadline = now.instant + CONNECTION_BIND_TIMEOUT;
+            c.state = TcpConnectionState::AwaitingBind { deadline };
+            self.schedule_connection(connection, deadline);
+        } else {
+            self.forget_connection(connection);
+            self.stats.count_error(447);
+        }
+        let a = self.allocations.get(alloc)?;
         let signing = Signing {
             key: &a.credential,
             suite: a.suite,
         };
         let software = self.config.software.as_deref();
         let written = if connected {
-            c.state = TcpConnectionState::AwaitingBind {
-                deadline: now.instant + CONNECTION_BIND_TIMEOUT,
-            };
             let mut w = MessageWriter::new(out, Class::Success, Method::CONNECT, tid).ok()?;
             w.connection_id(connection).ok()?;
             finish(w, Some(signing), fingerprint, software)?
         } else {
-            let key = a.key;
-            let credential = a.credential.clone();
-            let suite = a.suite;
-            self.forget_connection(connection);
-            self.stats.count_error(447);
-            let software = self.config.software.as_deref();
-            let signing = Signing {
-                key: &credential,
-                suite,
-            };
             let r = Refusal::ConnectFailed;
-            let n = error_for(tid, Method::CONNECT, r, Some(signing), fingerprint, software, out)?;
-            return Some((key, n));
+            error_for(tid, Method::CONNECT, r, Some(signing), fingerprint, software, out)?
         };
         Some((a.key, written))
     }
@@ -132,11 +129,11 @@ impl Server {
         a.connections += 1;
         let key = a.key;
         let connection = self.new_connection_id();
-        let state = TcpConnectionState::AwaitingBind {
-            deadline: now.instant + CONNECTION_BIND_TIMEOUT,
-        };
+        let deadline = now.instant + CONNECTION_BIND_TIMEOUT;
+        let state = TcpConnectionState::AwaitingBind { deadline };
         self.tcp_connections
             .insert(connection, TcpConnection { alloc, peer, state });
+        self.schedule_connection(connection, deadline);
         let tid = TransactionId(indication_tid(&mut self.stats));
         let written = (|| {
             let mut w = MessageWriter::new(out, Class::Indication, Method::CONNECTION_ATTEMPT, tid).ok()?;
@@ -195,33 +192,6 @@ impl Server {
             && let Some(a) = self.allocations.get_mut(c.alloc)
         {
             a.connections = a.connections.saturating_sub(1);
-        }
-    }
-
-    /// Peer connections past their deadline: a Connect still pending is
-    /// answered 447 and its connection dropped if it comes later; one never
-    /// bound by ConnectionBind is closed.
-    pub(super) fn expire_tcp_connections(&mut self, clock: Now) {
-        let now = clock.instant;
-        let expired: Vec<(u32, bool)> = self
-            .tcp_connections
-            .iter()
-            .filter_map(|(id, c)| match c.state {
-                TcpConnectionState::AwaitingBind { deadline } if deadline <= now => Some((*id, false)),
-                TcpConnectionState::Connecting { deadline, .. } if deadline <= now => Some((*id, true)),
-                _ => None,
-            })
-            .collect();
-        let mut out = [0u8; 512];
-        for (id, connecting) in expired {
-            if connecting {
-                if let Some((key, len)) = self.handle_tcp_connected(clock, id, false, &mut out) {
-                    self.transmit(key, out.get(..len).unwrap_or_default());
-                }
-            } else {
-                self.forget_connection(id);
-            }
-            self.outputs.push_back(Output::CloseConnection(id));
         }
     }
 }

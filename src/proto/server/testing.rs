@@ -35,6 +35,8 @@ pub fn is_event(output: &Output) -> bool {
             | Output::AllocationRefreshed { .. }
             | Output::AllocationEnded { .. }
             | Output::PermissionInstalled { .. }
+            | Output::PermissionExpired { .. }
             | Output::ChannelBound { .. }
+            | Output::ChannelExpired { .. }
     )
 }

@@ -1,0 +1,364 @@
+//! The one place the core's outputs are carried out, and the worker state
+//! every driver shares: the core, its listeners, relay sockets, peer
+//! connections and client connection queues.
+//!
+//! Drivers (`listen_udp`, `stream`, `peer_udp`, `peer_tcp`) depend on this
+//! module and not on each other: each feeds the core (`handle_client`,
+//! `feed`) and the outputs run here. Work that must wait (an RFC 6062
+//! connection to a peer, accepting on a TCP relay) goes to the `peer_tcp`
+//! driver as a [`TcpRelayTask`].
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+use rustc_hash::FxHashMap;
+
+use crate::io::relay::{self, PeerBatch};
+use crate::io::relay_poll::RelayPoll;
+use crate::io::send_queue::{Flushed, SendQueue, Source};
+use crate::io::stats_export::StatsExporter;
+use crate::io::stream_queue::StreamOut;
+use crate::io::udp::UdpListener;
+use crate::proto::server::{BindResult, ClientKey, ClientOutcome, DropReason, Input, Now, Output, RelayId, Server};
+
+/// The clocks as the core wants them.
+pub fn now() -> Now {
+    let unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Now {
+        instant: Instant::now(),
+        unix,
+    }
+}
+
+pub(crate) struct RelaySocket {
+    /// The UDP relay socket, served by the worker's relay poll; `None` for
+    /// an RFC 6062 TCP relay (a listener owned by its accept task).
+    pub(crate) udp: Option<Rc<std::net::UdpSocket>>,
+    /// Where the relay is bound (TCP connections to peers start from here).
+    pub(crate) bound: SocketAddr,
+    /// Stops the accept task of a TCP relay.
+    close: Option<Rc<tokio::sync::Notify>>,
+}
+
+/// An RFC 6062 peer connection: its stream until a data connection takes
+/// it, and a signal that closes the pair.
+pub(crate) struct TcpPeer {
+    pub(crate) stream: Option<tokio::net::TcpStream>,
+    pub(crate) close: Rc<tokio::sync::Notify>,
+}
+
+impl TcpPeer {
+    pub(crate) fn new(stream: tokio::net::TcpStream) -> TcpPeer {
+        TcpPeer {
+            stream: Some(stream),
+            close: Rc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
+/// Work for the `peer_tcp` driver (RFC 6062), which waits where the
+/// executor cannot.
+pub enum TcpRelayTask {
+    /// Accept peers on a bound TCP relay until `close` is notified.
+    Accept {
+        relay: RelayId,
+        listener: tokio::net::TcpListener,
+        close: Rc<tokio::sync::Notify>,
+    },
+    /// Connect from the relayed address to a peer (RFC 6062 Connect).
+    Connect {
+        connection: u32,
+        from: SocketAddr,
+        peer: SocketAddr,
+    },
+}
+
+/// What became of a client frame, for the stream driver.
+pub enum Handled {
+    Done,
+    /// ConnectionBind succeeded: the connection now pipes to this peer connection.
+    Bound(u32),
+}
+
+/// Where answers for a listener's clients go.
+pub(crate) enum Listener {
+    Udp(Rc<UdpListener>),
+    /// Per connection, in `Worker::streams`.
+    Stream,
+    /// Taken out by a configuration reload; its id is not reused.
+    Removed,
+}
+
+/// A worker's state, shared by its tasks (one thread: `Rc<RefCell<_>>`,
+/// never held across an await).
+pub struct Worker {
+    pub(crate) index: usize,
+    pub(crate) server: Server,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) tcp_peers: FxHashMap<u32, TcpPeer>,
+    /// A peer connection just accepted on a TCP relay, while the core
+    /// decides whether to keep it (`Input::TcpPeerAccepted`).
+    pub(crate) accepting: Option<tokio::net::TcpStream>,
+    pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
+    /// The task serving each listener, by listener id (to stop it on removal).
+    pub(crate) listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
+    pub(crate) relays: FxHashMap<RelayId, RelaySocket>,
+    /// Every UDP relay socket of this worker, in one epoll set.
+    pub(crate) relay_poll: RelayPoll,
+    /// Responses are written here.
+    out: Vec<u8>,
+    /// Peer datagrams are received here (recvmmsg), each after PEER_HEADROOM bytes.
+    pub(crate) peer_batch: PeerBatch,
+    /// What the core framed in `peer_batch` for UDP clients, sent per batch.
+    pub(crate) peer_queue: SendQueue,
+    /// Batched-send counters since the last export.
+    pub(crate) sent: Flushed,
+    pub(crate) exporter: StatsExporter,
+    tcp_relay: tokio::sync::mpsc::UnboundedSender<TcpRelayTask>,
+}
+
+pub type Shared = Rc<RefCell<Worker>>;
+
+impl Worker {
+    pub fn new(
+        index: usize,
+        server: Server,
+        relay_poll: RelayPoll,
+        peer_batch: PeerBatch,
+        tcp_relay: tokio::sync::mpsc::UnboundedSender<TcpRelayTask>,
+    ) -> Worker {
+        Worker {
+            index,
+            server,
+            listeners: Vec::new(),
+            tcp_peers: FxHashMap::default(),
+            accepting: None,
+            streams: FxHashMap::default(),
+            listener_tasks: Vec::new(),
+            relays: FxHashMap::default(),
+            relay_poll,
+            out: vec![0u8; 2048],
+            peer_batch,
+            peer_queue: SendQueue::new(true),
+            sent: Flushed::default(),
+            exporter: StatsExporter::new(index),
+            tcp_relay,
+        }
+    }
+
+    /// Sends bytes to a client on the listener (UDP) or connection (TCP/TLS)
+    /// of its 5-tuple. Never waits; false when the bytes were dropped.
+    pub(crate) fn deliver(&self, key: &ClientKey, bytes: &[u8]) -> bool {
+        match self.listeners.get(usize::from(key.listener.0)) {
+            Some(Listener::Udp(l)) => l.send(key.client, bytes),
+            Some(Listener::Stream) => self.streams.get(key).is_some_and(|o| o.push(bytes)),
+            Some(Listener::Removed) | None => false,
+        }
+    }
+}
+
+/// One datagram or stream frame from a client, through the core and out.
+/// With `batch` (the UDP listener's send queue and where `packet` lies in
+/// the buffer it flushes), relayed data is queued instead of sent.
+pub fn handle_client(
+    shared: &Shared,
+    now: Now,
+    key: ClientKey,
+    packet: &[u8],
+    mut batch: Option<(&mut SendQueue, usize)>,
+) -> Handled {
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    let handled = match w.server.handle_client_packet(now, key, packet, &mut w.out) {
+        ClientOutcome::Reply { len } => {
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+            Handled::Done
+        }
+        ClientOutcome::Forward {
+            relay,
+            peer,
+            start,
+            end,
+        } => {
+            if let Some(socket) = w.relays.get(&relay).and_then(|r| r.udp.as_ref()) {
+                match batch.as_mut() {
+                    Some((queue, at)) => queue.push(Source::Relay(socket.clone()), peer, *at + start, end - start),
+                    None => {
+                        let data = packet.get(start..end).unwrap_or_default();
+                        send_or_count(relay::send_to(socket, data, peer));
+                    }
+                }
+            }
+            Handled::Done
+        }
+        ClientOutcome::ConnectionBound { connection, len } => {
+            send_or_count(w.deliver(&key, w.out.get(..len).unwrap_or_default()));
+            Handled::Bound(connection)
+        }
+        ClientOutcome::Consumed => Handled::Done,
+        // Flood drops are counted by the core and exported once a second
+        // (turnstile_unauthenticated_responses_suppressed_total): no
+        // shared counter is touched per flood packet.
+        // So are bandwidth drops (turnstile_bandwidth_dropped_*_total): one
+        // metric each, never two.
+        ClientOutcome::Drop(DropReason::RateLimited | DropReason::BandwidthLimit) => Handled::Done,
+        ClientOutcome::Drop(reason) => {
+            count_drop(reason);
+            Handled::Done
+        }
+    };
+    run_outputs(w, now);
+    handled
+}
+
+/// Tells the core what happened and carries out what follows.
+pub fn feed(shared: &Shared, input: Input) {
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
+    let now = now();
+    w.server.handle(now, input);
+    run_outputs(w, now);
+}
+
+pub(crate) fn send_or_count(sent: bool) {
+    if !sent {
+        metrics::counter!("turnstile_send_dropped_total").increment(1);
+    }
+}
+
+pub(crate) fn count_drop(reason: DropReason) {
+    metrics::counter!("turnstile_dropped_packets_total", "reason" => reason.label()).increment(1);
+}
+
+/// Carries out everything the core asked for since the last call. Binding
+/// a relay socket answers the core at once, which may ask for more
+/// (another port); state-change events are for drivers that mirror the
+/// core and are not needed here.
+pub fn run_outputs(w: &mut Worker, now: Now) {
+    while let Some(output) = w.server.poll_output() {
+        match output {
+            Output::Transmit { key, bytes } => send_or_count(w.deliver(&key, &bytes)),
+            Output::BindRelay {
+                relay,
+                addr,
+                dont_fragment,
+                tcp,
+            } => {
+                let started = Instant::now();
+                let result = if tcp {
+                    open_tcp_relay(w, relay, addr)
+                } else {
+                    open_relay(w, relay, addr, dont_fragment)
+                };
+                w.server.handle(now, Input::RelayBound { relay, result });
+                metrics::histogram!("turnstile_allocation_setup_seconds").record(started.elapsed().as_secs_f64());
+            }
+            Output::CloseRelay(id) => {
+                if let Some(r) = w.relays.remove(&id) {
+                    if let Some(socket) = &r.udp {
+                        w.relay_poll.remove(socket.as_raw_fd());
+                    }
+                    if let Some(close) = r.close {
+                        close.notify_one();
+                    }
+                }
+            }
+            Output::TcpConnect {
+                relay,
+                peer,
+                connection,
+            } => {
+                if let Some(from) = w.relays.get(&relay).map(|r| r.bound) {
+                    let _ = w.tcp_relay.send(TcpRelayTask::Connect { connection, from, peer });
+                }
+            }
+            Output::PeerConnectionAccepted { connection, .. } => {
+                if let Some(stream) = w.accepting.take() {
+                    let _ = stream.set_nodelay(true);
+                    w.tcp_peers.insert(connection, TcpPeer::new(stream));
+                }
+            }
+            Output::PeerConnectionRefused { reason, .. } => {
+                w.accepting = None;
+                let reason = match reason {
+                    DropReason::NoPermission => "tcp_peer_no_permission",
+                    other => other.label(),
+                };
+                metrics::counter!("turnstile_dropped_packets_total", "reason" => reason).increment(1);
+            }
+            Output::CloseConnection(id) => {
+                if let Some(p) = w.tcp_peers.remove(&id) {
+                    p.close.notify_one();
+                }
+            }
+            Output::CloseClient { key, reason } => {
+                if let Some(out) = w.streams.get(&key) {
+                    metrics::counter!("turnstile_connections_closed_total", "reason" => reason.label()).increment(1);
+                    out.end(reason);
+                }
+            }
+            Output::AllocationCreated { .. }
+            | Output::AllocationRefreshed { .. }
+            | Output::AllocationEnded { .. }
+            | Output::PermissionInstalled { .. }
+            | Output::PermissionExpired { .. }
+            | Output::ChannelBound { .. }
+            | Output::ChannelExpired { .. } => {}
+        }
+    }
+}
+
+/// Binds a relay socket and adds it to the worker's relay poll.
+fn open_relay(w: &mut Worker, id: RelayId, addr: SocketAddr, dont_fragment: bool) -> BindResult {
+    let socket = match relay::bind(addr, dont_fragment) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if w.relay_poll.add(socket.as_raw_fd(), id).is_err() {
+        return BindResult::Failed;
+    }
+    w.relays.insert(
+        id,
+        RelaySocket {
+            udp: Some(Rc::new(socket)),
+            bound: addr,
+            close: None,
+        },
+    );
+    BindResult::Bound
+}
+
+/// Binds an RFC 6062 TCP relay: a listener for peers, on a port that the
+/// allocation's outgoing connections share; the `peer_tcp` driver accepts on it.
+fn open_tcp_relay(w: &mut Worker, id: RelayId, addr: SocketAddr) -> BindResult {
+    let listener = relay::tcp_socket(addr).and_then(|s| s.listen(64));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return BindResult::InUse,
+        Err(_) => return BindResult::Failed,
+    };
+    let close = Rc::new(tokio::sync::Notify::new());
+    let task = TcpRelayTask::Accept {
+        relay: id,
+        listener,
+        close: close.clone(),
+    };
+    if w.tcp_relay.send(task).is_err() {
+        return BindResult::Failed;
+    }
+    w.relays.insert(
+        id,
+        RelaySocket {
+            udp: None,
+            bound: addr,
+            close: Some(close),
+        },
+    );
+    BindResult::Bound
+}
