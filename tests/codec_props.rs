@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 
 use proptest::prelude::*;
-use std::sync::Arc;
 use turnstile::proto::auth::{NonceBinding, NonceKey, NonceScope, RestUsername};
 use turnstile::proto::channel_data::ChannelData;
 use turnstile::proto::framer::StreamFramer;
 
-use turnstile::proto::server::{Credentials, Now, PeerPolicy, Quotas, Server, ServerConfig};
+use turnstile::proto::server::testing::Harness;
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, ParseError, TransactionId, integrity, kind};
 
 /// Exercises every reader on `bytes`; the test passes if nothing panics.
@@ -40,8 +39,7 @@ fn read_everything(bytes: &[u8]) {
     let scope = NonceScope { client, listener: 0 };
     let _ = NonceKey::new(&[0; 32]).validate(&text, 1000, &scope, NonceBinding::FiveTuple, 600);
     let _ = RestUsername::parse(&text);
-    let mut out = [0u8; 1500];
-    let _ = test_server().handle_client_packet(now(), key(client), bytes, &mut out);
+    let _ = Harness::new().send(bytes);
 }
 
 fn valid_message() -> Vec<u8> {
@@ -170,28 +168,4 @@ fn unknown_comprehension_required_is_reported_optional_is_not() {
     let n = w.finish();
     let m = Message::parse(&buf[..n]).unwrap();
     assert_eq!(m.unknown_comprehension_required(), &[0x7ff0, 0x0002]);
-}
-
-fn test_server() -> Server {
-    let creds = Credentials::new("realm", [("user", "pass")], &["secret".to_owned()], &[1; 32], 600).unwrap();
-    Server::new(
-        ServerConfig::default(),
-        Arc::new(creds),
-        PeerPolicy::default(),
-        Arc::new(Quotas::new(10, 0)),
-    )
-}
-
-fn key(client: std::net::SocketAddr) -> turnstile::proto::server::ClientKey {
-    turnstile::proto::server::ClientKey {
-        listener: turnstile::proto::server::ListenerId(0),
-        client,
-    }
-}
-
-fn now() -> Now {
-    Now {
-        instant: std::time::Instant::now(),
-        unix: 1_700_000_000,
-    }
 }

@@ -2,9 +2,7 @@
 //! mirrors) and the deadlines it keeps for client connections, in virtual
 //! time.
 
-mod core_support;
-
-use core_support::*;
+use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{CloseReason, Input, ListenerId, Output};
 use turnstile::proto::stun::Method;
 

@@ -1,14 +1,12 @@
 //! Rate limits in the server core, in virtual time: the per-source budget
 //! for unauthenticated answers (amplification) and the bandwidth limits.
 
-mod core_support;
-
-use core_support::*;
 use std::net::IpAddr;
 use std::time::Duration;
 use std::time::Instant;
 use turnstile::proto::channel_data;
 use turnstile::proto::server::rate::SOURCE_SLOTS;
+use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{
     ClientKey, ClientOutcome, DropReason, ListenerId, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, Quotas, Rate, RelayId,
     ServerConfig, SourceBudgets, TokenBucket,

@@ -1,57 +1,15 @@
 //! The relay hot path allocates nothing: ChannelData and Send from clients,
 //! ChannelData and Data indications to clients, counted with a global
-//! allocator that tallies allocations made on the test's own thread.
+//! allocator that tallies allocations made on the test's own thread
+//! (`counting_alloc::counted`).
 
-mod core_support;
+mod counting_alloc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
-use core_support::*;
+use counting_alloc::counted;
 use turnstile::proto::channel_data;
+use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{ClientOutcome, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, RelayId};
 use turnstile::proto::stun::{Class, Method};
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static COUNT: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            COUNT.with(|c| c.set(c.get() + 1));
-        }
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            COUNT.with(|c| c.set(c.get() + 1));
-        }
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn counted<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    COUNT.with(|c| c.set(0));
-    COUNTING.with(|c| c.set(true));
-    let r = f();
-    COUNTING.with(|c| c.set(false));
-    (r, COUNT.with(Cell::get))
-}
 
 #[test]
 fn relaying_allocates_nothing() {
@@ -101,4 +59,10 @@ fn relaying_allocates_nothing() {
     let req = h.signed(Method::REFRESH, &c, |_| {});
     let (_, control) = counted(|| h.exchange(&req));
     assert!(control > 0);
+}
+
+#[test]
+fn the_counter_sees_an_allocation() {
+    let (v, n) = counted(|| std::hint::black_box(vec![1u8; 16]));
+    assert_eq!((v.len(), n), (16, 1));
 }

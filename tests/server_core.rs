@@ -2,12 +2,10 @@
 //! RFC 8656 over UDP, authentication, quotas and the peer policy. Lifetimes
 //! of minutes pass in microseconds.
 
-mod core_support;
-
-use core_support::*;
 use turnstile::proto::auth::rest;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
+use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{
     BindResult, ClientKey, ClientOutcome, CloseReason, DropReason, Input, ListenerId, Output, PEER_HEADROOM,
     PeerOutcome, QuotaLimits, Quotas, RelayAddress, RelayId, ServerConfig,
@@ -293,7 +291,7 @@ fn dual_allocation_with_and_without_ipv6() {
     // A v6-only allocation, and 443 for a v4 peer on it.
     let mut h2 = Harness::with(
         {
-            let mut c = core_support::config();
+            let mut c = turnstile::proto::server::testing::config();
             c.relay_v6 = Some(RelayAddress {
                 bind: ip("::1"),
                 external: None,

@@ -8,16 +8,13 @@
 //! the driver bound closed again.
 #![no_main]
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm};
+use turnstile::proto::server::testing::{Creds, Harness, REALM};
 use turnstile::proto::server::{
-    BindResult, ClientKey, ClientOutcome, Credentials, Input, Output, ListenerId, Now, OwnRelays, PEER_HEADROOM,
-    PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, Server, ServerConfig, ListenerKind,
+    BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, Output, OwnRelays, PEER_HEADROOM,
+    PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::{AddressFamily, Class, Message, MessageWriter, Method, TransactionId};
 
@@ -40,101 +37,81 @@ impl Bytes<'_> {
 const PEERS: [&str; 4] = ["198.51.100.1:5000", "198.51.100.2:6000", "[2001:db8::1]:7000", "127.0.0.1:9"];
 
 struct World {
-    server: Server,
-    now: Now,
-    out: Vec<u8>,
+    /// The core's test harness: the driver, in virtual time.
+    h: Harness,
     keys: [ClientKey; 4],
-    nonce: String,
-    key: LongTermKey,
-    tid: u64,
-    /// Relay sockets the driver has bound and not yet been told to close.
-    open_relays: HashSet<u32>,
-    connections: HashSet<u32>,
+    creds: Creds,
 }
 
 impl World {
-    /// Carries out the server's outputs as a driver would; relay binds
-    /// succeed, meet EADDRINUSE or fail as the input's bytes say.
-    fn drain(&mut self, bind: &mut Bytes<'_>) {
-        let mut binds = 0;
-        while let Some(o) = self.server.poll_output() {
-            match o {
-                Output::BindRelay { relay, .. } => {
-                    binds += 1;
-                    assert!(binds < 64, "bind retries never end");
-                    let result = match bind.byte().unwrap_or(2) % 8 {
-                        0 => BindResult::InUse,
-                        1 => BindResult::Failed,
-                        _ => BindResult::Bound,
-                    };
-                    if result == BindResult::Bound {
-                        assert!(self.open_relays.insert(relay.0), "relay {relay:?} bound twice");
-                    }
-                    self.server.handle(self.now, Input::RelayBound { relay, result });
+    /// What the core sent since the last look: every message is well-formed
+    /// STUN, and a fresh nonce is kept for the signed requests.
+    fn look(&mut self) {
+        for (_, bytes) in self.h.sent.drain(..) {
+            let m = Message::parse(&bytes).expect("the server's message parses");
+            if let Some(n) = m.nonce().ok().flatten() {
+                if n.starts_with("obMatJos2") {
+                    self.creds.nonce = n.to_owned();
                 }
-                Output::CloseRelay(id) => {
-                    assert!(self.open_relays.remove(&id.0), "closing relay {id:?} that is not open");
-                }
-                Output::TcpConnect { connection, .. } | Output::PeerConnectionAccepted { connection, .. } => {
-                    self.connections.insert(connection);
-                }
-                Output::CloseConnection(id) => {
-                    self.connections.remove(&id);
-                }
-                Output::Transmit { bytes, .. } => {
-                    // Every message the server sends is well-formed STUN.
-                    let m = Message::parse(&bytes).expect("the server's message parses");
-                    if let Some(n) = m.nonce().ok().flatten() {
-                        if n.starts_with("obMatJos2") {
-                            self.nonce = n.to_owned();
-                        }
-                    }
-                }
-                _ => {}
             }
+        }
+        self.h.events.clear();
+        // A driver closes what the core closes, and says so.
+        let closing: Vec<ClientKey> = self
+            .h
+            .commands
+            .drain(..)
+            .filter_map(|c| match c {
+                Output::CloseClient { key, .. } => Some(key),
+                _ => None,
+            })
+            .collect();
+        for key in closing {
+            self.h.input(Input::ClientClosed { key });
+            self.look();
         }
     }
 
+    /// A datagram or frame from client `who`; relay binds succeed, meet
+    /// EADDRINUSE or fail as the input's bytes say.
     fn client_packet(&mut self, who: usize, packet: &[u8], bind: &mut Bytes<'_>) {
-        let key = self.keys[who % 4];
-        let outcome = self.server.handle_client_packet(self.now, key, packet, &mut self.out);
+        self.h.key = self.keys[who % 4];
+        let outcome = self.h.send_with(packet, |_, _, _| match bind.byte().unwrap_or(2) % 8 {
+            0 => BindResult::InUse,
+            1 => BindResult::Failed,
+            _ => BindResult::Bound,
+        });
         match outcome {
             ClientOutcome::Reply { len } | ClientOutcome::ConnectionBound { len, .. } => {
-                assert!(len <= self.out.len());
+                assert!(len <= self.h.out.len());
                 // Every answer the server writes is well-formed STUN.
-                let m = Message::parse(&self.out[..len]).expect("the server's answer parses");
+                let m = Message::parse(&self.h.out[..len]).expect("the server's answer parses");
                 if let Some(n) = m.nonce().ok().flatten() {
                     if n.starts_with("obMatJos2") {
-                        self.nonce = n.to_owned();
+                        self.creds.nonce = n.to_owned();
                     }
                 }
             }
             ClientOutcome::Forward { start, end, .. } => assert!(start <= end && end <= packet.len()),
             _ => {}
         }
-        self.drain(bind);
+        self.look();
+    }
+
+    fn input(&mut self, input: Input) {
+        self.h.input(input);
+        self.look();
     }
 
     fn signed(&mut self, method: Method, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
-        self.tid += 1;
-        let mut t = [0u8; 12];
-        t[..8].copy_from_slice(&self.tid.to_be_bytes());
-        let mut buf = vec![0u8; 1500];
-        let mut w = MessageWriter::new(&mut buf, Class::Request, method, TransactionId(t)).unwrap();
-        f(&mut w);
-        w.username("user").unwrap();
-        w.realm("realm").unwrap();
-        w.nonce(&self.nonce).unwrap();
-        w.message_integrity(self.key.hmac_sha1()).unwrap();
-        let n = w.finish();
-        buf.truncate(n);
-        buf
+        let c = self.creds.clone();
+        self.h.signed(method, &c, f)
     }
 
     fn check(&self) {
-        let g = self.server.gauges(self.now.instant);
+        let g = self.h.server.gauges(self.h.now.instant);
         let total: u64 = g.allocations.iter().flatten().sum();
-        let info = self.server.allocations_info(self.now.instant);
+        let info = self.h.server.allocations_info(self.h.now.instant);
         // The gauge counts relays (a dual-stack allocation has two).
         let relays: usize = info.iter().map(|a| a.relays.len()).sum();
         assert_eq!(total as usize, relays, "gauges agree with the allocations listed");
@@ -147,7 +124,7 @@ impl World {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(creds) = Credentials::new("realm", [("user", "pass")], &["secret".to_owned()], &[1; 32], 600) else {
+    let Ok(creds) = Credentials::new(REALM, [("user", "pass")], &["secret".to_owned()], &[1; 32], 600) else {
         return;
     };
     let config = ServerConfig {
@@ -171,44 +148,23 @@ fuzz_target!(|data: &[u8]| {
         vec![],
         OwnRelays::default(),
     );
-    let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(Quotas::new(6, 10)));
-    let udp = server.add_listener(ListenerKind::Udp);
-    let stream = server.add_listener(ListenerKind::Stream);
-    let base = Instant::now();
+    let mut h = Harness::with_credentials(config, creds, policy, Quotas::new(6, 10));
+    let (udp, stream) = (ListenerId(0), ListenerId(1));
     let key = |l: ListenerId, a: &str| ClientKey {
         listener: l,
         client: a.parse().unwrap(),
     };
-    let mut w = World {
-        server,
-        now: Now {
-            instant: base,
-            unix: 1_700_000_000,
-        },
-        out: vec![0u8; 1500],
-        keys: [
-            key(udp, "192.0.2.1:4000"),
-            key(udp, "192.0.2.1:4001"),
-            key(stream, "192.0.2.2:5000"),
-            key(udp, "[2001:db8:1::1]:6000"),
-        ],
-        nonce: String::new(),
-        key: LongTermKey::derive(PasswordAlgorithm::Md5, "user", "realm", "pass"),
-        tid: 0,
-        open_relays: HashSet::new(),
-        connections: HashSet::new(),
-    };
+    let keys = [
+        key(udp, "192.0.2.1:4000"),
+        key(udp, "192.0.2.1:4001"),
+        key(stream, "192.0.2.2:5000"),
+        key(udp, "[2001:db8:1::1]:6000"),
+    ];
+    h.key = keys[0];
+    h.input(Input::StreamOpened { key: keys[2] });
     // A first challenge, for the nonce the signed requests use.
-    let challenge = {
-        let mut buf = vec![0u8; 64];
-        let mut m = MessageWriter::new(&mut buf, Class::Request, Method::ALLOCATE, TransactionId([9; 12])).unwrap();
-        m.requested_transport(17).unwrap();
-        let n = m.finish();
-        buf.truncate(n);
-        buf
-    };
-    let mut none = Bytes(&[]);
-    w.client_packet(0, &challenge, &mut none);
+    let creds = h.creds("user", "pass");
+    let mut w = World { h, keys, creds };
 
     let mut input = Bytes(data);
     let mut peer_buf = vec![0u8; PEER_HEADROOM + 1500 + PEER_TAILROOM];
@@ -287,73 +243,70 @@ fuzz_target!(|data: &[u8]| {
                 let relay = RelayId(u32::from(input.byte().unwrap_or(0) % 16));
                 let len = usize::from(input.byte().unwrap_or(0)).min(1500);
                 let out = w
+                    .h
                     .server
-                    .handle_peer_packet(w.now.instant, relay, peer, &mut peer_buf, PEER_HEADROOM, len);
+                    .handle_peer_packet(w.h.now.instant, relay, peer, &mut peer_buf, PEER_HEADROOM, len);
                 if let turnstile::proto::server::PeerOutcome::ToClient { start, end, .. } = out {
                     assert!(start <= end && end <= peer_buf.len());
                 }
             }
             8 => {
                 let relay = RelayId(u32::from(input.byte().unwrap_or(0) % 16));
-                w.server.handle(
-                    w.now,
-                    Input::RelayIcmp {
-                        relay,
-                        peer,
-                        icmp_type: 3,
-                        icmp_code: arg,
-                        info: u32::from(arg),
-                    },
-                );
-                w.drain(&mut Bytes(&[]));
+                w.input(Input::RelayIcmp {
+                    relay,
+                    peer,
+                    icmp_type: 3,
+                    icmp_code: arg,
+                    info: u32::from(arg),
+                });
             }
             9 => {
                 let key = w.keys[who];
-                w.server.handle(w.now, Input::ClientClosed { key });
-                w.drain(&mut Bytes(&[]));
+                w.input(Input::ClientClosed { key });
             }
             10 => {
                 // TCP relay events: a connection attempt completes, a peer connects, one closes.
-                let connection = w.connections.iter().next().copied();
+                let connection = w.h.tcp_connections.iter().next().copied();
                 match (arg & 3, connection) {
-                    (0, Some(c)) => w.server.handle(
-                        w.now,
-                        Input::TcpConnected {
-                            connection: c,
-                            connected: arg & 4 != 0,
-                        },
-                    ),
+                    (0, Some(c)) => w.input(Input::TcpConnected {
+                        connection: c,
+                        connected: arg & 4 != 0,
+                    }),
                     (1, _) => {
                         let relay = RelayId(u32::from(arg >> 2) % 16);
-                        w.server.handle(w.now, Input::TcpPeerAccepted { relay, peer });
+                        w.input(Input::TcpPeerAccepted { relay, peer });
                     }
-                    (2, Some(c)) => w.server.handle(w.now, Input::TcpConnectionClosed { connection: c }),
+                    (2, Some(c)) => w.input(Input::TcpConnectionClosed { connection: c }),
+                    (3, _) => {
+                        // What the stream driver reports about a read.
+                        let key = w.keys[who];
+                        w.input(Input::StreamProgress {
+                            key,
+                            completed: arg & 4 != 0,
+                            partial: arg & 8 != 0,
+                        });
+                    }
                     _ => {}
                 }
-                w.drain(&mut Bytes(&[]));
             }
             _ => {
                 // Time passes: up to ~4 minutes, or a nonce lifetime.
                 let secs = u64::from(input.byte().unwrap_or(0));
                 let secs = if arg & 1 == 0 { secs } else { secs * 4 };
-                w.now.instant += Duration::from_secs(secs);
-                w.now.unix += secs;
-                if w.server.poll_timeout().is_some_and(|t| t <= w.now.instant) {
-                    w.server.handle_timeout(w.now);
-                }
-                w.drain(&mut Bytes(&[]));
+                w.h.advance(secs);
+                w.look();
             }
         }
         w.check();
     }
     // Once every lifetime has passed, nothing is left.
-    w.now.instant += Duration::from_secs(7200);
-    w.now.unix += 7200;
-    w.server.handle_timeout(w.now);
-    w.drain(&mut Bytes(&[]));
-    let g = w.server.gauges(w.now.instant);
+    w.h.advance(7200);
+    w.look();
+    let g = w.h.server.gauges(w.h.now.instant);
     let total: u64 = g.allocations.iter().flatten().sum();
     assert_eq!(total, 0, "allocations outlived their lifetime");
     assert_eq!((g.permissions, g.channels), (0, 0));
-    assert!(w.open_relays.is_empty(), "relays never closed: {:?}", w.open_relays);
+    assert!(w.h.open_relays.is_empty(), "relays never closed: {:?}", w.h.open_relays);
+    // Every deadline was acted on (the stream client was closed as idle).
+    assert_eq!(w.h.server.pending_timers(), 0, "deadlines left after everything ended");
 });
