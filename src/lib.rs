@@ -3,7 +3,8 @@
 //! [`proto`] is the sans-IO protocol core (codec, credentials, server state
 //! machines); [`io`] holds the thin drivers that move bytes between sockets
 //! and the core; [`ops`] the operator's endpoints (metrics, admin API);
-//! [`config`] reads the operator's TOML.
+//! [`config`] reads the operator's TOML; [`testing`] drives the core in
+//! virtual time for tests, fuzz targets and benches.
 
 pub mod config;
 pub mod coturn_import;
@@ -11,3 +12,4 @@ pub mod io;
 pub mod logging;
 pub mod ops;
 pub mod proto;
+pub mod testing;

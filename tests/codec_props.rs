@@ -8,8 +8,8 @@ use turnstile::proto::auth::{NonceBinding, NonceKey, NonceScope, RestUsername};
 use turnstile::proto::channel_data::ChannelData;
 use turnstile::proto::framer::StreamFramer;
 
-use turnstile::proto::server::testing::Harness;
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, ParseError, TransactionId, integrity, kind};
+use turnstile::testing::Harness;
 
 /// Exercises every reader on `bytes`; the test passes if nothing panics.
 fn read_everything(bytes: &[u8]) {

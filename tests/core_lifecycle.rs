@@ -2,9 +2,9 @@
 //! mirrors) and the deadlines it keeps for client connections, in virtual
 //! time.
 
-use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{CloseReason, Input, ListenerId, Output};
 use turnstile::proto::stun::Method;
+use turnstile::testing::*;
 
 fn events_of(h: &mut Harness) -> Vec<Output> {
     std::mem::take(&mut h.events)

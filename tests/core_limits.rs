@@ -6,12 +6,12 @@ use std::time::Duration;
 use std::time::Instant;
 use turnstile::proto::channel_data;
 use turnstile::proto::server::rate::SOURCE_SLOTS;
-use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{
     ClientKey, ClientOutcome, DropReason, ListenerId, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, Quotas, Rate, RelayId,
     ServerConfig, SourceBudgets, TokenBucket,
 };
 use turnstile::proto::stun::{Class, Method};
+use turnstile::testing::*;
 
 fn binding(h: &mut Harness) -> Vec<u8> {
     let tid = h.tid();

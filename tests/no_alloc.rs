@@ -7,9 +7,9 @@ mod counting_alloc;
 
 use counting_alloc::counted;
 use turnstile::proto::channel_data;
-use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{ClientOutcome, PEER_HEADROOM, PEER_TAILROOM, PeerOutcome, RelayId};
 use turnstile::proto::stun::{Class, Method};
+use turnstile::testing::*;
 
 #[test]
 fn relaying_allocates_nothing() {

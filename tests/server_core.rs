@@ -5,13 +5,13 @@
 use turnstile::proto::auth::rest;
 use turnstile::proto::auth::{LongTermKey, PasswordAlgorithm, userhash};
 use turnstile::proto::channel_data;
-use turnstile::proto::server::testing::*;
 use turnstile::proto::server::{
     BindResult, ClientKey, ClientOutcome, CloseReason, DropReason, Input, ListenerId, Output, PEER_HEADROOM,
     PeerOutcome, QuotaLimits, Quotas, RelayAddress, RelayId, ServerConfig,
 };
 use turnstile::proto::stun::attr::password_algorithm;
 use turnstile::proto::stun::{AddressFamily, Attribute, Class, Message, Method, kind};
+use turnstile::testing::*;
 
 #[test]
 fn allocate_challenges_then_succeeds_with_signed_response() {
@@ -291,7 +291,7 @@ fn dual_allocation_with_and_without_ipv6() {
     // A v6-only allocation, and 443 for a v4 peer on it.
     let mut h2 = Harness::with(
         {
-            let mut c = turnstile::proto::server::testing::config();
+            let mut c = turnstile::testing::config();
             c.relay_v6 = Some(RelayAddress {
                 bind: ip("::1"),
                 external: None,

@@ -1,14 +1,14 @@
 //! Shared by the benches: a server core with one allocation, a channel and
 //! a permission, set up through real authenticated requests by the core's
-//! test harness (`turnstile::proto::server::testing`).
+//! test harness (`turnstile::testing`).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 
 use turnstile::proto::auth::LongTermKey;
-use turnstile::proto::server::testing::{Harness, code};
 use turnstile::proto::server::{ClientKey, Now, OwnRelays, PeerPolicy, Quotas, Server, ServerConfig};
 use turnstile::proto::stun::{Class, MessageWriter, Method, TransactionId};
+use turnstile::testing::{Harness, code};
 
 pub struct Setup {
     pub server: Server,

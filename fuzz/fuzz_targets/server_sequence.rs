@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use turnstile::proto::server::testing::{Creds, Harness, REALM};
+use turnstile::testing::{Creds, Harness, REALM};
 use turnstile::proto::server::{
     BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, Output, OwnRelays, PEER_HEADROOM,
     PEER_TAILROOM, PeerPolicy, Quotas, Rate, RelayId, ServerConfig,

@@ -34,7 +34,6 @@ mod responses;
 mod seam;
 mod stats;
 mod tcp_relay;
-pub mod testing;
 mod timers;
 
 use std::cmp::Reverse;

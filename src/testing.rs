@@ -6,19 +6,20 @@
 //! binds from a script or a closure) and keeps what came out, sorted into
 //! work, state changes and messages sent.
 //!
-//! Test code: it panics on what a test should not meet. Nothing in the
-//! server uses it.
+//! It is a driver (it owns the virtual clock), so it lives outside the
+//! sans-IO `proto`. Test code: it panics on what a test should not meet.
+//! Nothing in the server uses it.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
-    BindResult, ClientKey, ClientOutcome, Credentials, Input, ListenerId, ListenerKind, Now, Output, OwnRelays,
-    PeerPolicy, Quotas, RelayAddress, RelayId, Server, ServerConfig,
-};
 use crate::proto::auth::{LongTermKey, PasswordAlgorithm};
+use crate::proto::server::{
+    BindResult, ClientKey, ClientOutcome, Credentials, DropReason, Input, ListenerId, ListenerKind, Now, Output,
+    OwnRelays, PeerPolicy, Quotas, RelayAddress, RelayId, Server, ServerConfig,
+};
 use crate::proto::stun::{Class, Message, MessageWriter, Method, TransactionId, integrity};
 
 pub const REALM: &str = "example.org";
@@ -75,6 +76,12 @@ pub struct Harness {
     /// RFC 6062 peer connections asked for or accepted and not yet closed.
     pub tcp_connections: BTreeSet<u32>,
     next_tid: u64,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Harness::new()
+    }
 }
 
 impl Harness {
@@ -391,11 +398,7 @@ impl Harness {
 
     /// A peer connects to a TCP relay: the connection id and the
     /// ConnectionAttempt sent, or why the core refused it.
-    pub fn peer_accepted(
-        &mut self,
-        relay: RelayId,
-        peer: SocketAddr,
-    ) -> Result<(ClientKey, u32, Vec<u8>), super::DropReason> {
+    pub fn peer_accepted(&mut self, relay: RelayId, peer: SocketAddr) -> Result<(ClientKey, u32, Vec<u8>), DropReason> {
         let (before_sent, before) = (self.sent.len(), self.commands.len());
         self.input(Input::TcpPeerAccepted { relay, peer });
         let decision = self.commands[before..]
