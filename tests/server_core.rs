@@ -1133,3 +1133,52 @@ fn a_connect_that_takes_too_long_is_447_at_the_cores_deadline() {
         h.commands
     );
 }
+
+/// SOFTWARE goes on every success response and on no error response, be
+/// it written at once, after relay binds, or after an RFC 6062 Connect.
+#[test]
+fn software_is_on_successes_and_never_on_errors() {
+    let software = |resp: &[u8]| Message::parse(resp).unwrap().software().unwrap().is_some();
+    let mut h = Harness::new();
+    let binding = build(Class::Request, Method::BINDING, h.tid(), |_| {});
+    assert!(software(&h.exchange(&binding)), "Binding success");
+    let c = h.creds("alice", "secret");
+    let challenge = build(Class::Request, Method::ALLOCATE, h.tid(), |w| {
+        w.requested_transport(17).unwrap()
+    });
+    assert!(!software(&h.exchange(&challenge)), "401");
+
+    // 508 once the driver cannot bind a relay socket.
+    h.bind_script = vec![BindResult::Failed];
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(17).unwrap());
+    let failed = h.exchange(&req);
+    assert_eq!((code(&failed), software(&failed)), (508, false));
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(17).unwrap());
+    let granted = h.exchange(&req);
+    assert_eq!((code(&granted), software(&granted)), (0, true));
+    let forbidden = h.permit(&c, sa("10.0.0.1:1"));
+    assert_eq!((code(&forbidden), software(&forbidden)), (403, false));
+
+    // RFC 6062: the Connect answers come later.
+    h.key = ClientKey {
+        listener: ListenerId(1),
+        client: sa("192.0.2.10:41000"),
+    };
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(code(&h.exchange(&req)), 0);
+    let (_, _, ok) = h.connect(&c, sa("8.8.8.8:443"));
+    let (_, answer) = h.tcp_connected(ok, true).unwrap();
+    assert_eq!((code(&answer), software(&answer)), (0, true));
+    let (_, _, refused) = h.connect(&c, sa("1.1.1.1:443"));
+    let (_, answer) = h.tcp_connected(refused, false).unwrap();
+    assert_eq!((code(&answer), software(&answer)), (447, false));
+
+    // Draining with an alternate server: 300.
+    h.server.set_draining(Some(sa("198.51.100.9:3478")));
+    h.key.client.set_port(41001);
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    let moved = h.exchange(&req);
+    assert_eq!((code(&moved), software(&moved)), (300, false));
+}

@@ -73,13 +73,12 @@ impl Server {
                         key: &authed.key,
                         suite: authed.suite,
                     };
-                    let software = self.config.software.as_deref();
                     let written = (|| {
                         let mut w =
                             MessageWriter::new(out, Class::Error, Method::ALLOCATE, *msg.transaction_id()).ok()?;
                         w.error_code(300, "Try Alternate").ok()?;
                         w.alternate_server(&server).ok()?;
-                        finish(w, Some(signing), msg.has_fingerprint(), software)
+                        finish_error(w, Some(signing), msg.has_fingerprint())
                     })();
                     Ok(write_or_drop(written))
                 }
@@ -322,15 +321,7 @@ impl Server {
             self.abandon(&p.sockets, &p.username, p.key.client.ip());
             let r = Refusal::NoRelayPort;
             self.stats.count_refusal(r.code(), r.label());
-            return error_for(
-                p.tid,
-                Method::ALLOCATE,
-                r,
-                Some(signing),
-                p.fingerprint,
-                self.config.software.as_deref(),
-                out,
-            );
+            return error_for(p.tid, Method::ALLOCATE, r, Some(signing), p.fingerprint, out);
         }
         if retry.iter().any(Option::is_some) {
             p.attempts += 1;
@@ -426,7 +417,7 @@ impl Server {
         let a = self.allocations.get(id)?;
         let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, p.tid).ok()?;
         write_allocate_body(&mut w, a, p.lifetime, family_error).ok()?;
-        finish(w, Some(signing), p.fingerprint, software)
+        finish_success(w, Some(signing), p.fingerprint, software)
     }
 
     /// The success response of an existing allocation (for a retransmitted Allocate).
@@ -442,7 +433,7 @@ impl Server {
         let remaining = a.expires.saturating_duration_since(now.instant).as_secs() as u32;
         let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, *msg.transaction_id()).ok()?;
         write_allocate_body(&mut w, a, remaining, None).ok()?;
-        finish(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
+        finish_success(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
     }
 
     pub(super) fn remove_allocation(&mut self, id: usize, why: EndReason) {

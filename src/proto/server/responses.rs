@@ -119,9 +119,11 @@ pub(super) fn write_or_drop(written: Option<usize>) -> ClientOutcome {
     }
 }
 
-/// SOFTWARE, MESSAGE-INTEGRITY(-SHA256) when signing, FINGERPRINT when the
-/// request had one; returns the length.
-pub(super) fn finish(
+/// Ends a success response: SOFTWARE (when configured), then integrity and
+/// FINGERPRINT as [`finish_error`]. SOFTWARE goes on success responses and
+/// on no error response (RFC 8489 §14.14 leaves it optional): errors, most
+/// of them to sources not yet authenticated, stay as small as they can.
+pub(super) fn finish_success(
     mut w: MessageWriter<'_>,
     signing: Option<Signing<'_>>,
     fingerprint: bool,
@@ -130,6 +132,12 @@ pub(super) fn finish(
     if let Some(s) = software {
         w.software(s).ok()?;
     }
+    finish_error(w, signing, fingerprint)
+}
+
+/// Ends a response: MESSAGE-INTEGRITY(-SHA256) when signing, FINGERPRINT
+/// when the request had one; returns the length.
+pub(super) fn finish_error(mut w: MessageWriter<'_>, signing: Option<Signing<'_>>, fingerprint: bool) -> Option<usize> {
     match signing {
         Some(Signing {
             key,
@@ -156,7 +164,7 @@ pub(super) fn success_response(
 ) -> Option<usize> {
     let mut w = MessageWriter::new(out, Class::Success, request.method(), *request.transaction_id()).ok()?;
     body(&mut w).ok()?;
-    finish(w, Some(signing), request.has_fingerprint(), software)
+    finish_success(w, Some(signing), request.has_fingerprint(), software)
 }
 
 /// An error response to `request`: ERROR-CODE, extra attributes, then
@@ -172,7 +180,7 @@ pub(super) fn error_response(
     let mut w = MessageWriter::new(out, Class::Error, request.method(), *request.transaction_id()).ok()?;
     w.error_code(code, reason).ok()?;
     extra(&mut w).ok()?;
-    finish(w, signing, request.has_fingerprint(), None)
+    finish_error(w, signing, request.has_fingerprint())
 }
 
 /// An error response to a request answered after its call returned (a
@@ -183,10 +191,9 @@ pub(super) fn error_for(
     r: Refusal,
     signing: Option<Signing<'_>>,
     fingerprint: bool,
-    software: Option<&str>,
     out: &mut [u8],
 ) -> Option<usize> {
     let mut w = MessageWriter::new(out, Class::Error, method, tid).ok()?;
     w.error_code(r.code(), r.reason()).ok()?;
-    finish(w, signing, fingerprint, software)
+    finish_error(w, signing, fingerprint)
 }

@@ -94,10 +94,10 @@ impl Server {
         let written = if connected {
             let mut w = MessageWriter::new(out, Class::Success, Method::CONNECT, tid).ok()?;
             w.connection_id(connection).ok()?;
-            finish(w, Some(signing), fingerprint, software)?
+            finish_success(w, Some(signing), fingerprint, software)?
         } else {
             let r = Refusal::ConnectFailed;
-            error_for(tid, Method::CONNECT, r, Some(signing), fingerprint, software, out)?
+            error_for(tid, Method::CONNECT, r, Some(signing), fingerprint, out)?
         };
         Some((a.key, written))
     }
