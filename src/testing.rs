@@ -105,8 +105,8 @@ impl Harness {
     /// listener 1 TCP, and the client is `self.key` (on listener 0).
     pub fn with_credentials(config: ServerConfig, creds: Credentials, policy: PeerPolicy, quotas: Quotas) -> Harness {
         let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(quotas));
-        server.add_listener(ListenerKind::Udp);
-        server.add_listener(ListenerKind::Stream);
+        server.add_listener(ListenerKind::Udp, "udp");
+        server.add_listener(ListenerKind::Stream, "tcp");
         let base = Instant::now();
         Harness {
             server,

@@ -131,7 +131,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
 fn add_udp_listener(shared: &Shared, streams: &Streams, socket: std::net::UdpSocket) -> io::Result<()> {
     let listener = Rc::new(UdpListener::new(socket)?);
     let mut w = shared.borrow_mut();
-    let id = w.server.add_listener(ListenerKind::Udp);
+    let id = w.server.add_listener(ListenerKind::Udp, "udp");
     w.listeners.push(Listener::Udp(listener.clone()));
     streams.register(id, None);
     let task = tokio::task::spawn_local(log_end(listen_udp::listen_udp(shared.clone(), id, listener)));
@@ -145,7 +145,7 @@ fn add_stream_listener(shared: &Shared, streams: &Rc<Streams>, setup: StreamList
     let settings = Rc::new(setup.settings);
     let mut w = shared.borrow_mut();
     let name = if settings.tls.is_some() { "tls" } else { "tcp" };
-    let id = w.server.add_named_listener(ListenerKind::Stream, name);
+    let id = w.server.add_listener(ListenerKind::Stream, name);
     w.listeners.push(Listener::Stream);
     streams.register(id, Some(settings.clone()));
     let task = tokio::task::spawn_local(log_end(stream::accept_loop(

@@ -394,19 +394,11 @@ impl Server {
         }
     }
 
-    /// Registers a listening socket; its id goes into every [`ClientKey`].
-    pub fn add_listener(&mut self, transport: ListenerKind) -> ListenerId {
-        let name = match transport {
-            ListenerKind::Udp => "udp",
-            ListenerKind::Stream => "tcp",
-        };
-        self.add_named_listener(transport, name)
-    }
-
-    /// Adds a listener with the name logs give its clients' transport
-    /// ("tls" for a TLS listener).
-    pub fn add_named_listener(&mut self, transport: ListenerKind, name: &'static str) -> ListenerId {
-        self.listeners.push(transport);
+    /// Registers a listening socket; its id goes into every [`ClientKey`],
+    /// and `name` (udp, tcp, tls) is its clients' transport in logs and the
+    /// admin API.
+    pub fn add_listener(&mut self, kind: ListenerKind, name: &'static str) -> ListenerId {
+        self.listeners.push(kind);
         self.listener_names.push(name);
         ListenerId((self.listeners.len() - 1) as u16)
     }
@@ -452,21 +444,12 @@ impl Server {
         self.draining = Some(alternate);
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_some()
-    }
-
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
     pub fn allocation_count(&self) -> usize {
         self.allocations.len()
-    }
-
-    /// The allocation of a 5-tuple, for inspection.
-    pub fn allocation(&self, key: &ClientKey) -> Option<&Allocation> {
-        self.by_client.get(key).and_then(|&i| self.allocations.get(i))
     }
 
     /// The client's TCP or TLS connection closed: its allocation goes with it

@@ -161,7 +161,7 @@ pub enum Attribute<'a> {
     Realm(&'a str),
     Nonce(&'a str),
     PasswordAlgorithms(PasswordAlgorithms<'a>),
-    PasswordAlgorithm(PasswordAlgorithm<'a>),
+    PasswordAlgorithm(AlgorithmEntry<'a>),
     UnknownAttributes(UnknownAttributes<'a>),
     Software(&'a str),
     AlternateServer(SocketAddr),
@@ -228,9 +228,11 @@ impl<'a> UnknownAttributes<'a> {
     }
 }
 
-/// PASSWORD-ALGORITHM body.
+/// One (algorithm, parameters) entry: the PASSWORD-ALGORITHM body, and each
+/// item of PASSWORD-ALGORITHMS. (The algorithms themselves are
+/// `proto::auth::PasswordAlgorithm`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PasswordAlgorithm<'a> {
+pub struct AlgorithmEntry<'a> {
     pub algorithm: u16,
     pub parameters: &'a [u8],
 }
@@ -260,15 +262,15 @@ impl<'a> PasswordAlgorithms<'a> {
 pub struct PasswordAlgorithmsIter<'a>(&'a [u8]);
 
 impl<'a> Iterator for PasswordAlgorithmsIter<'a> {
-    type Item = PasswordAlgorithm<'a>;
+    type Item = AlgorithmEntry<'a>;
 
-    fn next(&mut self) -> Option<PasswordAlgorithm<'a>> {
+    fn next(&mut self) -> Option<AlgorithmEntry<'a>> {
         let algorithm = u16_at(self.0, 0)?;
         let len = u16_at(self.0, 2)? as usize;
         let parameters = self.0.get(4..4 + len)?;
         let rest = self.0.get(4 + crate::proto::wire::padded(len)..)?;
         self.0 = rest;
-        Some(PasswordAlgorithm { algorithm, parameters })
+        Some(AlgorithmEntry { algorithm, parameters })
     }
 }
 
@@ -545,14 +547,14 @@ mod tests {
         assert_eq!(algs.len(), 2);
         assert_eq!(
             algs[0],
-            PasswordAlgorithm {
+            AlgorithmEntry {
                 algorithm: 1,
                 parameters: &[9]
             }
         );
         assert_eq!(
             algs[1],
-            PasswordAlgorithm {
+            AlgorithmEntry {
                 algorithm: 2,
                 parameters: &[]
             }
