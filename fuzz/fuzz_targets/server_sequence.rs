@@ -109,9 +109,9 @@ impl World {
     }
 
     fn check(&self) {
-        let g = self.h.server.gauges(self.h.now.instant);
+        let g = self.h.server.gauges(self.h.now);
         let total: u64 = g.allocations.iter().flatten().sum();
-        let info = self.h.server.allocations_info(self.h.now.instant);
+        let info = self.h.server.allocations_info(self.h.now);
         // The gauge counts relays (a dual-stack allocation has two).
         let relays: usize = info.iter().map(|a| a.relays.len()).sum();
         assert_eq!(total as usize, relays, "gauges agree with the allocations listed");
@@ -302,7 +302,7 @@ fuzz_target!(|data: &[u8]| {
     // Once every lifetime has passed, nothing is left.
     w.h.advance(7200);
     w.look();
-    let g = w.h.server.gauges(w.h.now.instant);
+    let g = w.h.server.gauges(w.h.now);
     let total: u64 = g.allocations.iter().flatten().sum();
     assert_eq!(total, 0, "allocations outlived their lifetime");
     assert_eq!((g.permissions, g.channels), (0, 0));

@@ -200,7 +200,7 @@ async fn timers(shared: Shared) {
             let sent = std::mem::take(&mut w.sent);
             metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
             metrics::counter!("turnstile_send_dropped_total").increment(sent.dropped);
-            let gauges = w.server.gauges(clock.instant);
+            let gauges = w.server.gauges(clock);
             w.exporter.export(w.server.stats(), &gauges, w.relays.len());
         }
     }
@@ -242,7 +242,7 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),
             WorkerControl::ListAllocations { reply } => {
-                let _ = reply.send(w.server.allocations_info(Instant::now()));
+                let _ = reply.send(w.server.allocations_info(now()));
             }
             WorkerControl::Kick { user, client, reply } => {
                 let n = w.server.kick(user.as_deref(), client);

@@ -13,7 +13,8 @@ pub(super) fn names_user(username: &str, name: &str) -> bool {
 impl Server {
     /// Counts for gauges: allocations by transport and family, live
     /// permissions and channels, RFC 6062 connections.
-    pub fn gauges(&self, now: Instant) -> Gauges {
+    pub fn gauges(&self, clock: Now) -> Gauges {
+        let now = clock.instant;
         let mut g = Gauges {
             tcp_connections: self.tcp_connections.len() as u64,
             ..Gauges::default()
@@ -34,7 +35,8 @@ impl Server {
     }
 
     /// A description of every allocation, for the admin API.
-    pub fn allocations_info(&self, now: Instant) -> Vec<AllocationInfo> {
+    pub fn allocations_info(&self, clock: Now) -> Vec<AllocationInfo> {
+        let now = clock.instant;
         self.allocations
             .iter()
             .map(|(_, a)| AllocationInfo {
