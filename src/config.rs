@@ -61,6 +61,30 @@ pub struct Config {
     /// Prometheus endpoint; absent means no metrics listener.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// The kernel fast path; absent means none.
+    #[serde(default)]
+    pub xdp: Option<Xdp>,
+}
+
+/// The XDP fast path: bound channels relayed in the kernel (build feature
+/// `xdp`, CAP_BPF and CAP_NET_ADMIN).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xdp {
+    /// The interfaces carrying client and peer traffic.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub mode: XdpMode,
+}
+
+/// How the program is attached: in the driver (native), or after the
+/// kernel built its socket buffer (generic, for drivers without XDP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Native,
+    Generic,
 }
 
 /// The certificate chain and key of tls listeners (PEM files). They are
@@ -636,6 +660,16 @@ impl Config {
         }
         if self.worker_count() > 255 {
             return Err("workers must be at most 255".into());
+        }
+        if let Some(x) = &self.xdp {
+            if !cfg!(feature = "xdp") {
+                return Err("[xdp] is set, but this turnstile was built without the xdp feature \
+                            (cargo build --release --features xdp)"
+                    .into());
+            }
+            if x.interfaces.is_empty() {
+                return Err("xdp.interfaces must name at least one interface".into());
+            }
         }
         let ports = usize::from(self.relay.ports.high - self.relay.ports.low) + 1;
         if ports < self.worker_count() {

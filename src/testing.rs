@@ -43,6 +43,18 @@ pub fn config() -> ServerConfig {
     }
 }
 
+/// The harness's users (alice/secret, bob/hunter2) and REST secrets.
+pub fn credentials() -> Credentials {
+    Credentials::new(
+        REALM,
+        [("alice", "secret"), ("bob", "hunter2")],
+        &[SECRET.to_owned(), OLD_SECRET.to_owned()],
+        &[9; 32],
+        600,
+    )
+    .unwrap()
+}
+
 pub fn policy(allow: &[&str]) -> PeerPolicy {
     PeerPolicy::new(
         allow.iter().map(|a| a.parse().unwrap()).collect(),
@@ -90,15 +102,7 @@ impl Harness {
     }
 
     pub fn with(config: ServerConfig, policy: PeerPolicy, quotas: Quotas) -> Harness {
-        let creds = Credentials::new(
-            REALM,
-            [("alice", "secret"), ("bob", "hunter2")],
-            &[SECRET.to_owned(), OLD_SECRET.to_owned()],
-            &[9; 32],
-            600,
-        )
-        .unwrap();
-        Harness::with_credentials(config, creds, policy, quotas)
+        Harness::with_credentials(config, credentials(), policy, quotas)
     }
 
     /// A harness around a core with these credentials; listener 0 is UDP,

@@ -199,3 +199,61 @@ fn a_closed_connection_has_no_deadline_left() {
     assert_eq!(closed(&h), None);
     assert_eq!(h.server.pending_timers(), 0, "its entry was dropped when due");
 }
+
+#[test]
+fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use turnstile::proto::server::{
+        AllocationLimits, ClientOutcome, DropReason, OwnRelays, PeerPolicy, Rate, Reconfiguration,
+    };
+
+    let mut h = Harness::new();
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    let refused = sa("8.8.4.4:5000");
+    let kept = sa("9.9.9.9:6000");
+    assert_eq!(code(&h.bind_channel(&c, 0x4001, refused)), 0);
+    assert_eq!(code(&h.bind_channel(&c, 0x4002, kept)), 0);
+    events_of(&mut h);
+
+    let deny = PeerPolicy::new(vec![], vec!["8.8.4.4/32".parse().unwrap()], OwnRelays::default());
+    h.server.reconfigure(Reconfiguration {
+        credentials: Arc::new(credentials()),
+        revoke: false,
+        policy: deny,
+        limits: AllocationLimits {
+            max_lifetime: 3600,
+            max_permissions: 8,
+            max_channels: 4,
+            max_connections: 64,
+            tcp_relay: true,
+            idle_timeout: Duration::from_secs(30),
+        },
+        rates: [Rate::OFF; 3],
+    });
+    h.drain();
+    let key = h.key;
+    let events = events_of(&mut h);
+    assert!(
+        events.contains(&Output::PermissionExpired {
+            key,
+            peer: refused.ip()
+        }),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Output::ChannelExpired { channel: 0x4001, .. })),
+        "{events:?}"
+    );
+    assert_eq!(events.len(), 2, "the allowed peer keeps its channel: {events:?}");
+
+    let mut cd = turnstile::proto::channel_data::header(0x4001, 4).to_vec();
+    cd.extend_from_slice(b"data");
+    assert_eq!(h.send(&cd), ClientOutcome::Drop(DropReason::UnboundChannel));
+    let mut cd = turnstile::proto::channel_data::header(0x4002, 4).to_vec();
+    cd.extend_from_slice(b"data");
+    assert!(matches!(h.send(&cd), ClientOutcome::Forward { .. }));
+}

@@ -22,6 +22,8 @@ use crate::io::send_queue::{Flushed, SendQueue, Source};
 use crate::io::stats_export::StatsExporter;
 use crate::io::stream_queue::StreamOut;
 use crate::io::udp::UdpListener;
+use crate::io::xdp::Mirror;
+use crate::proto::server::allocation::Traffic;
 use crate::proto::server::{BindResult, ClientKey, ClientOutcome, DropReason, Input, Now, Output, RelayId, Server};
 
 /// The clocks as the core wants them.
@@ -121,6 +123,12 @@ pub struct Worker {
     pub(crate) sent: Flushed,
     pub(crate) exporter: StatsExporter,
     tcp_relay: tokio::sync::mpsc::UnboundedSender<TcpRelayTask>,
+    /// The kernel fast path's view of this worker's core, when it runs.
+    pub(crate) offload: Option<Mirror>,
+    /// Traffic the fast path relayed, on its way into the core's totals.
+    pub(crate) offloaded: Vec<(ClientKey, Traffic)>,
+    /// The bindings gauge as this worker last added to it.
+    pub(crate) offload_exported: f64,
 }
 
 pub type Shared = Rc<RefCell<Worker>>;
@@ -149,6 +157,25 @@ impl Worker {
             sent: Flushed::default(),
             exporter: StatsExporter::new(index),
             tcp_relay,
+            offload: None,
+            offloaded: Vec::new(),
+            offload_exported: 0.0,
+        }
+    }
+
+    /// Hands what the fast path relayed to the core (its totals, logs and
+    /// metrics count it) and to the fast path's own metrics.
+    pub(crate) fn fold_offloaded(&mut self, now: Now) {
+        for (key, traffic) in self.offloaded.drain(..) {
+            metrics::counter!("turnstile_xdp_relayed_packets_total", "direction" => "client_to_peer")
+                .increment(traffic.to_peer_packets);
+            metrics::counter!("turnstile_xdp_relayed_packets_total", "direction" => "peer_to_client")
+                .increment(traffic.to_client_packets);
+            metrics::counter!("turnstile_xdp_relayed_bytes_total", "direction" => "client_to_peer")
+                .increment(traffic.to_peer_bytes);
+            metrics::counter!("turnstile_xdp_relayed_bytes_total", "direction" => "peer_to_client")
+                .increment(traffic.to_client_bytes);
+            self.server.handle(now, Input::OffloadedTraffic { key, traffic });
         }
     }
 
@@ -242,6 +269,9 @@ pub(crate) fn count_drop(reason: DropReason) {
 /// core and are not needed here.
 pub fn run_outputs(w: &mut Worker, now: Now) {
     while let Some(output) = w.server.poll_output() {
+        if let Some(mirror) = w.offload.as_mut() {
+            mirror.observe(&output, &mut w.offloaded);
+        }
         match output {
             Output::Transmit { key, bytes } => send_or_count(w.deliver(&key, &bytes)),
             Output::BindRelay {
@@ -311,6 +341,9 @@ pub fn run_outputs(w: &mut Worker, now: Now) {
             | Output::ChannelBound { .. }
             | Output::ChannelExpired { .. } => {}
         }
+    }
+    if !w.offloaded.is_empty() {
+        w.fold_offloaded(now);
     }
 }
 

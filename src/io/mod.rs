@@ -7,6 +7,8 @@
 //!   peer connections).
 //! - Sockets and buffers they use: `udp`, `relay`, `relay_poll`,
 //!   `send_queue`, `stream_queue`, `tls`, `coalesce`, `stats_export`.
+//! - `xdp`: the kernel fast path (feature `xdp`) and the mirror that keeps
+//!   its maps in step with the core.
 //! - `worker`: a worker thread, its drivers, timers and control messages.
 //! - `start` (in start.rs), the composition root: binds the listeners and
 //!   starts the workers.
@@ -26,5 +28,6 @@ pub mod stream_queue;
 pub mod tls;
 pub mod udp;
 pub mod worker;
+pub mod xdp;
 
 pub use start::{Started, start};

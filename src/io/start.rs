@@ -26,7 +26,15 @@ pub struct Started {
     listening: std::sync::Mutex<Vec<Option<(crate::config::Listen, SocketAddr)>>>,
     extra_services: Vec<SocketAddr>,
     stream_context: StreamContext,
+    /// The fast path, attached while this lives.
+    xdp: std::sync::Mutex<Option<FastPath>>,
 }
+
+/// The loaded XDP program (or nothing, in a build without the feature).
+#[cfg(feature = "xdp")]
+type FastPath = std::sync::Arc<crate::io::xdp::kernel::Program>;
+#[cfg(not(feature = "xdp"))]
+type FastPath = ();
 
 impl Started {
     /// Applies a new, already validated configuration to the running
@@ -35,6 +43,7 @@ impl Started {
     /// removed. The nonce key stays, so outstanding nonces remain valid.
     pub fn reload(&self, config: &Config) -> io::Result<()> {
         self.reload_listeners(config)?;
+        self.reload_xdp(config);
         let credentials = credentials(config, &self.nonce_secret)?;
         let policy = peer_policy(config, self.services());
         self.quotas.set_limits(config.limits.quota_limits());
@@ -71,6 +80,28 @@ impl Started {
             store.reload().map_err(io::Error::other)?;
         }
         Ok(())
+    }
+
+    /// A reload that removes `[xdp]` detaches the program once every worker
+    /// stopped mirroring; adding or changing it takes a restart.
+    fn reload_xdp(&self, config: &Config) {
+        let Ok(mut xdp) = self.xdp.lock() else {
+            return;
+        };
+        match (config.xdp.is_some(), xdp.is_some()) {
+            (false, true) => {
+                let (done, acks) = std::sync::mpsc::channel();
+                for c in &self.controls {
+                    let _ = c.send(worker::WorkerControl::StopOffload { done: done.clone() });
+                }
+                for _ in &self.controls {
+                    let _ = acks.recv_timeout(Duration::from_secs(5));
+                }
+                *xdp = None;
+            }
+            (true, false) => tracing::warn!("[xdp] was added: it takes effect at the next start"),
+            _ => {}
+        }
     }
 
     /// The server's own sockets (listeners, metrics, admin), which relayed
@@ -386,6 +417,9 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let software = (!config.software.is_empty()).then(|| config.software.clone());
     let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
     let span = high - low + 1;
+    let fast_path = load_xdp(config, &udp_bound)?;
+    let mut own: Vec<IpAddr> = vec![r.address];
+    own.extend(r.external_address);
     let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
     handoff_receivers.reverse();
@@ -429,6 +463,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             handoff_receiver,
             control,
             coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
+            offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
         })?;
     }
     Ok(Started {
@@ -442,5 +477,80 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         listening: std::sync::Mutex::new(listening),
         extra_services: extra_services.to_vec(),
         stream_context: ctx,
+        xdp: std::sync::Mutex::new(fast_path),
     })
+}
+
+/// Loads and attaches the fast path when `[xdp]` asks for it.
+#[cfg(feature = "xdp")]
+fn load_xdp(config: &Config, udp: &[SocketAddr]) -> io::Result<Option<FastPath>> {
+    let Some(x) = &config.xdp else {
+        return Ok(None);
+    };
+    let mut ports: Vec<u16> = udp.iter().filter(|a| a.is_ipv4()).map(SocketAddr::port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let relay = (config.relay.ports.low, config.relay.ports.high);
+    let program = std::sync::Arc::new(crate::io::xdp::kernel::Program::load(
+        &x.interfaces,
+        x.mode,
+        &ports,
+        relay,
+    )?);
+    // The program's own counters, once a second, for as long as it is attached.
+    let weak = std::sync::Arc::downgrade(&program);
+    std::thread::Builder::new()
+        .name("turnstile-xdp".into())
+        .spawn(move || {
+            while let Some(p) = weak.upgrade() {
+                let counts = p.passed();
+                drop(p);
+                for (reason, n) in crate::io::xdp::kernel::PASS_REASONS.iter().zip(counts) {
+                    metrics::counter!("turnstile_xdp_passed_total", "reason" => *reason).absolute(n);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })?;
+    Ok(Some(program))
+}
+
+#[cfg(not(feature = "xdp"))]
+fn load_xdp(config: &Config, _udp: &[SocketAddr]) -> io::Result<Option<FastPath>> {
+    match config.xdp {
+        Some(_) => Err(io::Error::other(
+            "[xdp] is set, but this turnstile was built without the xdp feature",
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Worker `index`'s handle on the fast path's maps and its share of the
+/// counter slots.
+#[cfg(feature = "xdp")]
+fn offload_for(
+    fast_path: Option<&FastPath>,
+    index: usize,
+    workers: usize,
+    own: &[IpAddr],
+) -> io::Result<Option<worker::Offload>> {
+    let Some(p) = fast_path else {
+        return Ok(None);
+    };
+    let max = crate::io::xdp::kernel::MAX_BINDINGS as usize;
+    let slots = (max * index / workers) as u32..(max * (index + 1) / workers) as u32;
+    Ok(Some(worker::Offload {
+        table: Box::new(p.table()?),
+        slots,
+        own: own.to_vec(),
+    }))
+}
+
+#[cfg(not(feature = "xdp"))]
+fn offload_for(
+    _fast_path: Option<&FastPath>,
+    _index: usize,
+    _workers: usize,
+    _own: &[IpAddr],
+) -> io::Result<Option<worker::Offload>> {
+    Ok(None)
 }

@@ -43,6 +43,10 @@ pub enum WorkerControl {
         client: Option<SocketAddr>,
         reply: std::sync::mpsc::Sender<usize>,
     },
+    /// `[xdp]` was removed: stop mirroring (the program is detached next).
+    StopOffload {
+        done: std::sync::mpsc::Sender<()>,
+    },
 }
 
 pub type ControlSender = tokio::sync::mpsc::UnboundedSender<WorkerControl>;
@@ -66,6 +70,16 @@ pub struct WorkerSetup {
     pub control: ControlReceiver,
     /// See `[performance] coalesce_wakeups_us`.
     pub coalesce_wakeups: Duration,
+    /// The fast path's maps and this worker's counter slots, with `[xdp]`.
+    pub offload: Option<Offload>,
+}
+
+/// What a worker needs to mirror its core into the fast path's maps.
+pub struct Offload {
+    pub table: Box<dyn crate::io::xdp::BindingTable + Send>,
+    pub slots: std::ops::Range<u32>,
+    /// The server's relay addresses (bound and advertised).
+    pub own: Vec<std::net::IpAddr>,
 }
 
 /// Starts a worker thread. It runs until the process exits.
@@ -100,6 +114,14 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             PeerBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
             tcp_relay_tx,
         )));
+        if let Some(o) = setup.offload {
+            let mut mirror = crate::io::xdp::Mirror::new(o.table, o.slots, o.own);
+            let mut w = worker.borrow_mut();
+            // Bandwidth limits are exact only in userspace.
+            let mut fold = Vec::new();
+            mirror.set_enabled(!w.server.limits_bandwidth(), &mut fold);
+            w.offload = Some(mirror);
+        }
         let streams = Rc::new(Streams::new(setup.index, setup.handoff_senders));
         for socket in setup.udp {
             add_udp_listener(&worker, &streams, socket)?;
@@ -133,6 +155,10 @@ fn add_udp_listener(shared: &Shared, streams: &Streams, socket: std::net::UdpSoc
     let mut w = shared.borrow_mut();
     let id = w.server.add_listener(ListenerKind::Udp, "udp");
     w.listeners.push(Listener::Udp(listener.clone()));
+    let local = listener.local_addr().ok();
+    if let Some(m) = w.offload.as_mut() {
+        m.add_listener(usize::from(id.0), local);
+    }
     streams.register(id, None);
     let task = tokio::task::spawn_local(log_end(listen_udp::listen_udp(shared.clone(), id, listener)));
     w.listener_tasks.push(Some(task.abort_handle()));
@@ -147,6 +173,9 @@ fn add_stream_listener(shared: &Shared, streams: &Rc<Streams>, setup: StreamList
     let name = if settings.tls.is_some() { "tls" } else { "tcp" };
     let id = w.server.add_listener(ListenerKind::Stream, name);
     w.listeners.push(Listener::Stream);
+    if let Some(m) = w.offload.as_mut() {
+        m.add_listener(usize::from(id.0), None);
+    }
     streams.register(id, Some(settings.clone()));
     let task = tokio::task::spawn_local(log_end(stream::accept_loop(
         shared.clone(),
@@ -200,6 +229,13 @@ async fn timers(shared: Shared) {
             let sent = std::mem::take(&mut w.sent);
             metrics::counter!("turnstile_udp_gso_sends_total").increment(sent.gso_sends);
             metrics::counter!("turnstile_send_dropped_total").increment(sent.dropped);
+            if let Some(m) = w.offload.as_mut() {
+                m.collect(&mut w.offloaded);
+                let installed = m.installed() as f64;
+                metrics::gauge!("turnstile_xdp_bindings").increment(installed - w.offload_exported);
+                w.offload_exported = installed;
+            }
+            w.fold_offloaded(clock);
             let gauges = w.server.gauges(clock);
             w.exporter.export(w.server.stats(), &gauges, w.relays.len());
         }
@@ -237,12 +273,30 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                         "allocations revoked: credentials changed"
                     );
                 }
-                run_outputs(&mut w, now());
+                let clock = now();
+                run_outputs(&mut w, clock);
+                // Bandwidth limits are exact only in userspace.
+                let bandwidth = w.server.limits_bandwidth();
+                let w = &mut *w;
+                if let Some(m) = w.offload.as_mut() {
+                    m.set_enabled(!bandwidth, &mut w.offloaded);
+                }
+                w.fold_offloaded(clock);
                 let _ = applied.send(());
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),
             WorkerControl::ListAllocations { reply } => {
                 let _ = reply.send(w.server.allocations_info(now()));
+            }
+            WorkerControl::StopOffload { done } => {
+                let w = &mut *w;
+                if let Some(mut m) = w.offload.take() {
+                    m.set_enabled(false, &mut w.offloaded);
+                    metrics::gauge!("turnstile_xdp_bindings").decrement(w.offload_exported);
+                    w.offload_exported = 0.0;
+                }
+                w.fold_offloaded(now());
+                let _ = done.send(());
             }
             WorkerControl::Kick { user, client, reply } => {
                 let n = w.server.kick(user.as_deref(), client);

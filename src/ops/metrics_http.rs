@@ -149,6 +149,26 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Unauthenticated answers not sent: the source's budget was spent.",
     ),
+    (
+        "turnstile_xdp_bindings",
+        "gauge",
+        "Channel bindings relayed by the XDP fast path now.",
+    ),
+    (
+        "turnstile_xdp_passed_total",
+        "counter",
+        "Packets for the server the XDP program left to userspace, by reason.",
+    ),
+    (
+        "turnstile_xdp_relayed_bytes_total",
+        "counter",
+        "Payload bytes the XDP fast path relayed, by direction (also in turnstile_relayed_bytes_total).",
+    ),
+    (
+        "turnstile_xdp_relayed_packets_total",
+        "counter",
+        "Packets the XDP fast path relayed, by direction (also in turnstile_relayed_packets_total).",
+    ),
 ];
 
 /// Installs the global metrics recorder, with every family described.

@@ -75,6 +75,52 @@ impl Server {
         ids.len()
     }
 
+    /// After a reload changed the peer policy: permissions and channels to
+    /// peers it now refuses end at once (reported as expired), so no path —
+    /// this core's or a fast path mirroring it — relays to them any longer.
+    pub(super) fn withdraw_refused_peers(&mut self) {
+        let policy = &self.policy;
+        for (_, a) in &mut self.allocations {
+            let key = a.key;
+            let relays = a.relays;
+            let outputs = &mut self.outputs;
+            a.permissions.retain(|p| {
+                let keep = policy.check_permission(p.ip).is_ok();
+                if !keep {
+                    outputs.push_back(Output::PermissionExpired { key, peer: p.ip });
+                }
+                keep
+            });
+            a.channels.retain(|c| {
+                let keep = policy.check(&c.peer).is_ok();
+                let relay = relays.get(usize::from(c.peer.is_ipv6())).copied().flatten();
+                if let (false, Some(relay)) = (keep, relay) {
+                    outputs.push_back(Output::ChannelExpired {
+                        key,
+                        relay: relay.id,
+                        channel: c.number,
+                        peer: c.peer,
+                    });
+                }
+                keep
+            });
+        }
+    }
+
+    /// Adds what a fast path relayed for an allocation to its totals.
+    pub(super) fn count_offloaded(&mut self, key: ClientKey, t: allocation::Traffic) {
+        if let Some(a) = self.by_client.get(&key).and_then(|&i| self.allocations.get_mut(i)) {
+            a.traffic.to_peer_packets += t.to_peer_packets;
+            a.traffic.to_peer_bytes += t.to_peer_bytes;
+            a.traffic.to_client_packets += t.to_client_packets;
+            a.traffic.to_client_bytes += t.to_client_bytes;
+        }
+        self.stats.client_to_peer_packets += t.to_peer_packets;
+        self.stats.client_to_peer_bytes += t.to_peer_bytes;
+        self.stats.peer_to_client_packets += t.to_client_packets;
+        self.stats.peer_to_client_bytes += t.to_client_bytes;
+    }
+
     pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
         let ids: Vec<usize> = self
             .allocations

@@ -419,6 +419,7 @@ impl Server {
         self.credentials = r.credentials;
         let revoked = if r.revoke { self.revoke_unverifiable() } else { 0 };
         self.policy = r.policy;
+        self.withdraw_refused_peers();
         let limits = r.limits;
         self.config.max_lifetime = limits.max_lifetime;
         self.config.max_permissions = limits.max_permissions;
@@ -442,6 +443,12 @@ impl Server {
     /// answered 300 Try Alternate; without, 508.
     pub fn set_draining(&mut self, alternate: Option<SocketAddr>) {
         self.draining = Some(alternate);
+    }
+
+    /// Whether relayed packets pass through bandwidth buckets (a fast path
+    /// that cannot keep them exact must leave such packets to the core).
+    pub fn limits_bandwidth(&self) -> bool {
+        self.config.limits_bandwidth()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -500,6 +507,7 @@ impl Server {
                 self.handle_client_closed(key);
             }
             Input::StreamOpened { key } => self.stream_opened(key, now.instant),
+            Input::OffloadedTraffic { key, traffic } => self.count_offloaded(key, traffic),
             Input::StreamProgress {
                 key,
                 completed,

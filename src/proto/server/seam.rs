@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::DropReason;
-use super::allocation::{ClientKey, RelayId};
+use super::allocation::{ClientKey, RelayId, Traffic};
 use super::timers::CloseReason;
 
 /// Something that happened outside the core.
@@ -38,6 +38,10 @@ pub enum Input {
     },
     /// A client's TCP or TLS connection closed: its allocation goes with it.
     ClientClosed { key: ClientKey },
+    /// Packets a kernel fast path relayed for this allocation since its
+    /// last report: counted into the allocation's totals and the stats as
+    /// if the core had relayed them.
+    OffloadedTraffic { key: ClientKey, traffic: Traffic },
     /// An ICMP error arrived on a relay socket, about `peer`.
     RelayIcmp {
         relay: RelayId,
