@@ -3,7 +3,7 @@
 # with Rust: the system packages the tests drive (coturn's clients, Debian's
 # chromium, node and npm for playwright-core, systemd's tools), the browser
 # driver from npm, then formatting, lints, the fuzz targets' build and every
-# test, and, as root, the Debian package under a real systemd
+# test (with the xdp feature), and, as root, the Debian package under a real systemd
 # (tests/systemd/run.sh). Run as root or as a user with sudo; CI runs exactly
 # this.
 set -euo pipefail
@@ -27,6 +27,14 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v timeout >/dev/null 2>&1 || need+=(coreutils)
 # fail2ban-regex checks the shipped filter against real log lines.
 command -v fail2ban-regex >/dev/null 2>&1 || need+=(fail2ban)
+# The XDP fast path: clang builds the eBPF program (libbpf-dev has its
+# headers, llvm the object tools); ethtool turns checksum offload off on the
+# test's veth pairs.
+command -v clang >/dev/null 2>&1 || need+=(clang)
+command -v llvm-objdump >/dev/null 2>&1 || need+=(llvm)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -36,6 +44,7 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features xdp -- -D warnings
 # The fuzz targets must never rot; building them needs no nightly toolchain.
 # (Not --locked: the fuzz lock file follows the main crate's dependencies.)
 cargo build --manifest-path fuzz/Cargo.toml --bins
@@ -43,7 +52,9 @@ cargo build --manifest-path fuzz/Cargo.toml --bins
 # Every test, with a one-line total at the end.
 log=$(mktemp)
 set +e
-cargo test --all-targets --locked 2>&1 | tee "$log"
+# With the XDP fast path built in: its tests (tests/xdp.rs) need root and
+# skip without it; everything else runs either way.
+cargo test --all-targets --locked --features xdp 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
