@@ -93,8 +93,12 @@ impl Topology {
             run(&["ip", "netns", "add", n]);
             run(&["ip", "-n", n, "link", "set", "lo", "up"]);
         }
-        run(&["ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s]);
-        run(&["ip", "link", "add", "p0", "netns", p, "type", "veth", "peer", "name", "s1", "netns", s]);
+        run(&[
+            "ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s,
+        ]);
+        run(&[
+            "ip", "link", "add", "p0", "netns", p, "type", "veth", "peer", "name", "s1", "netns", s,
+        ]);
         run(&["ip", "-n", c, "addr", "add", &format!("{CLIENT}/24"), "dev", "c0"]);
         run(&["ip", "-n", s, "addr", "add", &format!("{SERVER}/24"), "dev", "s0"]);
         run(&["ip", "-n", s, "addr", "add", &format!("{RELAY}/24"), "dev", "s1"]);
@@ -111,7 +115,20 @@ impl Topology {
         run(&["ip", "netns", "exec", s, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let pass = pass_program(t.dir.path());
         for (n, dev) in [(c, "c0"), (p, "p0")] {
-            run(&["ip", "-n", n, "link", "set", "dev", dev, "xdp", "obj", pass.to_str().unwrap(), "sec", "xdp"]);
+            run(&[
+                "ip",
+                "-n",
+                n,
+                "link",
+                "set",
+                "dev",
+                dev,
+                "xdp",
+                "obj",
+                pass.to_str().unwrap(),
+                "sec",
+                "xdp",
+            ]);
         }
         t
     }
@@ -183,7 +200,11 @@ token = "{TOKEN}"
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.log().contains(" ready") {
             let exited = self.server.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            assert!(exited.is_none() && Instant::now() < deadline, "server not ready: {}", self.log());
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "server not ready: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -339,7 +360,11 @@ fn relays_in_the_kernel(t: &mut Topology, peer_ns: &str, peer_ip: &str) {
     let sent = r.sent as f64;
     let to_peer = t.wait_metric(XDP_TO_PEER, |v| v >= 0.9 * sent);
     let to_client = t.wait_metric(XDP_TO_CLIENT, |v| v >= 0.9 * sent);
-    assert!(to_peer >= 0.9 * sent && to_client >= 0.9 * sent, "{to_peer} {to_client} of {sent}: {}", t.scrape());
+    assert!(
+        to_peer >= 0.9 * sent && to_client >= 0.9 * sent,
+        "{to_peer} {to_client} of {sent}: {}",
+        t.scrape()
+    );
     // The core's totals count them too.
     assert!(t.wait_metric(RELAYED_TO_PEER, |v| v >= sent) >= sent);
     // The rewritten datagrams carry valid checksums at both receivers.
@@ -380,7 +405,11 @@ fn send_indications_stay_with_userspace_and_still_relay() {
     assert!(r.sent >= 400 && r.received == r.sent, "{}", r.output);
     assert!(t.wait_metric(RELAYED_TO_PEER, |v| v >= r.sent as f64) >= r.sent as f64);
     assert_eq!(t.metric(XDP_TO_PEER), 0.0, "Send indications are not ChannelData");
-    assert_eq!(t.metric(XDP_TO_CLIENT), 0.0, "no channel: Data indications, from userspace");
+    assert_eq!(
+        t.metric(XDP_TO_CLIENT),
+        0.0,
+        "no channel: Data indications, from userspace"
+    );
     let passed = t.wait_metric("turnstile_xdp_passed_total{reason=\"not_channel_data\"}", |v| {
         v >= r.sent as f64
     });
