@@ -525,3 +525,22 @@ async fn webrtc_rs_round_trips(n: usize) -> (usize, usize) {
     client.close().await.unwrap();
     (n, echoed)
 }
+
+#[test]
+fn stopping_the_server_detaches_the_program() {
+    let Some(_g) = guard() else { return };
+    let mut t = Topology::new();
+    t.start_server(true);
+    assert!(t.xdp_attached("s0") && t.xdp_attached("s1"));
+    t.signal("TERM");
+    let server = t.server.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while server.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !t.xdp_attached("s0") && !t.xdp_attached("s1"),
+        "still attached after exit"
+    );
+}

@@ -13,7 +13,8 @@
 # loss. With XDP, the program's own cost per packet comes from the kernel's
 # BPF statistics (kernel.bpf_stats_enabled, run_time_ns / run_cnt).
 # Environment: DURATION (s, default 5), RATE (50000), ALLOCS (10), SIZE (100),
-# SERVERS ("xdp userspace coturn").
+# SERVERS ("xdp userspace coturn"), MORE_RATES ("": further fixed rates per
+# server, to find the highest each relays with at most 1 % loss).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-target/load-xdp.jsonl}
@@ -22,6 +23,7 @@ RATE=${RATE:-50000}
 ALLOCS=${ALLOCS:-10}
 SIZE=${SIZE:-100}
 SERVERS=${SERVERS:-"xdp userspace coturn"}
+MORE_RATES=${MORE_RATES:-}
 C=tsbench-c
 S=tsbench-s
 dir=$(mktemp -d)
@@ -139,7 +141,7 @@ load() { # RATE
 hz=$(getconf CLK_TCK)
 : >"$out"
 for s in $SERVERS; do
-    for rate in "$RATE" 0; do
+    for rate in "$RATE" $MORE_RATES 0; do
         start "$s"
         read -r t0 n0 < <(prog_stats)
         b0=$(busy)

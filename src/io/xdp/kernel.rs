@@ -49,6 +49,7 @@ struct ClientValue {
     relay_port: u16,
     peer_port: u16,
     slot: u32,
+    taught: u32,
 }
 
 #[repr(C)]
@@ -255,6 +256,7 @@ impl BindingTable for KernelTable {
             relay_port: b.relay.port().to_be(),
             peer_port: b.peer.port().to_be(),
             slot: b.slot,
+            taught: b.server_ip.as_ref().map(ip).unwrap_or(0),
         };
         let pv = PeerValue {
             client_ip: ip(b.client.ip()),

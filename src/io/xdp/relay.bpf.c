@@ -48,6 +48,7 @@ struct client_value {
 	__u16 relay_port;
 	__u16 peer_port;
 	__u32 slot;
+	__u32 taught; // the server address the way back was last taught
 };
 
 struct peer_key {
@@ -240,11 +241,16 @@ static __always_inline int to_peer(struct xdp_md *ctx, struct ethhdr *eth, struc
 		return pass(PASS_UNBOUND);
 	__u32 relay_ip = b->relay_ip ? b->relay_ip : ip->daddr;
 
-	// Teach the way back the address this client reaches the server on.
-	struct peer_key back = { .peer_ip = b->peer_ip, .peer_port = b->peer_port, .relay_port = b->relay_port };
-	struct peer_value *r = bpf_map_lookup_elem(&peer_bindings, &back);
-	if (r && r->server_ip != ip->daddr)
-		r->server_ip = ip->daddr;
+	// Teach the way back the address this client reaches the server on
+	// (once: the binding remembers what it taught).
+	if (b->taught != ip->daddr) {
+		struct peer_key back = { .peer_ip = b->peer_ip, .peer_port = b->peer_port, .relay_port = b->relay_port };
+		struct peer_value *r = bpf_map_lookup_elem(&peer_bindings, &back);
+		if (r) {
+			r->server_ip = ip->daddr;
+			b->taught = ip->daddr;
+		}
+	}
 
 	struct bpf_fib_lookup fib;
 	__u16 new_tot = bpf_ntohs(ip->tot_len) - 4;
