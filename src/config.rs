@@ -732,6 +732,25 @@ mod tests {
     }
 
     #[test]
+    fn an_xdp_section_needs_the_feature_and_an_interface() {
+        let base = "realm = \"r\"\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:3478\"\n\
+                    [relay]\naddress = \"127.0.0.1\"\n";
+        let with = |xdp: &str| Config::from_toml(&format!("{base}{xdp}"), "t");
+        let one = with("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"generic\"\n");
+        if cfg!(feature = "xdp") {
+            let c = one.unwrap();
+            let x = c.xdp.unwrap();
+            assert_eq!((x.interfaces, x.mode), (vec!["eth0".to_owned()], XdpMode::Generic));
+        } else {
+            let e = one.unwrap_err().to_string();
+            assert!(e.contains("without the xdp feature"), "{e}");
+        }
+        assert!(with("[xdp]\ninterfaces = []\n").is_err());
+        assert!(with("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"fast\"\n").is_err());
+        assert!(with("").unwrap().xdp.is_none());
+    }
+
+    #[test]
     fn issue_contract_example_parses() {
         let text = r#"
 realm = "example.org"
