@@ -64,6 +64,17 @@ pub struct Config {
     /// The kernel fast path; absent means none.
     #[serde(default)]
     pub xdp: Option<Xdp>,
+    /// The fleet store shared by several nodes; absent means this node alone.
+    #[serde(default)]
+    pub store: Option<Store>,
+}
+
+/// Where a fleet's shared users and secrets live (docs/FLEET.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`.
+    pub redis: String,
 }
 
 /// The XDP fast path: bound channels relayed in the kernel (build feature
@@ -660,6 +671,13 @@ impl Config {
         }
         if self.worker_count() > 255 {
             return Err("workers must be at most 255".into());
+        }
+        if let Some(st) = &self.store
+            && !st.redis.starts_with("redis://")
+        {
+            return Err("store.redis must be a redis://[:PASSWORD@]HOST:PORT/DB URL \
+                        (rediss:// is not supported: reach a TLS Redis through a local tunnel)"
+                .into());
         }
         if let Some(x) = &self.xdp {
             if !cfg!(feature = "xdp") {

@@ -383,6 +383,13 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
             let handler = move |req: turnstile::ops::http::Request| admin.handle(&req);
             tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
         }
+        if let Some(store) = &config.store {
+            tokio::task::spawn_local(turnstile::ops::store::follow(
+                store.redis.clone(),
+                config.realm.clone(),
+                started.clone(),
+            ));
+        }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;

@@ -35,6 +35,8 @@ command -v llvm-objdump >/dev/null 2>&1 || need+=(llvm)
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# The fleet store's tests start a real Redis.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

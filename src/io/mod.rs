@@ -30,4 +30,4 @@ pub mod udp;
 pub mod worker;
 pub mod xdp;
 
-pub use start::{Started, start};
+pub use start::{Started, StoreContents, start};

@@ -28,6 +28,17 @@ pub struct Started {
     stream_context: StreamContext,
     /// The fast path, attached while this lives.
     xdp: std::sync::Mutex<Option<FastPath>>,
+    /// The configuration applied last, and what the fleet store holds.
+    applied: std::sync::Mutex<(Config, StoreContents)>,
+}
+
+/// Users and REST secrets read from the fleet store (src/ops/store.rs),
+/// added to the configured ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreContents {
+    /// Name and MD5 long-term key.
+    pub users: Vec<(String, [u8; 16])>,
+    pub secrets: Vec<String>,
 }
 
 /// The loaded XDP program (or nothing, in a build without the feature).
@@ -44,7 +55,37 @@ impl Started {
     pub fn reload(&self, config: &Config) -> io::Result<()> {
         self.reload_listeners(config)?;
         self.reload_xdp(config);
-        let credentials = credentials(config, &self.nonce_secret)?;
+        let store = {
+            let mut applied = self.applied.lock().map_err(|_| io::Error::other("poisoned"))?;
+            applied.0 = config.clone();
+            applied.1.clone()
+        };
+        self.apply(config, &store)?;
+        if let Some(store) = &self.certificates {
+            store.reload().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// New contents of the fleet store: applied with the configuration in
+    /// force, as a reload would (without touching listeners). Unchanged
+    /// contents do nothing.
+    pub fn set_store(&self, contents: StoreContents) -> io::Result<()> {
+        let config = {
+            let mut applied = self.applied.lock().map_err(|_| io::Error::other("poisoned"))?;
+            if applied.1 == contents {
+                return Ok(());
+            }
+            applied.1 = contents.clone();
+            applied.0.clone()
+        };
+        self.apply(&config, &contents)
+    }
+
+    /// Sends every worker the settings of `config` and the store, and waits
+    /// until each applied them.
+    fn apply(&self, config: &Config, store: &StoreContents) -> io::Result<()> {
+        let credentials = credentials(config, &self.nonce_secret, store)?;
         let policy = peer_policy(config, self.services());
         self.quotas.set_limits(config.limits.quota_limits());
         let (applied, acks) = std::sync::mpsc::channel();
@@ -75,9 +116,6 @@ impl Started {
         for _ in &self.controls {
             acks.recv_timeout(Duration::from_secs(5))
                 .map_err(|_| io::Error::other("a worker did not apply the reload"))?;
-        }
-        if let Some(store) = &self.certificates {
-            store.reload().map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -200,17 +238,19 @@ impl Started {
 }
 
 /// Builds the shared parts of the core from the configuration.
-pub fn credentials(config: &Config, nonce_secret: &[u8; 32]) -> io::Result<Arc<Credentials>> {
+pub fn credentials(config: &Config, nonce_secret: &[u8; 32], store: &StoreContents) -> io::Result<Arc<Credentials>> {
     let users = config.auth.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
-    Credentials::new(
-        &config.realm,
-        users,
-        &config.auth.secrets,
-        nonce_secret,
-        config.auth.nonce_lifetime,
-    )
-    .map(Arc::new)
-    .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
+    let mut secrets = config.auth.secrets.clone();
+    secrets.extend(
+        store
+            .secrets
+            .iter()
+            .filter(|s| !config.auth.secrets.contains(s))
+            .cloned(),
+    );
+    Credentials::new(&config.realm, users, &secrets, nonce_secret, config.auth.nonce_lifetime)
+        .map(|c| Arc::new(c.with_md5_users(store.users.iter().cloned())))
+        .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
 }
 
 /// The peer policy, with the relay addresses as "own" addresses and the
@@ -397,7 +437,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     }
 
     let nonce_secret = random_secret()?;
-    let credentials = credentials(config, &nonce_secret)?;
+    let credentials = credentials(config, &nonce_secret, &StoreContents::default())?;
     let mut services = udp_bound.clone();
     services.extend_from_slice(&tcp_bound);
     services.extend_from_slice(&tls_bound);
@@ -478,6 +518,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         extra_services: extra_services.to_vec(),
         stream_context: ctx,
         xdp: std::sync::Mutex::new(fast_path),
+        applied: std::sync::Mutex::new((config.clone(), StoreContents::default())),
     })
 }
 

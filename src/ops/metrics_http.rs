@@ -135,6 +135,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "RFC 6062 peer connections, by worker.",
     ),
     (
+        "turnstile_store_up",
+        "gauge",
+        "1 while the fleet store (Redis) answers, 0 while it does not (the users and secrets read last stay in force).",
+    ),
+    (
         "turnstile_udp_gso_sends_total",
         "counter",
         "UDP GSO sends (several datagrams in one system call).",

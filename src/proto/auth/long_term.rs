@@ -73,6 +73,15 @@ impl LongTermKey {
         self.bytes.get(..self.len as usize).unwrap_or_default()
     }
 
+    /// An MD5 key as stored elsewhere (coturn's user database keeps
+    /// MD5(name:realm:password), never the password).
+    pub fn md5_from_bytes(key: [u8; 16]) -> LongTermKey {
+        let mut bytes = [0u8; 32];
+        let (head, _) = bytes.split_at_mut(16);
+        head.copy_from_slice(&key);
+        LongTermKey { bytes, len: 16 }
+    }
+
     /// HMAC-SHA1 keyed for MESSAGE-INTEGRITY; clone it per message.
     pub fn hmac_sha1(&self) -> HmacSha1 {
         integrity::hmac_sha1(self.as_bytes())

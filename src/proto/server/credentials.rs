@@ -28,7 +28,8 @@ pub enum IntegritySuite {
 #[derive(Debug, Clone)]
 struct StaticUser {
     md5: LongTermKey,
-    sha256: LongTermKey,
+    /// `None` for a user known by its MD5 key only (from the fleet store).
+    sha256: Option<LongTermKey>,
 }
 
 /// A request that passed authentication.
@@ -134,7 +135,7 @@ impl Credentials {
                 name.to_owned(),
                 StaticUser {
                     md5: LongTermKey::derive(PasswordAlgorithm::Md5, name, realm, &p),
-                    sha256: LongTermKey::derive(PasswordAlgorithm::Sha256, name, realm, &p),
+                    sha256: Some(LongTermKey::derive(PasswordAlgorithm::Sha256, name, realm, &p)),
                 },
             );
             hashes.insert(userhash(name, realm), name.to_owned());
@@ -152,6 +153,26 @@ impl Credentials {
 
     pub fn realm(&self) -> &str {
         &self.realm
+    }
+
+    /// Adds users known by their MD5 long-term key only (a fleet store in
+    /// coturn's layout keeps no password). A name already configured with a
+    /// password keeps it.
+    pub fn with_md5_users(mut self, users: impl IntoIterator<Item = (String, [u8; 16])>) -> Credentials {
+        for (name, key) in users {
+            if self.users.contains_key(&name) {
+                continue;
+            }
+            self.userhashes.insert(userhash(&name, &self.realm), name.clone());
+            self.users.insert(
+                name,
+                StaticUser {
+                    md5: LongTermKey::md5_from_bytes(key),
+                    sha256: None,
+                },
+            );
+        }
+        self
     }
 
     /// Appends REALM, a fresh NONCE and PASSWORD-ALGORITHMS to an error
@@ -241,12 +262,16 @@ impl Credentials {
         }
         if let Some(user) = self.users.get(username) {
             let key = match algorithm {
-                PasswordAlgorithm::Md5 => &user.md5,
-                PasswordAlgorithm::Sha256 => &user.sha256,
+                PasswordAlgorithm::Md5 => Some(&user.md5),
+                PasswordAlgorithm::Sha256 => user.sha256.as_ref(),
             };
-            return verify(key)
-                .map(|_| done(key.clone()))
-                .map_err(|_| AuthFailure::BadIntegrity);
+            return match key {
+                Some(key) => verify(key)
+                    .map(|_| done(key.clone()))
+                    .map_err(|_| AuthFailure::BadIntegrity),
+                // Known by its MD5 key only: SHA-256 cannot be checked.
+                None => Err(AuthFailure::BadIntegrity),
+            };
         }
         if rest_expiry.is_none() {
             return Err(AuthFailure::UnknownUser);
@@ -267,10 +292,10 @@ impl Credentials {
     pub fn still_verifies(&self, username: &str, algorithm: PasswordAlgorithm, key: &LongTermKey) -> bool {
         let same = |k: &LongTermKey| crate::proto::stun::integrity::ct_eq(k.as_bytes(), key.as_bytes());
         if let Some(user) = self.users.get(username) {
-            return same(match algorithm {
-                PasswordAlgorithm::Md5 => &user.md5,
-                PasswordAlgorithm::Sha256 => &user.sha256,
-            });
+            return match algorithm {
+                PasswordAlgorithm::Md5 => same(&user.md5),
+                PasswordAlgorithm::Sha256 => user.sha256.as_ref().is_some_and(same),
+            };
         }
         if crate::proto::auth::RestUsername::parse(username).is_none() {
             return false;

@@ -1,0 +1,251 @@
+//! Several turnstile nodes sharing one Redis in coturn's layout: users and
+//! REST secrets written by coturn's own `turnadmin` are accepted by every
+//! node, and a deleted user is refused everywhere within two seconds. A
+//! real `redis-server` (Debian) on an ephemeral loopback port; nodes on
+//! 127.0.0.11, .12 and .13; everything stopped when the test ends.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use common::uclient::{Report, parse_report};
+
+const REALM: &str = "fleet.example";
+
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Redis { child, port, _dir: dir }
+    }
+
+    /// coturn's `turnadmin`, pointed at this Redis.
+    fn turnadmin(&self, args: &[&str]) {
+        let db = format!("ip=127.0.0.1 port={} dbname=0", self.port);
+        let out = Command::new("turnadmin")
+            .args(args)
+            .args(["-r", REALM, "-N", &db])
+            .output()
+            .expect("turnadmin (Debian package coturn)");
+        assert!(
+            out.status.success(),
+            "turnadmin {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(ip: &str, redis: &Redis) -> TestServer {
+    TestServer::start(&format!(
+        r#"realm = "{REALM}"
+workers = 2
+
+[[listen]]
+transport = "udp"
+address = "{ip}:0"
+
+[relay]
+address = "{ip}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[peers]
+allow = ["127.0.0.0/8"]
+
+[store]
+redis = "redis://127.0.0.1:{}/0"
+"#,
+        redis.port
+    ))
+}
+
+struct Peer(Child, u16);
+
+impl Peer {
+    fn start() -> Peer {
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("turnutils_peer")
+            .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnutils_peer (Debian package coturn)");
+        std::thread::sleep(Duration::from_millis(300));
+        Peer(child, port)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn uclient(server: &TestServer, peer: &Peer, user: &str, password: &str) -> Report {
+    let addr = server.udp[0];
+    let out = Command::new("timeout")
+        .args([
+            "30",
+            "turnutils_uclient",
+            "-p",
+            &addr.port().to_string(),
+            "-e",
+            "127.0.0.1",
+        ])
+        .args([
+            "-r",
+            &peer.1.to_string(),
+            "-z",
+            "5",
+            "-u",
+            user,
+            "-w",
+            password,
+            "-n",
+            "50",
+            "-m",
+            "2",
+        ])
+        .arg(addr.ip().to_string())
+        .output()
+        .expect("turnutils_uclient (Debian package coturn)");
+    parse_report(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[test]
+fn users_written_by_turnadmin_work_on_every_node_and_deleting_one_refuses_it_everywhere() {
+    let redis = Redis::start();
+    let nodes: Vec<TestServer> = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .map(|ip| node(ip, &redis))
+        .collect();
+    for n in &nodes {
+        assert!(n.wait_counter("turnstile_store_up", 1.0), "store not reachable");
+    }
+    let peer = Peer::start();
+
+    redis.turnadmin(&["-a", "-u", "bob", "-p", "bobs-password"]);
+    // Within about a second every node knows bob.
+    std::thread::sleep(Duration::from_millis(2000));
+    for n in &nodes {
+        let r = uclient(n, &peer, "bob", "bobs-password");
+        assert_eq!(r.lost, Some(0), "{}", r.output);
+        assert!(r.sent >= 100 && r.received == r.sent, "{}", r.output);
+    }
+
+    // Deleted: refused everywhere within 2 s.
+    redis.turnadmin(&["-d", "-u", "bob"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    for n in &nodes {
+        let r = uclient(n, &peer, "bob", "bobs-password");
+        assert_eq!(r.received, 0, "{}", r.output);
+        assert!(r.output.contains("Cannot complete Allocation"), "{}", r.output);
+    }
+}
+
+#[test]
+fn rest_secrets_written_by_turnadmin_work_on_every_node() {
+    let redis = Redis::start();
+    let nodes: Vec<TestServer> = ["127.0.0.11", "127.0.0.12"].iter().map(|ip| node(ip, &redis)).collect();
+    redis.turnadmin(&["-s", "fleet-rest-secret"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let peer = Peer::start();
+    for n in &nodes {
+        let addr = n.udp[0];
+        let out = Command::new("timeout")
+            .args([
+                "30",
+                "turnutils_uclient",
+                "-p",
+                &addr.port().to_string(),
+                "-e",
+                "127.0.0.1",
+            ])
+            .args([
+                "-r",
+                &peer.1.to_string(),
+                "-z",
+                "5",
+                "-u",
+                "carol",
+                "-W",
+                "fleet-rest-secret",
+            ])
+            .args(["-n", "50", "-m", "2"])
+            .arg(addr.ip().to_string())
+            .output()
+            .unwrap();
+        let r = parse_report(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        assert_eq!(r.lost, Some(0), "{}", r.output);
+        assert!(r.sent >= 100 && r.received == r.sent, "{}", r.output);
+    }
+}
+
+#[test]
+fn with_redis_gone_the_users_read_last_still_work() {
+    let mut redis = Redis::start();
+    let n = node("127.0.0.11", &redis);
+    redis.turnadmin(&["-a", "-u", "bob", "-p", "bobs-password"]);
+    assert!(n.wait_counter("turnstile_store_up", 1.0));
+    std::thread::sleep(Duration::from_millis(2000));
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.counter("turnstile_store_up") != 0.0 {
+        assert!(Instant::now() < deadline, "the outage was not noticed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(n.wait_log("store unreachable"));
+    let peer = Peer::start();
+    let r = uclient(&n, &peer, "bob", "bobs-password");
+    assert_eq!(r.lost, Some(0), "{}", r.output);
+    assert!(r.received > 0, "{}", r.output);
+}
