@@ -384,9 +384,16 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
             tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
         }
         if let Some(store) = &config.store {
+            // This node's name in the store: where it listens, and its process.
+            let node = format!(
+                "{}/{}",
+                started.udp.first().map(|a| a.to_string()).unwrap_or_default(),
+                std::process::id()
+            );
             tokio::task::spawn_local(turnstile::ops::store::follow(
                 store.redis.clone(),
                 config.realm.clone(),
+                node,
                 started.clone(),
             ));
         }

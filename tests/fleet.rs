@@ -11,9 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use common::raw::{RawClient, code};
 use common::uclient::{Report, parse_report};
+use turnstile::proto::stun::Method;
 
-const REALM: &str = "fleet.example";
+const REALM: &str = "test.local";
 
 struct Redis {
     child: Child,
@@ -74,6 +76,10 @@ impl Drop for Redis {
 }
 
 fn node(ip: &str, redis: &Redis) -> TestServer {
+    node_with(ip, redis, "")
+}
+
+fn node_with(ip: &str, redis: &Redis, extra: &str) -> TestServer {
     TestServer::start(&format!(
         r#"realm = "{REALM}"
 workers = 2
@@ -93,6 +99,8 @@ allow = ["127.0.0.0/8"]
 
 [store]
 redis = "redis://127.0.0.1:{}/0"
+
+{extra}
 "#,
         redis.port
     ))
@@ -248,4 +256,68 @@ fn with_redis_gone_the_users_read_last_still_work() {
     let r = uclient(&n, &peer, "bob", "bobs-password");
     assert_eq!(r.lost, Some(0), "{}", r.output);
     assert!(r.received > 0, "{}", r.output);
+}
+
+/// Allocates for `user` on `server`; the answer's error code (0: success).
+fn allocate(server: &TestServer, user: &str, password: &str) -> (RawClient, u16) {
+    let mut c = RawClient::connect_as(server.udp[0], user, password);
+    let answer = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    let code = code(&answer);
+    (c, code)
+}
+
+#[test]
+fn user_quota_counts_the_whole_fleet_and_a_dead_nodes_lease_runs_out() {
+    let redis = Redis::start();
+    let quota = "[limits]\nuser_quota = 2\n";
+    let mut nodes: Vec<TestServer> = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .map(|ip| {
+            node_with(
+                ip,
+                &redis,
+                &format!("[auth]\nusers = {{ dave = \"daves-password\" }}\n{quota}"),
+            )
+        })
+        .collect();
+    for n in &nodes {
+        assert!(n.wait_counter("turnstile_store_up", 1.0));
+    }
+    let (_a, first) = allocate(&nodes[0], "dave", "daves-password");
+    let (mut b, second) = allocate(&nodes[1], "dave", "daves-password");
+    assert_eq!((first, second), (0, 0), "two allocations on two nodes");
+    // Leases are written and read once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    for n in &nodes {
+        let (_c, third) = allocate(n, "dave", "daves-password");
+        assert_eq!(third, 486, "the fleet holds dave's two already");
+    }
+    // One released (Refresh 0): a place again, on any node.
+    let answer = b.request(Method::REFRESH, true, |w| w.lifetime(0).unwrap());
+    assert_eq!(code(&answer), 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_d, again) = allocate(&nodes[2], "dave", "daves-password");
+    assert_eq!(again, 0, "a released place is free on another node");
+
+    // Node 1 dies holding one: its lease runs out within LEASE (10 s).
+    let dead = nodes.remove(0);
+    let pid = dead.pid();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let (_e, code) = allocate(&nodes[0], "dave", "daves-password");
+        if code == 0 {
+            break;
+        }
+        assert_eq!(code, 486);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the dead node still holds its quota"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(dead);
 }

@@ -8,10 +8,17 @@
 //!   (`turnadmin -s SECRET -N …`).
 //!
 //! The whole of it is read once a second and handed to the workers as a
-//! reload would; nothing on the packet path ever touches the store. When
-//! Redis is away the last contents stay in force (users seen before keep
-//! authenticating), the outage is logged once, and `turnstile_store_up`
-//! says 0 until it is back.
+//! reload would; nothing on the packet path ever touches the store.
+//!
+//! Fleet-wide quotas: every second each node writes what it holds, per user
+//! and in total, as a lease (`turnstile/node/<id>/quota`, a hash, expiring
+//! after [`LEASE`]) and reads the others' leases into its quota checks. A
+//! node that dies stops holding quota when its lease runs out; two nodes
+//! granting the last place within the same second may overshoot by one.
+//!
+//! When Redis is away the last contents stay in force (users seen before
+//! keep authenticating), quotas count this node alone, the outage is logged
+//! once, and `turnstile_store_up` says 0 until it is back.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,8 +28,12 @@ use crate::io::{Started, StoreContents};
 /// How often the store is read.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// Follows the store at `url` for as long as the process runs.
-pub async fn follow(url: String, realm: String, started: Rc<Started>) {
+/// How long a node's quota lease outlives its last renewal.
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// Follows the store at `url` for as long as the process runs; `node`
+/// names this node's lease.
+pub async fn follow(url: String, realm: String, node: String, started: Rc<Started>) {
     let client = match redis::Client::open(url.as_str()) {
         Ok(c) => c,
         Err(e) => {
@@ -39,12 +50,17 @@ pub async fn follow(url: String, realm: String, started: Rc<Started>) {
                 connection = Some(client.get_multiplexed_async_connection().await?);
             }
             match connection.as_mut() {
-                Some(c) => read(c, &realm).await,
+                Some(c) => {
+                    let (per_user, total) = started.quotas.local();
+                    let others = lease(c, &node, &per_user, total).await?;
+                    Ok((read(c, &realm).await?, others))
+                }
                 None => Err(redis::RedisError::from((redis::ErrorKind::IoError, "not connected"))),
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok(contents)) => {
+            Ok(Ok((contents, (others, others_total)))) => {
+                started.quotas.set_remote(others, others_total);
                 if up != Some(true) {
                     tracing::info!(
                         users = contents.users.len(),
@@ -65,6 +81,8 @@ pub async fn follow(url: String, realm: String, started: Rc<Started>) {
                     _ => "no answer within 5 s".to_owned(),
                 };
                 connection = None;
+                // Alone until the store is back: quotas count this node only.
+                started.quotas.set_remote(Default::default(), 0);
                 if up != Some(false) {
                     tracing::warn!("store unreachable ({why}); serving the users and secrets read last, retrying");
                     metrics::gauge!("turnstile_store_up").set(0.0);
@@ -75,6 +93,56 @@ pub async fn follow(url: String, realm: String, started: Rc<Started>) {
         }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Renews this node's quota lease and sums the other nodes' leases.
+async fn lease(
+    c: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    per_user: &[(String, u32)],
+    total: u32,
+) -> redis::RedisResult<(std::collections::HashMap<String, u32>, u32)> {
+    let mine = format!("turnstile/node/{node}/quota");
+    let mut p = redis::pipe();
+    p.atomic().del(&mine).hset(&mine, "", total);
+    for (user, n) in per_user {
+        p.hset(&mine, format!("user/{user}"), *n);
+    }
+    p.expire(&mine, LEASE.as_secs() as i64);
+    p.query_async::<()>(c).await?;
+
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("turnstile/node/*/quota")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await?;
+        keys.extend(batch.into_iter().filter(|k| *k != mine));
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    let mut others = std::collections::HashMap::new();
+    let mut others_total = 0u32;
+    for key in keys {
+        let fields: std::collections::HashMap<String, u32> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        for (field, n) in fields {
+            match field.strip_prefix("user/") {
+                Some(user) => *others.entry(user.to_owned()).or_insert(0) += n,
+                None if field.is_empty() => others_total += n,
+                None => {}
+            }
+        }
+    }
+    Ok((others, others_total))
 }
 
 /// Reads every user key and REST secret of `realm`.

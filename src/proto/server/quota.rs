@@ -49,6 +49,9 @@ struct Counts {
 pub struct Quotas {
     limits: Mutex<QuotaLimits>,
     counts: Mutex<Counts>,
+    /// What the other nodes of a fleet hold, per user and in total (from
+    /// the fleet store; empty for a node alone).
+    remote: Mutex<(HashMap<String, u32>, u32)>,
 }
 
 impl Quotas {
@@ -65,6 +68,7 @@ impl Quotas {
         Quotas {
             limits: Mutex::new(limits),
             counts: Mutex::new(Counts::default()),
+            remote: Mutex::new((HashMap::new(), 0)),
         }
     }
 
@@ -75,15 +79,21 @@ impl Quotas {
         }
     }
 
-    /// Counts one more allocation for `user` from `ip`, or refuses.
+    /// Counts one more allocation for `user` from `ip`, or refuses. The
+    /// user and total quotas count the other nodes of a fleet too.
     pub fn acquire(&self, user: &str, ip: IpAddr) -> Result<(), QuotaRefusal> {
         let limits = self.limits.lock().map(|l| *l).unwrap_or_default();
+        let (remote_user, remote_total) = self
+            .remote
+            .lock()
+            .map(|r| (r.0.get(user).copied().unwrap_or(0), r.1))
+            .unwrap_or((0, 0));
         let Ok(mut c) = self.counts.lock() else { return Ok(()) };
-        if limits.total != 0 && c.total >= limits.total {
+        if limits.total != 0 && c.total + remote_total >= limits.total {
             return Err(QuotaRefusal::Total);
         }
         let n = c.per_user.get(user).copied().unwrap_or(0);
-        if limits.per_user != 0 && n >= limits.per_user {
+        if limits.per_user != 0 && n + remote_user >= limits.per_user {
             return Err(QuotaRefusal::User);
         }
         let m = c.per_ip.get(&ip).copied().unwrap_or(0);
@@ -112,6 +122,21 @@ impl Quotas {
                 c.per_ip.remove(&ip);
             }
         }
+    }
+
+    /// What the other nodes of the fleet hold now (replaces the last view).
+    pub fn set_remote(&self, per_user: HashMap<String, u32>, total: u32) {
+        if let Ok(mut r) = self.remote.lock() {
+            *r = (per_user, total);
+        }
+    }
+
+    /// This node's allocations per user, and in total, to publish.
+    pub fn local(&self) -> (Vec<(String, u32)>, u32) {
+        self.counts
+            .lock()
+            .map(|c| (c.per_user.iter().map(|(u, n)| (u.clone(), *n)).collect(), c.total))
+            .unwrap_or_default()
     }
 
     /// Whether another allocation fits under the total quota.
