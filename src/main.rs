@@ -45,6 +45,14 @@ enum Command {
         /// expiry (`phone-42` ends `1796528208:phone-42`).
         user: String,
     },
+    /// Refuse a user on every node of the fleet for a while and end its
+    /// allocations (a REST user is matched by the name after its expiry).
+    Revoke {
+        user: String,
+        /// How long, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
     /// Print a turnstile.toml equivalent to a coturn turnserver.conf, with a
     /// note for each option that cannot be carried over.
     ImportCoturn {
@@ -55,12 +63,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(cmd @ (Command::Sessions { .. } | Command::Kick { .. })) = &cli.command {
+    if let Some(cmd @ (Command::Sessions { .. } | Command::Kick { .. } | Command::Revoke { .. })) = &cli.command {
         let path = cli
             .config
             .clone()
             .unwrap_or_else(|| PathBuf::from("/etc/turnstile/turnstile.toml"));
-        let (method, target) = match cmd {
+        let (method, target, body) = match cmd {
             Command::Kick { user } => (
                 "DELETE",
                 format!(
@@ -69,13 +77,19 @@ fn main() -> ExitCode {
                         .append_pair("user", user)
                         .finish()
                 ),
+                String::new(),
             ),
-            _ => ("GET", "/v1/allocations".to_owned()),
+            Command::Revoke { user, ttl } => (
+                "POST",
+                "/v1/revocations".to_owned(),
+                serde_json::json!({ "user": user, "ttl": ttl }).to_string(),
+            ),
+            _ => ("GET", "/v1/allocations".to_owned(), String::new()),
         };
         let table = matches!(cmd, Command::Sessions { json: false });
         return match Config::load(&path)
             .map_err(|e| e.to_string())
-            .and_then(|c| admin_call(&c, method, &target))
+            .and_then(|c| admin_call(&c, method, &target, &body))
         {
             Ok(body) if table => match sessions_table(&body) {
                 Some(t) => {
@@ -209,6 +223,7 @@ fn sessions_table(json: &str) -> Option<String> {
         "CHANNELS".to_owned(),
         "TO PEER".to_owned(),
         "TO CLIENT".to_owned(),
+        "NODE".to_owned(),
     ]];
     // User names are whatever a client or a REST backend chose: escaped
     // before they reach a terminal.
@@ -254,9 +269,10 @@ fn sessions_table(json: &str) -> Option<String> {
             num(a, "channels").to_string(),
             bytes(a, "to_peer"),
             bytes(a, "to_client"),
+            text(a, "node"),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..11)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -270,7 +286,7 @@ fn sessions_table(json: &str) -> Option<String> {
 }
 
 /// One request to the admin listener named by the configuration.
-fn admin_call(config: &Config, method: &str, target: &str) -> Result<String, String> {
+fn admin_call(config: &Config, method: &str, target: &str, body: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let admin = config
         .admin
@@ -279,8 +295,9 @@ fn admin_call(config: &Config, method: &str, target: &str) -> Result<String, Str
     let mut s = std::net::TcpStream::connect(admin.listen).map_err(|e| format!("{}: {e}", admin.listen))?;
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
     let req = format!(
-        "{method} {target} HTTP/1.1\r\nhost: turnstile\r\nauthorization: Bearer {}\r\ncontent-length: 0\r\n\r\n",
-        admin.token
+        "{method} {target} HTTP/1.1\r\nhost: turnstile\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        admin.token,
+        body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut resp = String::new();
@@ -357,6 +374,14 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     }
     // Readiness for /readyz: listeners are up; false once draining.
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // This node's name in a fleet's store and admin view: where it listens,
+    // and its process.
+    let node = format!(
+        "{}/{}",
+        started.udp.first().map(|a| a.to_string()).unwrap_or_default(),
+        std::process::id()
+    );
+    let fleet = std::rc::Rc::new(turnstile::ops::fleet::Fleet::new(node, started.clone()));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -379,21 +404,19 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                 a.public_host.as_deref(),
                 fallback,
             );
-            let admin = turnstile::ops::admin::AdminApi { credentials: api, started: started.clone() };
+            let admin = turnstile::ops::admin::AdminApi {
+                credentials: api,
+                started: started.clone(),
+                fleet: fleet.clone(),
+            };
             let handler = move |req: turnstile::ops::http::Request| admin.handle(&req);
             tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
         }
         if let Some(store) = &config.store {
-            // This node's name in the store: where it listens, and its process.
-            let node = format!(
-                "{}/{}",
-                started.udp.first().map(|a| a.to_string()).unwrap_or_default(),
-                std::process::id()
-            );
             tokio::task::spawn_local(turnstile::ops::store::follow(
                 store.redis.clone(),
                 config.realm.clone(),
-                node,
+                fleet.clone(),
                 started.clone(),
             ));
         }
@@ -437,6 +460,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                     notify(&[sd_notify::NotifyState::Ready]);
                 }
                 _ = poll.tick() => {
+                    fleet.tick();
                     if let Some(result) = certs.as_ref().and_then(|c| c.reload_if_changed()) {
                         log_reload(result);
                     }

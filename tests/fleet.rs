@@ -321,3 +321,123 @@ fn user_quota_counts_the_whole_fleet_and_a_dead_nodes_lease_runs_out() {
     }
     drop(dead);
 }
+
+const TOKEN: &str = "fleet-admin-token-0123";
+
+fn admin_node(ip: &str, redis: &Redis) -> TestServer {
+    node_with(
+        ip,
+        redis,
+        &format!(
+            "[auth]\nusers = {{ erin = \"erins-password\" }}\nsecrets = [\"fleet-rest\"]\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"
+        ),
+    )
+}
+
+/// The allocations the admin API of `n` lists, as (node, user).
+fn listed(n: &TestServer) -> Vec<(String, String)> {
+    let (status, body) = n.admin_request("GET", "/v1/allocations", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["node"].as_str().unwrap().to_owned(),
+                a["user"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn one_admin_view_and_a_kick_that_reaches_the_node_holding_the_allocation() {
+    let redis = Redis::start();
+    let nodes: Vec<TestServer> = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .map(|ip| admin_node(ip, &redis))
+        .collect();
+    let (_a, on_one) = allocate(&nodes[0], "erin", "erins-password");
+    let (_b, on_three) = allocate(&nodes[2], "erin", "erins-password");
+    assert_eq!((on_one, on_three), (0, 0));
+    // Any node lists the whole fleet, each allocation with its node.
+    wait_for("node 2 lists both allocations", || listed(&nodes[1]).len() == 2);
+    let list = listed(&nodes[1]);
+    let holders: std::collections::BTreeSet<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(holders.len(), 2, "{list:?}");
+    assert!(list.iter().any(|(n, _)| n.starts_with("127.0.0.11:")), "{list:?}");
+    assert!(list.iter().any(|(n, _)| n.starts_with("127.0.0.13:")), "{list:?}");
+
+    // A kick on node 1 ends erin's allocation on node 3 too.
+    let (status, body) = nodes[0].admin_request("DELETE", "/v1/allocations?user=erin", Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    wait_for("node 3 ended erin's allocation", || {
+        nodes[2].counter("turnstile_allocations_deleted_total") >= 1.0
+    });
+    wait_for("nothing listed anywhere", || nodes.iter().all(|n| listed(n).is_empty()));
+}
+
+#[test]
+fn a_revocation_ends_rest_allocations_on_every_node_and_refuses_new_ones_until_it_runs_out() {
+    let redis = Redis::start();
+    let nodes: Vec<TestServer> = ["127.0.0.11", "127.0.0.12"]
+        .iter()
+        .map(|ip| admin_node(ip, &redis))
+        .collect();
+    // A REST credential for frank, as an app backend hands it out.
+    let rest = |n: &TestServer| -> (String, String) {
+        let (status, body) = n.admin_request(
+            "POST",
+            "/v1/ice-servers",
+            Some(TOKEN),
+            r#"{"user": "frank", "ttl": 600}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let s = v["iceServers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s.get("username").is_some())
+            .unwrap()
+            .clone();
+        (
+            s["username"].as_str().unwrap().to_owned(),
+            s["credential"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (user, password) = rest(&nodes[0]);
+    for n in &nodes {
+        let (_c, code) = allocate(n, &user, &password);
+        assert_eq!(code, 0);
+    }
+    wait_for("both allocations listed", || listed(&nodes[0]).len() == 2);
+
+    let (status, body) =
+        nodes[1].admin_request("POST", "/v1/revocations", Some(TOKEN), r#"{"user": "frank", "ttl": 4}"#);
+    assert_eq!(status, 200, "{body}");
+    wait_for("frank's allocations ended on both nodes", || {
+        nodes.iter().all(|n| listed(n).is_empty())
+    });
+    for n in &nodes {
+        let (_c, code) = allocate(n, &user, &password);
+        assert_eq!(code, 401, "revoked on every node");
+    }
+    // The revocation runs out (4 s): frank may allocate again.
+    std::thread::sleep(Duration::from_secs(6));
+    for n in &nodes {
+        let (_c, code) = allocate(n, &user, &password);
+        assert_eq!(code, 0, "the revocation ran out");
+    }
+}

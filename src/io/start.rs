@@ -39,6 +39,8 @@ pub struct StoreContents {
     /// Name and MD5 long-term key.
     pub users: Vec<(String, [u8; 16])>,
     pub secrets: Vec<String>,
+    /// Users refused for now (revocations).
+    pub revoked: Vec<String>,
 }
 
 /// The loaded XDP program (or nothing, in a build without the feature).
@@ -249,7 +251,12 @@ pub fn credentials(config: &Config, nonce_secret: &[u8; 32], store: &StoreConten
             .cloned(),
     );
     Credentials::new(&config.realm, users, &secrets, nonce_secret, config.auth.nonce_lifetime)
-        .map(|c| Arc::new(c.with_md5_users(store.users.iter().cloned())))
+        .map(|c| {
+            Arc::new(
+                c.with_md5_users(store.users.iter().cloned())
+                    .with_revoked(store.revoked.iter().cloned()),
+            )
+        })
         .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
 }
 

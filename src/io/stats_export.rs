@@ -191,6 +191,12 @@ impl StatsExporter {
         );
         add(
             "turnstile_auth_failures_total",
+            &[("reason", "revoked")],
+            now.auth_revoked,
+            last.auth_revoked,
+        );
+        add(
+            "turnstile_auth_failures_total",
             &[("reason", "expired")],
             now.auth_expired,
             last.auth_expired,

@@ -195,16 +195,42 @@ impl CredentialApi {
     }
 }
 
-/// The whole admin listener: allocations (list, delete by user or client)
-/// and the credential API, behind the same bearer token.
+/// One allocation as the admin API lists it, with the node holding it.
+pub fn allocation_json(a: &crate::proto::server::AllocationInfo, node: &str) -> serde_json::Value {
+    json!({
+        "node": node,
+        "user": a.user,
+        "client": a.client.to_string(),
+        "transport": a.transport,
+        "relay": a.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "tcp_relay": a.tcp_relay,
+        "age_seconds": a.age_secs,
+        "expires_in_seconds": a.expires_in_secs,
+        "permissions": a.permissions,
+        "channels": a.channels,
+        "to_peer": {"packets": a.traffic.to_peer_packets, "bytes": a.traffic.to_peer_bytes},
+        "to_client": {"packets": a.traffic.to_client_packets, "bytes": a.traffic.to_client_bytes},
+    })
+}
+
+/// The whole admin listener: allocations (list, delete by user or client),
+/// revocations and the credential API, behind the same bearer token.
 pub struct AdminApi {
     pub credentials: CredentialApi,
     pub started: std::rc::Rc<crate::io::Started>,
+    pub fleet: std::rc::Rc<crate::ops::fleet::Fleet>,
 }
+
+/// Longest revocation (seconds).
+pub const MAX_REVOCATION: u64 = 30 * 24 * 3600;
 
 impl AdminApi {
     pub fn handle(&self, req: &Request) -> Response {
-        if req.path.trim_end_matches('/') != "/v1/allocations" {
+        let path = req.path.trim_end_matches('/');
+        if path == "/v1/revocations" {
+            return self.revocations(req);
+        }
+        if path != "/v1/allocations" {
             return self.credentials.handle(req);
         }
         if !self.credentials.authorized(req) {
@@ -213,26 +239,17 @@ impl AdminApi {
         }
         match req.method.as_str() {
             "GET" => {
-                let list: Vec<serde_json::Value> = self
+                let node = &self.fleet.node;
+                let mut list: Vec<serde_json::Value> = self
                     .started
                     .allocations()
                     .iter()
-                    .map(|a| {
-                        json!({
-                            "user": a.user,
-                            "client": a.client.to_string(),
-                            "transport": a.transport,
-                            "relay": a.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                            "tcp_relay": a.tcp_relay,
-                            "age_seconds": a.age_secs,
-                            "expires_in_seconds": a.expires_in_secs,
-                            "permissions": a.permissions,
-                            "channels": a.channels,
-                            "to_peer": {"packets": a.traffic.to_peer_packets, "bytes": a.traffic.to_peer_bytes},
-                            "to_client": {"packets": a.traffic.to_client_packets, "bytes": a.traffic.to_client_bytes},
-                        })
-                    })
+                    .map(|a| allocation_json(a, node))
                     .collect();
+                // The other nodes of a fleet, as they published themselves (≤ 1 s old).
+                for (_, theirs) in self.fleet.others() {
+                    list.extend(theirs);
+                }
                 Response::json(200, json!({ "allocations": list }).to_string())
             }
             "DELETE" => {
@@ -245,7 +262,12 @@ impl AdminApi {
                 if user.is_none() && client.is_none() {
                     return Response::json(400, json!({"error": "name a user or a client"}).to_string());
                 }
-                let deleted = self.started.kick(user.as_deref(), client);
+                // A user's allocations end on every node of a fleet (the
+                // others within a second); a client address is this node's.
+                let deleted = match (&user, client) {
+                    (Some(u), None) => self.fleet.kick_everywhere(u),
+                    _ => self.started.kick(user.as_deref(), client),
+                };
                 tracing::info!(
                     admin = %peer_of(req),
                     user = user.as_deref().unwrap_or(""),
@@ -257,6 +279,41 @@ impl AdminApi {
             }
             _ => Response::json(405, json!({"error": "use GET or DELETE"}).to_string()),
         }
+    }
+
+    /// `POST /v1/revocations {"user": "…", "ttl": N}`: every node refuses
+    /// the user's new allocations and ends its existing ones, for N seconds.
+    fn revocations(&self, req: &Request) -> Response {
+        if !self.credentials.authorized(req) {
+            log_refused(req);
+            return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
+        }
+        if req.method != "POST" {
+            return Response::json(405, json!({"error": "use POST"}).to_string());
+        }
+        let body: serde_json::Value = match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(_) => return Response::json(400, json!({"error": "the body is a JSON object"}).to_string()),
+        };
+        let user = match body.get("user").and_then(|u| u.as_str()) {
+            Some(u) if !u.is_empty() => u.to_owned(),
+            _ => return Response::json(400, json!({"error": "user is a non-empty string"}).to_string()),
+        };
+        let ttl = match body.get("ttl") {
+            None => 3600,
+            Some(t) => match t.as_u64() {
+                Some(t) if (1..=MAX_REVOCATION).contains(&t) => t,
+                _ => {
+                    return Response::json(
+                        400,
+                        json!({"error": format!("ttl is a whole number of seconds, 1..={MAX_REVOCATION}")}).to_string(),
+                    );
+                }
+            },
+        };
+        self.fleet.revoke(&user, ttl);
+        tracing::info!(admin = %peer_of(req), user, ttl, "admin: user revoked");
+        Response::json(200, json!({ "revoked": user, "ttl": ttl }).to_string())
     }
 }
 

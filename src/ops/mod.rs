@@ -3,6 +3,7 @@
 //! dropping and process limits. Nothing here is on a packet's path.
 
 pub mod admin;
+pub mod fleet;
 pub mod http;
 pub mod metrics_http;
 pub mod privileges;

@@ -23,7 +23,8 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::io::{Started, StoreContents};
+use crate::io::StoreContents;
+use crate::ops::fleet::Fleet;
 
 /// How often the store is read.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -31,9 +32,9 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How long a node's quota lease outlives its last renewal.
 pub const LEASE: Duration = Duration::from_secs(10);
 
-/// Follows the store at `url` for as long as the process runs; `node`
-/// names this node's lease.
-pub async fn follow(url: String, realm: String, node: String, started: Rc<Started>) {
+/// Follows the store at `url` for as long as the process runs.
+pub async fn follow(url: String, realm: String, fleet: Rc<Fleet>, started: Rc<crate::io::Started>) {
+    let node = fleet.node.clone();
     let client = match redis::Client::open(url.as_str()) {
         Ok(c) => c,
         Err(e) => {
@@ -53,14 +54,27 @@ pub async fn follow(url: String, realm: String, node: String, started: Rc<Starte
                 Some(c) => {
                     let (per_user, total) = started.quotas.local();
                     let others = lease(c, &node, &per_user, total).await?;
-                    Ok((read(c, &realm).await?, others))
+                    let (revocations, kicks) = fleet.take_outbox();
+                    let mine = allocations_json(&started, &node);
+                    let exchanged = exchange(c, &node, &revocations, &kicks, &mine).await;
+                    if exchanged.is_err() {
+                        // Not written: try again next time.
+                        for (user, ttl) in revocations {
+                            fleet.revoke(&user, ttl);
+                        }
+                    }
+                    let (revoked, posted, lists) = exchanged?;
+                    let mut contents = read(c, &realm).await?;
+                    contents.revoked = revoked;
+                    Ok((contents, others, posted, lists))
                 }
                 None => Err(redis::RedisError::from((redis::ErrorKind::IoError, "not connected"))),
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok((contents, (others, others_total)))) => {
+            Ok(Ok((contents, (others, others_total), kicks, lists))) => {
                 started.quotas.set_remote(others, others_total);
+                fleet.store_read(contents.clone(), kicks, lists);
                 if up != Some(true) {
                     tracing::info!(
                         users = contents.users.len(),
@@ -71,9 +85,6 @@ pub async fn follow(url: String, realm: String, node: String, started: Rc<Starte
                     up = Some(true);
                 }
                 backoff = POLL;
-                if let Err(e) = started.set_store(contents) {
-                    tracing::warn!("store: applying its contents: {e}");
-                }
             }
             failure => {
                 let why = match failure {
@@ -83,6 +94,7 @@ pub async fn follow(url: String, realm: String, node: String, started: Rc<Starte
                 connection = None;
                 // Alone until the store is back: quotas count this node only.
                 started.quotas.set_remote(Default::default(), 0);
+                fleet.store_lost();
                 if up != Some(false) {
                     tracing::warn!("store unreachable ({why}); serving the users and secrets read last, retrying");
                     metrics::gauge!("turnstile_store_up").set(0.0);
@@ -91,8 +103,122 @@ pub async fn follow(url: String, realm: String, node: String, started: Rc<Starte
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+        fleet.tick();
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// This node's allocations as the admin API lists them.
+fn allocations_json(started: &crate::io::Started, node: &str) -> String {
+    let list: Vec<serde_json::Value> = started
+        .allocations()
+        .iter()
+        .map(|a| crate::ops::admin::allocation_json(a, node))
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+type Exchanged = (
+    Vec<String>,
+    Vec<(String, String)>,
+    Vec<(String, Vec<serde_json::Value>)>,
+);
+
+/// Writes this node's revocations, kicks and allocation list; reads every
+/// revocation in force, the other nodes' kicks and allocation lists.
+async fn exchange(
+    c: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    revocations: &[(String, u64)],
+    kicks: &[String],
+    allocations: &str,
+) -> redis::RedisResult<Exchanged> {
+    let mut p = redis::pipe();
+    for (user, ttl) in revocations {
+        p.set_ex(format!("turnstile/revoked/{user}"), node, (*ttl).max(1));
+    }
+    for (i, user) in kicks.iter().enumerate() {
+        let id = format!(
+            "{}-{i}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        p.set_ex(format!("turnstile/kick/{node}/{id}"), user, 10);
+    }
+    p.set_ex(
+        format!("turnstile/node/{node}/allocations"),
+        allocations,
+        LEASE.as_secs(),
+    );
+    p.query_async::<()>(c).await?;
+
+    let revoked: Vec<String> = scan(c, "turnstile/revoked/*")
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("turnstile/revoked/").map(str::to_owned))
+        .collect();
+    let own_kicks = format!("turnstile/kick/{node}/");
+    let kick_keys: Vec<String> = scan(c, "turnstile/kick/*")
+        .await?
+        .into_iter()
+        .filter(|k| !k.starts_with(&own_kicks))
+        .collect();
+    let mut posted = Vec::new();
+    if !kick_keys.is_empty() {
+        let users: Vec<Option<String>> = redis::cmd("MGET").arg(&kick_keys).query_async(c).await?;
+        for (key, user) in kick_keys.into_iter().zip(users) {
+            if let Some(user) = user {
+                posted.push((key, user));
+            }
+        }
+    }
+    let mine = format!("turnstile/node/{node}/allocations");
+    let list_keys: Vec<String> = scan(c, "turnstile/node/*/allocations")
+        .await?
+        .into_iter()
+        .filter(|k| *k != mine)
+        .collect();
+    let mut lists = Vec::new();
+    if !list_keys.is_empty() {
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&list_keys).query_async(c).await?;
+        for (key, value) in list_keys.iter().zip(values) {
+            let name = key
+                .strip_prefix("turnstile/node/")
+                .and_then(|k| k.strip_suffix("/allocations"))
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(list) = value.and_then(|v| serde_json::from_str::<Vec<serde_json::Value>>(&v).ok()) {
+                lists.push((name, list));
+            }
+        }
+    }
+    Ok((revoked, posted, lists))
+}
+
+/// Every key matching `pattern` (SCAN, never KEYS).
+async fn scan(c: &mut redis::aio::MultiplexedConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
 }
 
 /// Renews this node's quota lease and sums the other nodes' leases.
@@ -111,25 +237,11 @@ async fn lease(
     p.expire(&mine, LEASE.as_secs() as i64);
     p.query_async::<()>(c).await?;
 
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("turnstile/node/*/quota")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(c)
-            .await?;
-        keys.extend(batch.into_iter().filter(|k| *k != mine));
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    keys.sort();
-    keys.dedup();
+    let keys: Vec<String> = scan(c, "turnstile/node/*/quota")
+        .await?
+        .into_iter()
+        .filter(|k| *k != mine)
+        .collect();
     let mut others = std::collections::HashMap::new();
     let mut others_total = 0u32;
     for key in keys {
@@ -148,26 +260,7 @@ async fn lease(
 /// Reads every user key and REST secret of `realm`.
 async fn read(c: &mut redis::aio::MultiplexedConnection, realm: &str) -> redis::RedisResult<StoreContents> {
     let prefix = format!("turn/realm/{realm}/user/");
-    let pattern = format!("{prefix}*/key");
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(c)
-            .await?;
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    keys.sort();
-    keys.dedup();
+    let keys = scan(c, &format!("{prefix}*/key")).await?;
     let mut users = Vec::with_capacity(keys.len());
     if !keys.is_empty() {
         let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(c).await?;
@@ -184,7 +277,11 @@ async fn read(c: &mut redis::aio::MultiplexedConnection, realm: &str) -> redis::
         .query_async(c)
         .await?;
     secrets.sort();
-    Ok(StoreContents { users, secrets })
+    Ok(StoreContents {
+        users,
+        secrets,
+        revoked: Vec::new(),
+    })
 }
 
 /// The 16 bytes of a key written as 32 hex digits (either case).

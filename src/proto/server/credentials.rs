@@ -63,6 +63,8 @@ pub enum AuthFailure {
     BadIntegrity,
     /// REALM differs from ours (401).
     WrongRealm,
+    /// The operator revoked this user (`POST /v1/revocations`) (401).
+    Revoked,
 }
 
 impl AuthFailure {
@@ -93,6 +95,7 @@ impl AuthFailure {
             AuthFailure::Expired => "rest_credential_expired",
             AuthFailure::BadIntegrity => "bad_integrity",
             AuthFailure::WrongRealm => "wrong_realm",
+            AuthFailure::Revoked => "revoked",
         }
     }
 
@@ -109,6 +112,9 @@ pub struct Credentials {
     users: FxHashMap<String, StaticUser>,
     userhashes: FxHashMap<[u8; 32], String>,
     rest: RestSecrets,
+    /// Users refused until the operator's revocation runs out (a REST
+    /// name is matched by the part after its expiry).
+    revoked: Vec<String>,
     nonce_key: NonceKey,
     nonce_lifetime: u64,
     features: SecurityFeatures,
@@ -145,6 +151,7 @@ impl Credentials {
             users: map,
             userhashes: hashes,
             rest: RestSecrets::new(rest_secrets),
+            revoked: Vec::new(),
             nonce_key: NonceKey::new(nonce_secret),
             nonce_lifetime: nonce_lifetime_secs,
             features: SecurityFeatures::PASSWORD_ALGORITHMS.union(SecurityFeatures::USERNAME_ANONYMITY),
@@ -153,6 +160,21 @@ impl Credentials {
 
     pub fn realm(&self) -> &str {
         &self.realm
+    }
+
+    /// Refuses these users (revocations in force).
+    pub fn with_revoked(mut self, users: impl IntoIterator<Item = String>) -> Credentials {
+        self.revoked = users.into_iter().collect();
+        self
+    }
+
+    /// Whether `username` (or, for a REST name, the user after its expiry)
+    /// is revoked.
+    pub fn is_revoked(&self, username: &str) -> bool {
+        !self.revoked.is_empty()
+            && self.revoked.iter().any(|r| {
+                r == username || crate::proto::auth::RestUsername::parse(username).and_then(|u| u.user) == Some(r)
+            })
     }
 
     /// Adds users known by their MD5 long-term key only (a fleet store in
@@ -234,6 +256,9 @@ impl Credentials {
             return Err(AuthFailure::WrongRealm);
         }
 
+        if self.is_revoked(username) {
+            return Err(AuthFailure::Revoked);
+        }
         let rest_expiry = match self.rest.check_username(username, now_unix) {
             Ok(r) if !self.users.contains_key(username) => Some(r.expiry),
             Err(RestError::Expired) if !self.users.contains_key(username) => return Err(AuthFailure::Expired),
@@ -290,6 +315,9 @@ impl Credentials {
     /// against these credentials: the static user still exists with the same
     /// password, or a REST secret still in the list gives the same key.
     pub fn still_verifies(&self, username: &str, algorithm: PasswordAlgorithm, key: &LongTermKey) -> bool {
+        if self.is_revoked(username) {
+            return false;
+        }
         let same = |k: &LongTermKey| crate::proto::stun::integrity::ct_eq(k.as_bytes(), key.as_bytes());
         if let Some(user) = self.users.get(username) {
             return match algorithm {

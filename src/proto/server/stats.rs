@@ -29,6 +29,7 @@ pub struct Stats {
     pub peer_server_own_port: u64,
     /// Authentication failures answered 401 without a challenge-only reason.
     pub auth_bad_integrity: u64,
+    pub auth_revoked: u64,
     pub auth_unknown_user: u64,
     pub auth_expired: u64,
     pub auth_stale_nonce: u64,
@@ -210,6 +211,7 @@ impl Stats {
             AuthFailure::UnknownUser => self.auth_unknown_user += 1,
             AuthFailure::Expired => self.auth_expired += 1,
             AuthFailure::BadIntegrity => self.auth_bad_integrity += 1,
+            AuthFailure::Revoked => self.auth_revoked += 1,
         }
     }
 }
