@@ -75,6 +75,11 @@ pub struct Config {
 pub struct Store {
     /// `redis://[:PASSWORD@]HOST:PORT/DB`.
     pub redis: String,
+    /// A node out of relay ports, or draining (without its own
+    /// `alternate_server`), answers Allocate with 300 Try Alternate to the
+    /// least loaded live node of the fleet, instead of 508.
+    #[serde(default = "yes")]
+    pub redirect: bool,
 }
 
 /// The XDP fast path: bound channels relayed in the kernel (build feature

@@ -381,7 +381,15 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         started.udp.first().map(|a| a.to_string()).unwrap_or_default(),
         std::process::id()
     );
-    let fleet = std::rc::Rc::new(turnstile::ops::fleet::Fleet::new(node, started.clone()));
+    // Where clients reach this node, for the other nodes' 300 Try Alternate.
+    let address = started.udp.first().map(|a| {
+        if a.ip().is_unspecified() {
+            std::net::SocketAddr::new(config.relay.external_address.unwrap_or(config.relay.address), a.port())
+        } else {
+            *a
+        }
+    });
+    let fleet = std::rc::Rc::new(turnstile::ops::fleet::Fleet::new(node, address, started.clone()));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -414,7 +422,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         }
         if let Some(store) = &config.store {
             tokio::task::spawn_local(turnstile::ops::store::follow(
-                store.redis.clone(),
+                store.clone(),
                 config.realm.clone(),
                 fleet.clone(),
                 started.clone(),

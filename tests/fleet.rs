@@ -441,3 +441,47 @@ fn a_revocation_ends_rest_allocations_on_every_node_and_refuses_new_ones_until_i
         assert_eq!(code, 0, "the revocation ran out");
     }
 }
+
+#[test]
+fn a_node_out_of_relay_ports_sends_allocates_to_a_live_node() {
+    let redis = Redis::start();
+    let small = TestServer::start(&format!(
+        r#"realm = "{REALM}"
+workers = 1
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.11:0"
+
+[relay]
+address = "127.0.0.11"
+ports = "50990-50990"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[auth]
+users = {{ gina = "ginas-password" }}
+
+[store]
+redis = "redis://127.0.0.1:{}/0"
+"#,
+        redis.port
+    ));
+    let other = node_with("127.0.0.12", &redis, "[auth]\nusers = { gina = \"ginas-password\" }\n");
+    // Leases are exchanged once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_first, first) = allocate(&small, "gina", "ginas-password");
+    assert_eq!(first, 0, "the one relay port");
+    let mut c = RawClient::connect_as(small.udp[0], "gina", "ginas-password");
+    let answer = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+    assert_eq!(code(&answer), 300, "full: try the other node");
+    let m = turnstile::proto::stun::Message::parse(&answer).unwrap();
+    let alternate = match m.get(turnstile::proto::stun::kind::ALTERNATE_SERVER) {
+        Ok(Some(turnstile::proto::stun::Attribute::AlternateServer(a))) => a,
+        other => panic!("no ALTERNATE-SERVER: {other:?}"),
+    };
+    assert_eq!(alternate, other.udp[0], "the live node with room");
+    let (_moved, moved) = allocate(&other, "gina", "ginas-password");
+    assert_eq!(moved, 0, "and it takes the allocation");
+}

@@ -30,6 +30,7 @@ pub struct Started {
     xdp: std::sync::Mutex<Option<FastPath>>,
     /// The configuration applied last, and what the fleet store holds.
     applied: std::sync::Mutex<(Config, StoreContents)>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Users and REST secrets read from the fleet store (src/ops/store.rs),
@@ -233,8 +234,21 @@ impl Started {
 
     /// Stops granting new allocations on every worker.
     pub fn drain(&self, alternate: Option<SocketAddr>) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Drain { alternate });
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Where a full or draining node sends Allocates: the fleet's least
+    /// loaded other node, or none.
+    pub fn set_fleet_alternate(&self, server: Option<SocketAddr>) {
+        for c in &self.controls {
+            let _ = c.send(worker::WorkerControl::FleetAlternate(server));
         }
     }
 }
@@ -526,6 +540,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         stream_context: ctx,
         xdp: std::sync::Mutex::new(fast_path),
         applied: std::sync::Mutex::new((config.clone(), StoreContents::default())),
+        draining: std::sync::atomic::AtomicBool::new(false),
     })
 }
 

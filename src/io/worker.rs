@@ -20,7 +20,7 @@ use crate::io::relay_poll::RelayPoll;
 use crate::io::stream::{self, StreamSettings, Streams};
 use crate::io::udp::{MAX_DATAGRAM, UdpListener};
 use crate::io::{listen_udp, peer_tcp, peer_udp};
-use crate::proto::server::{ListenerKind, PEER_HEADROOM, PEER_TAILROOM, Server};
+use crate::proto::server::{Input, ListenerKind, PEER_HEADROOM, PEER_TAILROOM, Server};
 
 /// Control messages from the main thread (configuration reload, drain).
 pub enum WorkerControl {
@@ -43,6 +43,8 @@ pub enum WorkerControl {
         client: Option<SocketAddr>,
         reply: std::sync::mpsc::Sender<usize>,
     },
+    /// The fleet's least loaded other node, for 300 Try Alternate.
+    FleetAlternate(Option<SocketAddr>),
     /// `[xdp]` was removed: stop mirroring (the program is detached next).
     StopOffload {
         done: std::sync::mpsc::Sender<()>,
@@ -285,6 +287,7 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                 let _ = applied.send(());
             }
             WorkerControl::Drain { alternate } => w.server.set_draining(alternate),
+            WorkerControl::FleetAlternate(server) => w.server.handle(now(), Input::FleetAlternate { server }),
             WorkerControl::ListAllocations { reply } => {
                 let _ = reply.send(w.server.allocations_info(now()));
             }

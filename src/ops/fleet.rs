@@ -40,14 +40,18 @@ struct State {
 pub struct Fleet {
     /// This node's name in the store and in the admin view.
     pub node: String,
+    /// Where clients reach this node (its first UDP listener), for the
+    /// others' 300 Try Alternate.
+    pub address: Option<std::net::SocketAddr>,
     started: Rc<Started>,
     state: RefCell<State>,
 }
 
 impl Fleet {
-    pub fn new(node: String, started: Rc<Started>) -> Fleet {
+    pub fn new(node: String, address: Option<std::net::SocketAddr>, started: Rc<Started>) -> Fleet {
         Fleet {
             node,
+            address,
             started,
             state: RefCell::new(State::default()),
         }

@@ -33,9 +33,15 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Follows the store at `url` for as long as the process runs.
-pub async fn follow(url: String, realm: String, fleet: Rc<Fleet>, started: Rc<crate::io::Started>) {
+pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>, started: Rc<crate::io::Started>) {
     let node = fleet.node.clone();
-    let client = match redis::Client::open(url.as_str()) {
+    let me = Node {
+        address: fleet.address,
+        draining: false,
+        total: 0,
+    };
+    let mut alternate: Option<std::net::SocketAddr> = None;
+    let client = match redis::Client::open(store.redis.as_str()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("store: {e}");
@@ -53,7 +59,12 @@ pub async fn follow(url: String, realm: String, fleet: Rc<Fleet>, started: Rc<cr
             match connection.as_mut() {
                 Some(c) => {
                     let (per_user, total) = started.quotas.local();
-                    let others = lease(c, &node, &per_user, total).await?;
+                    let me = Node {
+                        draining: started.is_draining(),
+                        total,
+                        ..me
+                    };
+                    let others = lease(c, &node, &me, &per_user).await?;
                     let (revocations, kicks) = fleet.take_outbox();
                     let mine = allocations_json(&started, &node);
                     let exchanged = exchange(c, &node, &revocations, &kicks, &mine).await;
@@ -72,8 +83,13 @@ pub async fn follow(url: String, realm: String, fleet: Rc<Fleet>, started: Rc<cr
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok((contents, (others, others_total), kicks, lists))) => {
+            Ok(Ok((contents, (others, others_total, nodes), kicks, lists))) => {
                 started.quotas.set_remote(others, others_total);
+                let best = if store.redirect { least_loaded(&nodes) } else { None };
+                if best != alternate {
+                    alternate = best;
+                    started.set_fleet_alternate(best);
+                }
                 fleet.store_read(contents.clone(), kicks, lists);
                 if up != Some(true) {
                     tracing::info!(
@@ -92,8 +108,12 @@ pub async fn follow(url: String, realm: String, fleet: Rc<Fleet>, started: Rc<cr
                     _ => "no answer within 5 s".to_owned(),
                 };
                 connection = None;
-                // Alone until the store is back: quotas count this node only.
+                // Alone until the store is back: quotas count this node only,
+                // and no other node is known to take Allocates.
                 started.quotas.set_remote(Default::default(), 0);
+                if alternate.take().is_some() {
+                    started.set_fleet_alternate(None);
+                }
                 fleet.store_lost();
                 if up != Some(false) {
                     tracing::warn!("store unreachable ({why}); serving the users and secrets read last, retrying");
@@ -221,16 +241,44 @@ async fn scan(c: &mut redis::aio::MultiplexedConnection, pattern: &str) -> redis
     Ok(keys)
 }
 
-/// Renews this node's quota lease and sums the other nodes' leases.
+/// A node as its lease describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Node {
+    pub address: Option<std::net::SocketAddr>,
+    pub draining: bool,
+    /// Allocations it holds.
+    pub total: u32,
+}
+
+/// The live node with the fewest allocations that is not draining.
+fn least_loaded(nodes: &[Node]) -> Option<std::net::SocketAddr> {
+    nodes
+        .iter()
+        .filter(|n| !n.draining)
+        .filter_map(|n| n.address.map(|a| (n.total, a)))
+        .min()
+        .map(|(_, a)| a)
+}
+
+type Leases = (std::collections::HashMap<String, u32>, u32, Vec<Node>);
+
+/// Renews this node's lease (its quota holdings, address and state) and
+/// reads the other nodes' leases.
 async fn lease(
     c: &mut redis::aio::MultiplexedConnection,
     node: &str,
+    me: &Node,
     per_user: &[(String, u32)],
-    total: u32,
-) -> redis::RedisResult<(std::collections::HashMap<String, u32>, u32)> {
+) -> redis::RedisResult<Leases> {
     let mine = format!("turnstile/node/{node}/quota");
     let mut p = redis::pipe();
-    p.atomic().del(&mine).hset(&mine, "", total);
+    p.atomic()
+        .del(&mine)
+        .hset(&mine, "", me.total)
+        .hset(&mine, "draining", u8::from(me.draining));
+    if let Some(a) = me.address {
+        p.hset(&mine, "addr", a.to_string());
+    }
     for (user, n) in per_user {
         p.hset(&mine, format!("user/{user}"), *n);
     }
@@ -244,17 +292,27 @@ async fn lease(
         .collect();
     let mut others = std::collections::HashMap::new();
     let mut others_total = 0u32;
+    let mut nodes = Vec::new();
     for key in keys {
-        let fields: std::collections::HashMap<String, u32> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
-        for (field, n) in fields {
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        let mut n = Node {
+            address: None,
+            draining: false,
+            total: 0,
+        };
+        for (field, value) in fields {
             match field.strip_prefix("user/") {
-                Some(user) => *others.entry(user.to_owned()).or_insert(0) += n,
-                None if field.is_empty() => others_total += n,
+                Some(user) => *others.entry(user.to_owned()).or_insert(0) += value.parse::<u32>().unwrap_or(0),
+                None if field.is_empty() => n.total = value.parse().unwrap_or(0),
+                None if field == "addr" => n.address = value.parse().ok(),
+                None if field == "draining" => n.draining = value == "1",
                 None => {}
             }
         }
+        others_total += n.total;
+        nodes.push(n);
     }
-    Ok((others, others_total))
+    Ok((others, others_total, nodes))
 }
 
 /// Reads every user key and REST secret of `realm`.

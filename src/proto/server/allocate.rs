@@ -65,23 +65,9 @@ impl Server {
             }
             return Err(Refusal::AllocationMismatch);
         }
-        if let Some(alternate) = self.draining {
-            return match alternate {
-                Some(server) => {
-                    self.stats.count_error(300);
-                    let signing = Signing {
-                        key: &authed.key,
-                        suite: authed.suite,
-                    };
-                    let written = (|| {
-                        let mut w =
-                            MessageWriter::new(out, Class::Error, Method::ALLOCATE, *msg.transaction_id()).ok()?;
-                        w.error_code(300, "Try Alternate").ok()?;
-                        w.alternate_server(&server).ok()?;
-                        finish_error(w, Some(signing), msg.has_fingerprint())
-                    })();
-                    Ok(write_or_drop(written))
-                }
+        if let Some(configured) = self.draining {
+            return match configured.or(self.fleet_alternate) {
+                Some(server) => Ok(self.try_alternate(msg, &authed, server, out)),
                 None => Err(Refusal::Draining),
             };
         }
@@ -164,6 +150,7 @@ impl Server {
                 quota = q.label(),
                 "allocation refused: quota reached"
             );
+            // The total quota counts the whole fleet: no other node has room either.
             return Err(match q {
                 QuotaRefusal::User => Refusal::UserQuota,
                 QuotaRefusal::Address => Refusal::IpQuota,
@@ -186,7 +173,11 @@ impl Server {
             };
             let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
                 self.abandon(&sockets, authed.username, key.client.ip());
-                return Err(Refusal::NoRelayPort);
+                // This node is full: another node of the fleet may have room.
+                return match self.fleet_alternate {
+                    Some(server) => Ok(self.try_alternate(msg, &authed, server, out)),
+                    None => Err(Refusal::NoRelayPort),
+                };
             };
             let rid = RelayId(self.relays.insert(None) as u32);
             if let Some(slot) = sockets.get_mut(i) {
@@ -434,6 +425,29 @@ impl Server {
         let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, *msg.transaction_id()).ok()?;
         write_allocate_body(&mut w, a, remaining, None).ok()?;
         finish_success(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
+    }
+
+    /// 300 Try Alternate with ALTERNATE-SERVER (RFC 8489 §10): this node
+    /// drains or is full, `server` takes the Allocate.
+    fn try_alternate(
+        &mut self,
+        msg: &Message<'_>,
+        authed: &crate::proto::server::credentials::Authenticated<'_>,
+        server: SocketAddr,
+        out: &mut [u8],
+    ) -> ClientOutcome {
+        self.stats.count_error(300);
+        let signing = Signing {
+            key: &authed.key,
+            suite: authed.suite,
+        };
+        let written = (|| {
+            let mut w = MessageWriter::new(out, Class::Error, Method::ALLOCATE, *msg.transaction_id()).ok()?;
+            w.error_code(300, "Try Alternate").ok()?;
+            w.alternate_server(&server).ok()?;
+            finish_error(w, Some(signing), msg.has_fingerprint())
+        })();
+        write_or_drop(written)
     }
 
     pub(super) fn remove_allocation(&mut self, id: usize, why: EndReason) {

@@ -336,6 +336,9 @@ pub struct Server {
     next_connection: u32,
     /// Set while draining, with the alternate server if there is one.
     draining: Option<Option<SocketAddr>>,
+    /// The fleet's least loaded other node: where a full or draining node
+    /// sends Allocates (300 Try Alternate) instead of refusing them.
+    fleet_alternate: Option<SocketAddr>,
     stats: Stats,
     /// Answer budgets of unauthenticated sources (amplification).
     budgets: SourceBudgets,
@@ -388,6 +391,7 @@ impl Server {
             tcp_connections: FxHashMap::default(),
             next_connection: 0,
             draining: None,
+            fleet_alternate: None,
             stats: Stats::default(),
             budgets,
             worker_bandwidth: None,
@@ -508,6 +512,7 @@ impl Server {
             }
             Input::StreamOpened { key } => self.stream_opened(key, now.instant),
             Input::OffloadedTraffic { key, traffic } => self.count_offloaded(key, traffic),
+            Input::FleetAlternate { server } => self.fleet_alternate = server,
             Input::StreamProgress {
                 key,
                 completed,

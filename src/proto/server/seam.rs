@@ -42,6 +42,9 @@ pub enum Input {
     /// last report: counted into the allocation's totals and the stats as
     /// if the core had relayed them.
     OffloadedTraffic { key: ClientKey, traffic: Traffic },
+    /// The least loaded other node of the fleet (or none): a full or
+    /// draining node answers Allocate with 300 Try Alternate to it.
+    FleetAlternate { server: Option<SocketAddr> },
     /// An ICMP error arrived on a relay socket, about `peer`.
     RelayIcmp {
         relay: RelayId,
