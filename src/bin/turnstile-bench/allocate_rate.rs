@@ -24,6 +24,10 @@ pub struct AllocateReport {
     /// Error responses by code.
     pub error_codes: std::collections::BTreeMap<u16, u64>,
     pub timeouts: u64,
+    /// Round trip of the Allocate request that succeeded (after any 401/438
+    /// round), microseconds.
+    pub allocate_p50_us: f64,
+    pub allocate_p99_us: f64,
     pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_allocation: Option<f64>,
 }
@@ -79,6 +83,7 @@ pub fn run(
     let (mut allocations, mut refreshes, mut retries, mut errors, mut timeouts) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let cpu_before = server_pid.and_then(server_process::cpu_time);
     let start = Instant::now();
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     for c in clients.iter_mut() {
         send(c, &mut buf);
     }
@@ -114,12 +119,15 @@ pub fn run(
                     if c.pending.as_ref().map(|p| &p.0) != Some(m.transaction_id()) {
                         continue;
                     }
-                    c.pending = None;
+                    let sent_at = c.pending.take().map(|p| p.1);
                     match m.class() {
                         Class::Success => match c.step {
                             Step::Allocate => {
                                 if !stopping {
                                     allocations += 1;
+                                    if let Some(t) = sent_at {
+                                        let _ = latency.record(t.elapsed().as_micros().max(1) as u64);
+                                    }
                                 }
                                 c.step = Step::Release;
                             }
@@ -201,6 +209,8 @@ pub fn run(
         errors,
         error_codes,
         timeouts,
+        allocate_p50_us: latency.value_at_quantile(0.5) as f64,
+        allocate_p99_us: latency.value_at_quantile(0.99) as f64,
         server_cpu_s: server_cpu,
         server_cpu_us_per_allocation: server_cpu.map(|c| c * 1e6 / allocations.max(1) as f64),
     })
