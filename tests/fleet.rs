@@ -485,3 +485,51 @@ redis = "redis://127.0.0.1:{}/0"
     let (_moved, moved) = allocate(&other, "gina", "ginas-password");
     assert_eq!(moved, 0, "and it takes the allocation");
 }
+
+#[test]
+fn allocation_statuses_are_published_in_coturns_layout() {
+    let redis = Redis::start();
+    let n = node_with("127.0.0.11", &redis, "[auth]\nusers = { hank = \"hanks-password\" }\n");
+    assert!(n.wait_counter("turnstile_store_up", 1.0));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.port)).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let mut watcher = client.get_connection().unwrap();
+    let mut events = watcher.as_pubsub();
+    events.psubscribe("turn/realm/*/user/*/allocation/*").unwrap();
+    events.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+    let (mut c, allocated) = allocate(&n, "hank", "hanks-password");
+    assert_eq!(allocated, 0);
+    let pattern = format!("turn/realm/{REALM}/user/hank/allocation/*/status");
+    let mut keys: Vec<String> = Vec::new();
+    wait_for("a status key for hank's allocation", || {
+        keys = redis::cmd("KEYS").arg(&pattern).query(&mut con).unwrap();
+        !keys.is_empty()
+    });
+    let status: String = redis::cmd("GET").arg(&keys[0]).query(&mut con).unwrap();
+    assert!(status.starts_with("new lifetime="), "{status}");
+    let ttl: i64 = redis::cmd("TTL").arg(&keys[0]).query(&mut con).unwrap();
+    assert!(ttl > 500 && ttl <= 600, "the key expires with the allocation: {ttl}");
+
+    // Released: the key goes, "deleted" and the totals are published.
+    let answer = c.request(Method::REFRESH, true, |w| w.lifetime(0).unwrap());
+    assert_eq!(code(&answer), 0);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|(ch, _): &(String, String)| ch.ends_with("/total_traffic"))
+    {
+        let m = events.get_message().expect("a notification within 5 s");
+        seen.push((m.get_channel_name().to_owned(), m.get_payload::<String>().unwrap()));
+    }
+    assert!(
+        seen.iter()
+            .any(|(ch, p)| ch == &keys[0] && p.starts_with("new lifetime=")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|(ch, p)| ch == &keys[0] && p == "deleted"), "{seen:?}");
+    let (_, totals) = seen.iter().find(|(ch, _)| ch.ends_with("/total_traffic")).unwrap();
+    assert!(totals.starts_with("rcvp=0, rcvb=0, sentp=0, sentb=0"), "{totals}");
+    let left: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut con).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -81,6 +81,27 @@ pub enum TcpRelayTask {
     },
 }
 
+/// An allocation's status for the fleet store's statistics (coturn's
+/// `turn/realm/<realm>/user/<user>/allocation/<id>/status`).
+#[derive(Debug, Clone)]
+pub struct AllocationStatus {
+    pub user: String,
+    /// Unique on this node: the worker in the top byte, a counter below.
+    pub id: u64,
+    pub change: StatusChange,
+}
+
+#[derive(Debug, Clone)]
+pub enum StatusChange {
+    New { lifetime: u64 },
+    Refreshed { lifetime: u64 },
+    Deleted { traffic: Traffic },
+}
+
+/// Where a worker sends allocation statuses (bounded: a store that is away
+/// loses statuses, never memory).
+pub type StatusSender = tokio::sync::mpsc::Sender<AllocationStatus>;
+
 /// What became of a client frame, for the stream driver.
 pub enum Handled {
     Done,
@@ -129,6 +150,11 @@ pub struct Worker {
     pub(crate) offloaded: Vec<(ClientKey, Traffic)>,
     /// The bindings gauge as this worker last added to it.
     pub(crate) offload_exported: f64,
+    /// With a fleet store: allocation statuses for it, and each
+    /// allocation's id and user.
+    pub(crate) statuses: Option<StatusSender>,
+    status_ids: FxHashMap<ClientKey, (u64, String)>,
+    next_status_id: u64,
 }
 
 pub type Shared = Rc<RefCell<Worker>>;
@@ -160,6 +186,9 @@ impl Worker {
             offload: None,
             offloaded: Vec::new(),
             offload_exported: 0.0,
+            statuses: None,
+            status_ids: FxHashMap::default(),
+            next_status_id: 0,
         }
     }
 
@@ -272,6 +301,9 @@ pub fn run_outputs(w: &mut Worker, now: Now) {
         if let Some(mirror) = w.offload.as_mut() {
             mirror.observe(&output, &mut w.offloaded);
         }
+        if w.statuses.is_some() {
+            report_status(w, &output, now);
+        }
         match output {
             Output::Transmit { key, bytes } => send_or_count(w.deliver(&key, &bytes)),
             Output::BindRelay {
@@ -344,6 +376,49 @@ pub fn run_outputs(w: &mut Worker, now: Now) {
     }
     if !w.offloaded.is_empty() {
         w.fold_offloaded(now);
+    }
+}
+
+/// Turns an allocation's lifecycle output into a status for the store.
+fn report_status(w: &mut Worker, output: &Output, now: Now) {
+    let lifetime = |expires: Instant| expires.saturating_duration_since(now.instant).as_secs();
+    let status = match output {
+        Output::AllocationCreated { key, user, expires, .. } => {
+            w.next_status_id += 1;
+            let id = ((w.index as u64) << 56) | w.next_status_id;
+            w.status_ids.insert(*key, (id, user.clone()));
+            AllocationStatus {
+                user: user.clone(),
+                id,
+                change: StatusChange::New {
+                    lifetime: lifetime(*expires),
+                },
+            }
+        }
+        Output::AllocationRefreshed { key, expires } => match w.status_ids.get(key) {
+            Some((id, user)) => AllocationStatus {
+                user: user.clone(),
+                id: *id,
+                change: StatusChange::Refreshed {
+                    lifetime: lifetime(*expires),
+                },
+            },
+            None => return,
+        },
+        Output::AllocationEnded { key, traffic, .. } => match w.status_ids.remove(key) {
+            Some((id, user)) => AllocationStatus {
+                user,
+                id,
+                change: StatusChange::Deleted { traffic: *traffic },
+            },
+            None => return,
+        },
+        _ => return,
+    };
+    if let Some(tx) = &w.statuses
+        && tx.try_send(status).is_err()
+    {
+        metrics::counter!("turnstile_store_statuses_dropped_total").increment(1);
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Started {
     /// The configuration applied last, and what the fleet store holds.
     applied: std::sync::Mutex<(Config, StoreContents)>,
     draining: std::sync::atomic::AtomicBool,
+    /// Allocation statuses from the workers, for the fleet store (taken by it).
+    pub statuses: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::io::executor::AllocationStatus>>>,
 }
 
 /// Users and REST secrets read from the fleet store (src/ops/store.rs),
@@ -479,6 +481,13 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let (low, high) = (u32::from(r.ports.low), u32::from(r.ports.high));
     let span = high - low + 1;
     let fast_path = load_xdp(config, &udp_bound)?;
+    let (status_tx, status_rx) = match config.store {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(10_000);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let mut own: Vec<IpAddr> = vec![r.address];
     own.extend(r.external_address);
     let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
@@ -525,6 +534,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             control,
             coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
             offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
+            statuses: status_tx.clone(),
         })?;
     }
     Ok(Started {
@@ -541,6 +551,7 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         xdp: std::sync::Mutex::new(fast_path),
         applied: std::sync::Mutex::new((config.clone(), StoreContents::default())),
         draining: std::sync::atomic::AtomicBool::new(false),
+        statuses: std::sync::Mutex::new(status_rx),
     })
 }
 

@@ -74,6 +74,8 @@ pub struct WorkerSetup {
     pub coalesce_wakeups: Duration,
     /// The fast path's maps and this worker's counter slots, with `[xdp]`.
     pub offload: Option<Offload>,
+    /// Allocation statuses for the fleet store, with `[store]`.
+    pub statuses: Option<crate::io::executor::StatusSender>,
 }
 
 /// What a worker needs to mirror its core into the fast path's maps.
@@ -124,6 +126,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             mirror.set_enabled(!w.server.limits_bandwidth(), &mut fold);
             w.offload = Some(mirror);
         }
+        worker.borrow_mut().statuses = setup.statuses;
         let streams = Rc::new(Streams::new(setup.index, setup.handoff_senders));
         for socket in setup.udp {
             add_udp_listener(&worker, &streams, socket)?;

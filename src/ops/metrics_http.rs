@@ -135,6 +135,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "RFC 6062 peer connections, by worker.",
     ),
     (
+        "turnstile_store_statuses_dropped_total",
+        "counter",
+        "Allocation statuses not published to the fleet store: its queue was full (the store away).",
+    ),
+    (
         "turnstile_store_up",
         "gauge",
         "1 while the fleet store (Redis) answers, 0 while it does not (the users and secrets read last stay in force).",

@@ -41,6 +41,7 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
         total: 0,
     };
     let mut alternate: Option<std::net::SocketAddr> = None;
+    let mut statuses = started.statuses.lock().ok().and_then(|mut s| s.take());
     let client = match redis::Client::open(store.redis.as_str()) {
         Ok(c) => c,
         Err(e) => {
@@ -58,6 +59,9 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
             }
             match connection.as_mut() {
                 Some(c) => {
+                    if let Some(rx) = statuses.as_mut() {
+                        publish_statuses(c, &realm, rx).await?;
+                    }
                     let (per_user, total) = started.quotas.local();
                     let me = Node {
                         draining: started.is_draining(),
@@ -126,6 +130,51 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
         fleet.tick();
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Writes and announces allocation statuses in coturn's statistics layout:
+/// `turn/realm/<realm>/user/<user>/allocation/<id>/status` holds "new
+/// lifetime=N" or "refreshed lifetime=N" (expiring with the allocation) and
+/// the same is published on that key, then "deleted"; at the end the
+/// totals are published on `…/total_traffic` as "rcvp=…, rcvb=…, sentp=…,
+/// sentb=…" (received from and sent to the client).
+async fn publish_statuses(
+    c: &mut redis::aio::MultiplexedConnection,
+    realm: &str,
+    rx: &mut tokio::sync::mpsc::Receiver<crate::io::executor::AllocationStatus>,
+) -> redis::RedisResult<()> {
+    use crate::io::executor::StatusChange;
+    let mut p = redis::pipe();
+    let mut any = false;
+    while let Ok(s) = rx.try_recv() {
+        any = true;
+        let base = format!("turn/realm/{realm}/user/{}/allocation/{:018}", s.user, s.id);
+        let status = format!("{base}/status");
+        match s.change {
+            StatusChange::New { lifetime } | StatusChange::Refreshed { lifetime } => {
+                let word = if matches!(s.change, StatusChange::New { .. }) {
+                    "new"
+                } else {
+                    "refreshed"
+                };
+                let value = format!("{word} lifetime={lifetime}");
+                p.set_ex(&status, &value, lifetime.max(1)).publish(&status, &value);
+            }
+            StatusChange::Deleted { traffic: t } => {
+                p.del(&status).publish(&status, "deleted").publish(
+                    format!("{base}/total_traffic"),
+                    format!(
+                        "rcvp={}, rcvb={}, sentp={}, sentb={}",
+                        t.to_peer_packets, t.to_peer_bytes, t.to_client_packets, t.to_client_bytes
+                    ),
+                );
+            }
+        }
+    }
+    if any {
+        p.query_async::<()>(c).await?;
+    }
+    Ok(())
 }
 
 /// This node's allocations as the admin API lists them.

@@ -375,6 +375,7 @@ mod tests {
         m.observe(
             &Output::AllocationCreated {
                 key,
+                user: "alice".into(),
                 relays: [Some((RelayId(7), sa("198.18.1.1:50000"))), None],
                 expires: Instant::now(),
             },
@@ -468,6 +469,7 @@ mod tests {
             &Output::AllocationEnded {
                 key,
                 reason: EndReason::Operator,
+                traffic: Traffic::default(),
             },
             &mut fold,
         );
@@ -490,6 +492,7 @@ mod tests {
         m.observe(
             &Output::AllocationCreated {
                 key: stream,
+                user: "alice".into(),
                 relays: [Some((RelayId(8), sa("198.18.1.1:50001"))), None],
                 expires: Instant::now(),
             },

@@ -358,7 +358,7 @@ impl Server {
         let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));
         let id = self.allocations.insert(Allocation {
             key: p.key,
-            username: p.username,
+            username: p.username.clone(),
             credential: p.credential,
             algorithm: p.algorithm,
             suite: p.suite,
@@ -388,6 +388,7 @@ impl Server {
         self.stats.allocations_created += 1;
         self.outputs.push_back(Output::AllocationCreated {
             key: p.key,
+            user: p.username.clone(),
             relays: relays.map(|r| r.map(|r| (r.id, r.bound))),
             expires,
         });
@@ -457,6 +458,7 @@ impl Server {
         self.outputs.push_back(Output::AllocationEnded {
             key: a.key,
             reason: why,
+            traffic: a.traffic,
         });
         let t = a.traffic;
         tracing::info!(

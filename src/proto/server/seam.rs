@@ -148,13 +148,19 @@ pub enum Output {
     /// An allocation exists, with these relays (index 0 IPv4, 1 IPv6).
     AllocationCreated {
         key: ClientKey,
+        user: String,
         relays: [Option<(RelayId, SocketAddr)>; 2],
         expires: Instant,
     },
     /// An allocation's lifetime changed.
     AllocationRefreshed { key: ClientKey, expires: Instant },
     /// An allocation ended; its relays, permissions and channels with it.
-    AllocationEnded { key: ClientKey, reason: EndReason },
+    /// `traffic` is what it relayed, all told.
+    AllocationEnded {
+        key: ClientKey,
+        reason: EndReason,
+        traffic: Traffic,
+    },
     /// A permission for `peer` was installed or refreshed.
     PermissionInstalled {
         key: ClientKey,
