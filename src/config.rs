@@ -73,7 +73,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB`.
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`, or `rediss://…` for TLS (the
+    /// server's certificate is checked against the system's roots).
     pub redis: String,
     /// A node out of relay ports, or draining (without its own
     /// `alternate_server`), answers Allocate with 300 Try Alternate to the
@@ -678,11 +679,9 @@ impl Config {
             return Err("workers must be at most 255".into());
         }
         if let Some(st) = &self.store
-            && !st.redis.starts_with("redis://")
+            && !(st.redis.starts_with("redis://") || st.redis.starts_with("rediss://"))
         {
-            return Err("store.redis must be a redis://[:PASSWORD@]HOST:PORT/DB URL \
-                        (rediss:// is not supported: reach a TLS Redis through a local tunnel)"
-                .into());
+            return Err("store.redis must be a redis://[:PASSWORD@]HOST:PORT/DB or rediss:// URL".into());
         }
         if let Some(x) = &self.xdp {
             if !cfg!(feature = "xdp") {

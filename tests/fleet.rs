@@ -256,6 +256,37 @@ fn with_redis_gone_the_users_read_last_still_work() {
     let r = uclient(&n, &peer, "bob", "bobs-password");
     assert_eq!(r.lost, Some(0), "{}", r.output);
     assert!(r.received > 0, "{}", r.output);
+
+    // Redis back (empty, on the same port): the node says so and reads it again.
+    let dir = tempfile::tempdir().unwrap();
+    redis.child = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while n.counter("turnstile_store_up") != 1.0 {
+        assert!(Instant::now() < deadline, "the store's return was not noticed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(n.wait_log("store reachable"));
+    redis.turnadmin(&["-a", "-u", "ivy", "-p", "ivys-password"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let r = uclient(&n, &peer, "ivy", "ivys-password");
+    assert_eq!(r.lost, Some(0), "{}", r.output);
+    assert!(r.received > 0, "a user added after the return works: {}", r.output);
 }
 
 /// Allocates for `user` on `server`; the answer's error code (0: success).
@@ -532,4 +563,51 @@ fn allocation_statuses_are_published_in_coturns_layout() {
     assert!(totals.starts_with("rcvp=0, rcvb=0, sentp=0, sentb=0"), "{totals}");
     let left: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut con).unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_store_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_cert(dir.path(), &common::cert());
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.path().join("cert.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.path().join("key.pem"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.path().join("cert.pem"))
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = |ca: &str| {
+        format!(
+            "realm = \"{REALM}\"\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.11:0\"\n\
+             [relay]\naddress = \"127.0.0.11\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [store]\nredis = \"rediss://127.0.0.1:{port}/0\"\n# {ca}\n"
+        )
+    };
+    // Trusting the server's certificate: connected.
+    let ca = dir.path().join("cert.pem");
+    let trusted = TestServer::start_with_env(&config("trusted"), &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    assert!(trusted.wait_counter("turnstile_store_up", 1.0), "no TLS store");
+    // Not trusting it: never connected.
+    let other = tempfile::tempdir().unwrap();
+    common::write_cert(other.path(), &common::cert());
+    let stranger = other.path().join("cert.pem");
+    let untrusted = TestServer::start_with_env(&config("untrusted"), &[("SSL_CERT_FILE", stranger.to_str().unwrap())]);
+    assert!(untrusted.wait_log("store unreachable"));
+    assert_eq!(untrusted.counter("turnstile_store_up"), 0.0);
+    let _ = child.kill();
+    let _ = child.wait();
 }

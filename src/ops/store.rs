@@ -137,7 +137,7 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
 /// lifetime=N" or "refreshed lifetime=N" (expiring with the allocation) and
 /// the same is published on that key, then "deleted"; at the end the
 /// totals are published on `…/total_traffic` as "rcvp=…, rcvb=…, sentp=…,
-/// sentb=…" (received from and sent to the client).
+/// sentb=…" (received from and sent to the client), and on `…/traffic`.
 async fn publish_statuses(
     c: &mut redis::aio::MultiplexedConnection,
     realm: &str,
@@ -161,13 +161,14 @@ async fn publish_statuses(
                 p.set_ex(&status, &value, lifetime.max(1)).publish(&status, &value);
             }
             StatusChange::Deleted { traffic: t } => {
-                p.del(&status).publish(&status, "deleted").publish(
-                    format!("{base}/total_traffic"),
-                    format!(
-                        "rcvp={}, rcvb={}, sentp={}, sentb={}",
-                        t.to_peer_packets, t.to_peer_bytes, t.to_client_packets, t.to_client_bytes
-                    ),
+                let totals = format!(
+                    "rcvp={}, rcvb={}, sentp={}, sentb={}",
+                    t.to_peer_packets, t.to_peer_bytes, t.to_client_packets, t.to_client_bytes
                 );
+                p.del(&status)
+                    .publish(&status, "deleted")
+                    .publish(format!("{base}/traffic"), &totals)
+                    .publish(format!("{base}/total_traffic"), &totals);
             }
         }
     }
