@@ -244,6 +244,9 @@ fn with_redis_gone_the_users_read_last_still_work() {
     redis.turnadmin(&["-a", "-u", "bob", "-p", "bobs-password"]);
     assert!(n.wait_counter("turnstile_store_up", 1.0));
     std::thread::sleep(Duration::from_millis(2000));
+    // An allocation made before the outage.
+    let (mut held, code_before) = allocate(&n, "bob", "bobs-password");
+    assert_eq!(code_before, 0);
     let _ = redis.child.kill();
     let _ = redis.child.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -252,6 +255,10 @@ fn with_redis_gone_the_users_read_last_still_work() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(n.wait_log("store unreachable"));
+    // Degraded, not down: still ready, and the allocation lives on.
+    assert_eq!(n.http_get("/readyz").0, 200);
+    let refreshed = held.request(Method::REFRESH, true, |w| w.lifetime(600).unwrap());
+    assert_eq!(code(&refreshed), 0, "an established allocation keeps its place");
     let peer = Peer::start();
     let r = uclient(&n, &peer, "bob", "bobs-password");
     assert_eq!(r.lost, Some(0), "{}", r.output);
