@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::TestServer;
 use common::raw::{RawClient, code};
-use common::uclient::{Report, parse_report};
+use common::uclient::{EchoPeer as Peer, Report, parse_report};
 use turnstile::proto::stun::Method;
 
 const REALM: &str = "test.local";
@@ -106,30 +106,13 @@ redis = "redis://127.0.0.1:{}/0"
     ))
 }
 
-struct Peer(Child, u16);
-
-impl Peer {
-    fn start() -> Peer {
-        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("turnutils_peer")
-            .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("turnutils_peer (Debian package coturn)");
-        std::thread::sleep(Duration::from_millis(300));
-        Peer(child, port)
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn uclient(server: &TestServer, peer: &Peer, user: &str, password: &str) -> Report {
+    uclient_with(server, peer, &["-u", user, "-w", password])
+}
+
+/// turnutils_uclient through `server` to `peer`, 2 sessions of 50
+/// messages, with these credential flags.
+fn uclient_with(server: &TestServer, peer: &Peer, credentials: &[&str]) -> Report {
     let addr = server.udp[0];
     let out = Command::new("timeout")
         .args([
@@ -140,20 +123,8 @@ fn uclient(server: &TestServer, peer: &Peer, user: &str, password: &str) -> Repo
             "-e",
             "127.0.0.1",
         ])
-        .args([
-            "-r",
-            &peer.1.to_string(),
-            "-z",
-            "5",
-            "-u",
-            user,
-            "-w",
-            password,
-            "-n",
-            "50",
-            "-m",
-            "2",
-        ])
+        .args(["-r", &peer.port.to_string(), "-z", "5", "-n", "50", "-m", "2"])
+        .args(credentials)
         .arg(addr.ip().to_string())
         .output()
         .expect("turnutils_uclient (Debian package coturn)");
@@ -203,35 +174,7 @@ fn rest_secrets_written_by_turnadmin_work_on_every_node() {
     std::thread::sleep(Duration::from_millis(2000));
     let peer = Peer::start();
     for n in &nodes {
-        let addr = n.udp[0];
-        let out = Command::new("timeout")
-            .args([
-                "30",
-                "turnutils_uclient",
-                "-p",
-                &addr.port().to_string(),
-                "-e",
-                "127.0.0.1",
-            ])
-            .args([
-                "-r",
-                &peer.1.to_string(),
-                "-z",
-                "5",
-                "-u",
-                "carol",
-                "-W",
-                "fleet-rest-secret",
-            ])
-            .args(["-n", "50", "-m", "2"])
-            .arg(addr.ip().to_string())
-            .output()
-            .unwrap();
-        let r = parse_report(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        let r = uclient_with(n, &peer, &["-u", "carol", "-W", "fleet-rest-secret"]);
         assert_eq!(r.lost, Some(0), "{}", r.output);
         assert!(r.sent >= 100 && r.received == r.sent, "{}", r.output);
     }

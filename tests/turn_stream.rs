@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket as StdUdp};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::uclient::parse_report;
+use common::uclient::{EchoPeer as Peer, parse_report};
 use common::{TestServer, cert, loopback_config, write_cert};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,33 +55,6 @@ allow = ["127.0.0.0/8"]
     ))
 }
 
-fn free_udp_port() -> u16 {
-    StdUdp::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Peer(Child, u16);
-
-impl Peer {
-    fn start() -> Peer {
-        let port = free_udp_port();
-        let child = Command::new("turnutils_peer")
-            .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("turnutils_peer (Debian package coturn)");
-        std::thread::sleep(Duration::from_millis(300));
-        Peer(child, port)
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn uclient(port: u16, peer: &Peer, flags: &[&str]) -> (u64, u64, Option<u64>, String) {
     let out = Command::new("timeout")
         .args([
@@ -96,7 +69,7 @@ fn uclient(port: u16, peer: &Peer, flags: &[&str]) -> (u64, u64, Option<u64>, St
             "-z",
             "5",
         ])
-        .args(["-r", &peer.1.to_string(), "-p", &port.to_string()])
+        .args(["-r", &peer.port.to_string(), "-p", &port.to_string()])
         .args(flags)
         .arg("127.0.0.1")
         .output()

@@ -5,11 +5,11 @@
 mod common;
 
 use std::net::UdpSocket as StdUdp;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::uclient::{Report, parse_report};
+use common::uclient::{EchoPeer as Peer, Report, parse_report};
 use common::{TestServer, loopback_config};
 
 // Relay ports above Linux's ephemeral range (32768-60999), so a peer's
@@ -35,37 +35,6 @@ fn config(allow_loopback: bool) -> String {
 
 fn free_udp_port() -> u16 {
     StdUdp::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// coturn's echo peer, stopped when dropped.
-struct Peer {
-    child: Child,
-    port: u16,
-}
-
-impl Peer {
-    fn start() -> Peer {
-        Peer::start_on("127.0.0.1")
-    }
-
-    fn start_on(ip: &str) -> Peer {
-        let port = free_udp_port();
-        let child = Command::new("turnutils_peer")
-            .args(["-p", &port.to_string(), "-L", ip])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("turnutils_peer (Debian package coturn) must be installed");
-        std::thread::sleep(Duration::from_millis(300));
-        Peer { child, port }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn uclient(server: &TestServer, peer: &Peer, extra: &[&str]) -> Report {

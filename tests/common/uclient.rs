@@ -1,4 +1,42 @@
-//! What coturn's turnutils_uclient reported, read from its output.
+//! coturn's test tools as the tests drive them: what turnutils_uclient
+//! reported, read from its output, and turnutils_peer as an echo peer.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// coturn's echo peer (turnutils_peer) on a free port, stopped when dropped.
+pub struct EchoPeer {
+    child: Child,
+    pub port: u16,
+}
+
+impl EchoPeer {
+    pub fn start() -> EchoPeer {
+        EchoPeer::start_on("127.0.0.1")
+    }
+
+    pub fn start_on(ip: &str) -> EchoPeer {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let child = Command::new("turnutils_peer")
+            .args(["-p", &port.to_string(), "-L", ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnutils_peer (Debian package coturn) must be installed");
+        std::thread::sleep(Duration::from_millis(300));
+        EchoPeer { child, port }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// The totals of one uclient run.
 #[derive(Debug)]

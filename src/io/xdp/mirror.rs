@@ -119,12 +119,7 @@ impl Mirror {
         self.enabled = enabled;
         let keys: Vec<ClientKey> = self.allocations.keys().copied().collect();
         for key in keys {
-            let numbers: Vec<u16> = self
-                .allocations
-                .get(&key)
-                .map(|a| a.channels.keys().copied().collect())
-                .unwrap_or_default();
-            for n in numbers {
+            for n in self.channels_of(&key, |_| true) {
                 if enabled {
                     self.install(key, n);
                 } else {
@@ -148,12 +143,7 @@ impl Mirror {
                 );
             }
             Output::AllocationEnded { key, .. } => {
-                let numbers: Vec<u16> = self
-                    .allocations
-                    .get(&key)
-                    .map(|a| a.channels.keys().copied().collect())
-                    .unwrap_or_default();
-                for n in numbers {
+                for n in self.channels_of(&key, |_| true) {
                     self.uninstall(key, n, fold);
                 }
                 self.allocations.remove(&key);
@@ -165,13 +155,7 @@ impl Mirror {
                 if !a.permissions.contains(&peer) {
                     a.permissions.push(peer);
                 }
-                let numbers: Vec<u16> = a
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| c.peer.ip() == peer)
-                    .map(|(n, _)| *n)
-                    .collect();
-                for n in numbers {
+                for n in self.channels_of(&key, |c| c.peer.ip() == peer) {
                     self.install(key, n);
                 }
             }
@@ -180,13 +164,7 @@ impl Mirror {
                     return;
                 };
                 a.permissions.retain(|p| *p != peer);
-                let numbers: Vec<u16> = a
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| c.peer.ip() == peer)
-                    .map(|(n, _)| *n)
-                    .collect();
-                for n in numbers {
+                for n in self.channels_of(&key, |c| c.peer.ip() == peer) {
                     self.uninstall(key, n, fold);
                 }
             }
@@ -237,6 +215,14 @@ impl Mirror {
                 }
             }
         }
+    }
+
+    /// The numbers of an allocation's channels that `which` picks.
+    fn channels_of(&self, key: &ClientKey, which: impl Fn(&Channel) -> bool) -> Vec<u16> {
+        self.allocations
+            .get(key)
+            .map(|a| a.channels.iter().filter(|(_, c)| which(c)).map(|(n, _)| *n).collect())
+            .unwrap_or_default()
     }
 
     fn offloadable_client(&self, key: &ClientKey) -> bool {
