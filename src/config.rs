@@ -751,6 +751,25 @@ mod tests {
         assert_eq!(c.realm, "example.org");
         assert!(c.metrics.is_none());
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        assert!(c.store.is_none() && c.xdp.is_none());
+        // The commented [store] example, switched on as an operator would.
+        let fleet = set
+            .replace("# [store]", "[store]")
+            .replace("# redis = \"redis://", "redis = \"redis://")
+            .replace("# redirect = true", "redirect = true");
+        let c = Config::from_toml(&fleet, "etc/turnstile.toml").unwrap();
+        let store = c.store.unwrap();
+        assert_eq!(
+            (store.redis.as_str(), store.redirect),
+            ("redis://127.0.0.1:6379/0", true)
+        );
+        // The commented [xdp] example: valid in a build with the feature.
+        let xdp = set
+            .replace("# [xdp]", "[xdp]")
+            .replace("# interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]")
+            .replace("# mode = \"native\"", "mode = \"native\"");
+        let c = Config::from_toml(&xdp, "etc/turnstile.toml");
+        assert_eq!(c.is_ok(), cfg!(feature = "xdp"), "{:?}", c.err());
     }
 
     #[test]
