@@ -23,32 +23,35 @@ struct Redis {
     _dir: tempfile::TempDir,
 }
 
+/// Debian's redis-server on loopback, keeping nothing on disk, with extra
+/// arguments; returns once it accepts connections on `port`.
+fn redis_server(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl Redis {
     fn start() -> Redis {
-        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = redis_server(port, dir.path(), &["--port", &port.to_string()]);
         Redis { child, port, _dir: dir }
     }
 
@@ -209,23 +212,7 @@ fn with_redis_gone_the_users_read_last_still_work() {
 
     // Redis back (empty, on the same port): the node says so and reads it again.
     let dir = tempfile::tempdir().unwrap();
-    redis.child = Command::new("redis-server")
-        .args([
-            "--port",
-            &redis.port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    redis.child = redis_server(redis.port, dir.path(), &["--port", &redis.port.to_string()]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while n.counter("turnstile_store_up") != 1.0 {
         assert!(Instant::now() < deadline, "the store's return was not noticed");
@@ -519,27 +506,27 @@ fn allocation_statuses_are_published_in_coturns_layout() {
 fn a_store_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
     let dir = tempfile::tempdir().unwrap();
     common::write_cert(dir.path(), &common::cert());
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
-        .arg("--tls-cert-file")
-        .arg(dir.path().join("cert.pem"))
-        .arg("--tls-key-file")
-        .arg(dir.path().join("key.pem"))
-        .arg("--tls-ca-cert-file")
-        .arg(dir.path().join("cert.pem"))
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let port = free_port();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let tls_port = port.to_string();
+    let mut child = redis_server(
+        port,
+        dir.path(),
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &tls_port,
+            "--tls-auth-clients",
+            "no",
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            cert.to_str().unwrap(),
+        ],
+    );
     let config = |ca: &str| {
         format!(
             "realm = \"{REALM}\"\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.11:0\"\n\
