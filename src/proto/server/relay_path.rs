@@ -101,12 +101,8 @@ impl Server {
         }
         alloc.traffic.to_peer_packets += 1;
         alloc.traffic.to_peer_bytes += len as u64;
-        self.stats.client_to_peer_packets += 1;
-        self.stats.client_to_peer_bytes += len as u64;
-        if self.is_stream(key) {
-            self.stats.stream_client_to_peer_packets += 1;
-            self.stats.stream_client_to_peer_bytes += len as u64;
-        }
+        let stream = self.is_stream(key);
+        self.stats.count_to_peer(len, stream);
         ClientOutcome::Forward {
             relay,
             peer: self.route(peer),
@@ -169,12 +165,8 @@ impl Server {
             a.traffic.to_peer_packets += 1;
             a.traffic.to_peer_bytes += len as u64;
         }
-        self.stats.client_to_peer_packets += 1;
-        self.stats.client_to_peer_bytes += data.value.len() as u64;
-        if self.is_stream(key) {
-            self.stats.stream_client_to_peer_packets += 1;
-            self.stats.stream_client_to_peer_bytes += data.value.len() as u64;
-        }
+        let stream = self.is_stream(key);
+        self.stats.count_to_peer(data.value.len(), stream);
         ClientOutcome::Forward {
             relay: relay_id,
             peer: self.route(peer),

@@ -202,6 +202,18 @@ impl Stats {
         }
     }
 
+    /// One packet of `len` bytes relayed from a client (over TCP/TLS when
+    /// `stream`) to a peer.
+    #[inline]
+    pub(crate) fn count_to_peer(&mut self, len: usize, stream: bool) {
+        self.client_to_peer_packets += 1;
+        self.client_to_peer_bytes += len as u64;
+        if stream {
+            self.stream_client_to_peer_packets += 1;
+            self.stream_client_to_peer_bytes += len as u64;
+        }
+    }
+
     pub(crate) fn count_auth_failure(&mut self, f: AuthFailure) {
         self.count_error(f.code());
         match f {
