@@ -73,6 +73,19 @@ impl LongTermKey {
         self.bytes.get(..self.len as usize).unwrap_or_default()
     }
 
+    /// A key as [`LongTermKey::as_bytes`] gave it (16 bytes MD5, 32 SHA-256).
+    pub fn from_bytes(key: &[u8]) -> Option<LongTermKey> {
+        if key.len() != 16 && key.len() != 32 {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        bytes.get_mut(..key.len())?.copy_from_slice(key);
+        Some(LongTermKey {
+            bytes,
+            len: key.len() as u8,
+        })
+    }
+
     /// An MD5 key as stored elsewhere (coturn's user database keeps
     /// MD5(name:realm:password), never the password).
     pub fn md5_from_bytes(key: [u8; 16]) -> LongTermKey {

@@ -461,18 +461,21 @@ impl Server {
             traffic: a.traffic,
         });
         let t = a.traffic;
-        tracing::info!(
-            client = %a.key.client,
-            transport = self.transport_name(&a.key),
-            user = %a.username,
-            relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
-            to_peer_packets = t.to_peer_packets,
-            to_peer_bytes = t.to_peer_bytes,
-            to_client_packets = t.to_client_packets,
-            to_client_bytes = t.to_client_bytes,
-            reason = why.label(),
-            "allocation ended"
-        );
+        // A hand-over is not an end for its client: no line per allocation.
+        if why != EndReason::HandedOver {
+            tracing::info!(
+                client = %a.key.client,
+                transport = self.transport_name(&a.key),
+                user = %a.username,
+                relay = ?a.relays.iter().flatten().map(|r| r.advertised).collect::<Vec<_>>(),
+                to_peer_packets = t.to_peer_packets,
+                to_peer_bytes = t.to_peer_bytes,
+                to_client_packets = t.to_client_packets,
+                to_client_bytes = t.to_client_bytes,
+                reason = why.label(),
+                "allocation ended"
+            );
+        }
         let connections: Vec<u32> = self
             .tcp_connections
             .iter()

@@ -32,6 +32,7 @@ pub mod rate;
 mod relay_path;
 mod responses;
 mod seam;
+pub mod snapshot;
 mod stats;
 mod tcp_relay;
 mod timers;

@@ -125,6 +125,23 @@ impl RelayPorts {
         self.set(port, true);
     }
 
+    /// Where the scrambled walk stands, and the ports held back with their
+    /// deadlines (a live upgrade carries them).
+    pub fn walk(&self) -> (u32, &VecDeque<(Instant, u16)>) {
+        (self.cursor, &self.holds)
+    }
+
+    /// Continues the walk where another process left it, holding its ports.
+    pub fn set_walk(&mut self, cursor: u32, holds: impl Iterator<Item = (Instant, u16)>) {
+        self.cursor = cursor % self.size() as u32;
+        for (deadline, port) in holds {
+            if self.is_free(port) {
+                self.set(port, true);
+                self.holds.push_back((deadline, port));
+            }
+        }
+    }
+
     /// Returns a port to the pool.
     pub fn release(&mut self, port: u16) {
         self.set(port, false);

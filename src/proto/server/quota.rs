@@ -106,6 +106,16 @@ impl Quotas {
         Ok(())
     }
 
+    /// Counts an allocation handed over by a live upgrade: it exists
+    /// already, so no quota refuses it (as a reload that lowers a quota
+    /// keeps the allocations above it).
+    pub fn restore(&self, user: &str, ip: IpAddr) {
+        let Ok(mut c) = self.counts.lock() else { return };
+        *c.per_user.entry(user.to_owned()).or_insert(0) += 1;
+        *c.per_ip.entry(ip).or_insert(0) += 1;
+        c.total += 1;
+    }
+
     /// Returns one allocation of `user` from `ip`.
     pub fn release(&self, user: &str, ip: IpAddr) {
         let Ok(mut c) = self.counts.lock() else { return };

@@ -65,6 +65,15 @@ impl TokenBucket {
         }
     }
 
+    /// Its tokens and when they were counted (a live upgrade carries them).
+    pub(crate) fn parts(self) -> (u64, Instant) {
+        (self.tokens, self.at)
+    }
+
+    pub(crate) fn from_parts(tokens: u64, at: Instant) -> TokenBucket {
+        TokenBucket { tokens, at }
+    }
+
     /// An empty bucket (a newcomer displacing a busy source starts here).
     pub fn empty(now: Instant) -> TokenBucket {
         TokenBucket { tokens: 0, at: now }
@@ -150,6 +159,25 @@ impl SourceBudgets {
 
     pub fn set_rate(&mut self, rate: Rate) {
         self.rate = rate;
+    }
+
+    /// Every source with a budget, for a live upgrade.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (IpAddr, TokenBucket)> + '_ {
+        self.slots.iter().flatten().copied()
+    }
+
+    /// Takes over budgets from [`SourceBudgets::entries`] of a table with
+    /// the same seed.
+    pub(crate) fn restore(&mut self, entries: impl Iterator<Item = (IpAddr, TokenBucket)>) {
+        for (ip, bucket) in entries {
+            if self.slots.is_empty() {
+                self.slots = vec![None; SOURCE_SLOTS];
+            }
+            let index = self.index(ip);
+            if let Some(slot) = self.slots.get_mut(index) {
+                *slot = Some((ip, bucket));
+            }
+        }
     }
 
     /// Whether `source` could not pay even the smallest answer now: its

@@ -78,6 +78,8 @@ pub enum EndReason {
     Operator,
     /// Its credential no longer verifies after a configuration reload.
     Revoked,
+    /// A live upgrade handed it to the new process, which serves it on.
+    HandedOver,
 }
 
 impl EndReason {
@@ -88,6 +90,7 @@ impl EndReason {
             EndReason::ConnectionClosed => "connection_closed",
             EndReason::Operator => "operator",
             EndReason::Revoked => "revoked",
+            EndReason::HandedOver => "handed_over",
         }
     }
 
