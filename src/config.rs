@@ -67,6 +67,36 @@ pub struct Config {
     /// The fleet store shared by several nodes; absent means this node alone.
     #[serde(default)]
     pub store: Option<Store>,
+    /// The process: PID file, live upgrade.
+    #[serde(default)]
+    pub server: ServerProcess,
+}
+
+/// `[server]`: the process itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerProcess {
+    /// Where the running server writes its PID (`turnstile upgrade` finds
+    /// it there); absent means none.
+    #[serde(default)]
+    pub pid_file: Option<std::path::PathBuf>,
+    /// Seconds a live upgrade's new process has to take over before the
+    /// running one gives up on it and serves on.
+    #[serde(default = "default_upgrade_timeout")]
+    pub upgrade_timeout: u64,
+}
+
+impl Default for ServerProcess {
+    fn default() -> Self {
+        ServerProcess {
+            pid_file: None,
+            upgrade_timeout: default_upgrade_timeout(),
+        }
+    }
+}
+
+fn default_upgrade_timeout() -> u64 {
+    10
 }
 
 /// Where a fleet's shared users and secrets live (docs/FLEET.md).
@@ -704,6 +734,9 @@ impl Config {
             && a.token.len() < 16
         {
             return Err("admin.token must be at least 16 characters".into());
+        }
+        if !(1..=300).contains(&self.server.upgrade_timeout) {
+            return Err("server.upgrade_timeout must be 1 to 300 seconds".into());
         }
         if self.auth.nonce_lifetime < 30 {
             return Err("auth.nonce_lifetime must be at least 30 seconds".into());

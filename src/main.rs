@@ -53,6 +53,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Upgrade the running server to the binary now installed, keeping its
+    /// allocations: signals it (SIGUSR2) through [server] pid_file or the
+    /// admin API and waits until the new process serves. Exits non-zero if
+    /// the old process kept serving instead.
+    Upgrade,
     /// Print a turnstile.toml equivalent to a coturn turnserver.conf, with a
     /// note for each option that cannot be carried over.
     ImportCoturn {
@@ -103,6 +108,25 @@ fn main() -> ExitCode {
             },
             Ok(body) => {
                 println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Upgrade) = &cli.command {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/turnstile/turnstile.toml"));
+        return match Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| upgrade_command(&c))
+        {
+            Ok(line) => {
+                println!("{line}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -310,6 +334,103 @@ fn admin_call(config: &Config, method: &str, target: &str, body: &str) -> Result
     }
 }
 
+/// The running server's PID and failed upgrades so far, from the PID file
+/// or the admin API.
+fn running_server(config: &Config) -> Result<(u32, u64), String> {
+    if let Some(path) = &config.server.pid_file {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let pid = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{}: not a PID", path.display()))?;
+        let failures = std::fs::read_to_string(upgrade_failures_file(path))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        return Ok((pid, failures));
+    }
+    if config.admin.is_some() {
+        let body = admin_call(config, "GET", "/v1/status", "")?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        let pid = v
+            .get("pid")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or("status without pid")?;
+        let failures = v
+            .get("upgrade_failures")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        return Ok((pid as u32, failures));
+    }
+    Err("the configuration has neither [server] pid_file nor [admin]: cannot find the running server".into())
+}
+
+/// Beside the PID file: how many upgrades failed, so `turnstile upgrade`
+/// learns of a failure without waiting out the timeout.
+fn upgrade_failures_file(pid_file: &std::path::Path) -> PathBuf {
+    let mut p = pid_file.as_os_str().to_owned();
+    p.push(".upgrade-failures");
+    PathBuf::from(p)
+}
+
+/// The PID file while this process is the server; removed at exit unless
+/// a successor has written its own PID there.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> Option<PidFile> {
+        match std::fs::write(path, format!("{}\n", std::process::id())) {
+            Ok(()) => Some(PidFile(path.to_owned())),
+            Err(e) => {
+                tracing::warn!("pid_file {}: {e}", path.display());
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if std::fs::read_to_string(&self.0).is_ok_and(|t| t.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// `turnstile upgrade`: SIGUSR2 to the running server, then waits for a
+/// new PID (success) or a failure count that grew (the old one serves on).
+fn upgrade_command(config: &Config) -> Result<String, String> {
+    let (old, failures) = running_server(config)?;
+    if !alive(old) {
+        return Err(format!("no process {old}: is turnstile running?"));
+    }
+    // SAFETY: sending a signal to a PID.
+    if unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) } != 0 {
+        return Err(format!("cannot signal {old}: {}", std::io::Error::last_os_error()));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(config.server.upgrade_timeout + 10);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match running_server(config) {
+            Ok((pid, _)) if pid != old && alive(pid) => {
+                return Ok(format!("upgraded: PID {old} handed over to PID {pid}"));
+            }
+            Ok((_, f)) if f > failures => {
+                return Err(format!("upgrade failed: PID {old} serves on (its log says why)"));
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "upgrade did not finish in time: PID {old} serves on (its log says why)"
+    ))
+}
+
 use turnstile::logging::LogHandle;
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
@@ -325,10 +446,28 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         // Each allocation holds a socket; near the limit Allocate is answered 508.
         tracing::info!(open_files = limit, "open file limit");
     }
+    // Started by a live upgrade: the running process's sockets and state.
+    let (channel, inheritance, mut inherited_http) = match turnstile::ops::upgrade::inherit()? {
+        Some((c, i, h)) => {
+            tracing::info!(from = h.from_pid, "upgrade: taking over from PID {}", h.from_pid);
+            (Some(c), Some(i), Some(h))
+        }
+        None => (None, None, None),
+    };
+    let mut take_http = |pick: fn(
+        &mut turnstile::ops::upgrade::InheritedHttp,
+    ) -> &mut Option<(std::net::SocketAddr, std::net::TcpListener)>,
+                         addr: std::net::SocketAddr|
+     -> std::io::Result<std::net::TcpListener> {
+        match inherited_http.as_mut().and_then(|h| pick(h).take()) {
+            Some((was, l)) if was == addr => Ok(l),
+            _ => turnstile::ops::http::bind(addr),
+        }
+    };
     let metrics = match &config.metrics {
         Some(m) => {
             let handle = turnstile::ops::metrics_http::install_recorder()?;
-            let listener = turnstile::ops::http::bind(m.listen)?;
+            let listener = take_http(|h| &mut h.metrics, m.listen)?;
             tracing::info!("metrics listening on http://{}/metrics", listener.local_addr()?);
             Some((listener, handle))
         }
@@ -336,7 +475,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     };
     let admin = match &config.admin {
         Some(a) => {
-            let listener = turnstile::ops::http::bind(a.listen)?;
+            let listener = take_http(|h| &mut h.admin, a.listen)?;
             tracing::info!("admin listening on http://{}", listener.local_addr()?);
             Some((listener, a.clone()))
         }
@@ -349,10 +488,26 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     if let Some((listener, _)) = &admin {
         services.push(listener.local_addr()?);
     }
-    let started = std::rc::Rc::new(turnstile::io::start(&config, &services)?);
-    if let Some(user) = &config.user {
+    let from_pid = inherited_http.as_ref().map(|h| h.from_pid);
+    let started = std::rc::Rc::new(turnstile::io::start_with(&config, &services, inheritance)?);
+    // A successor of a live upgrade runs as its predecessor did (already
+    // switched, if it was told to).
+    if let (Some(user), None) = (&config.user, &channel) {
         turnstile::ops::privileges::drop_to(user, config.group.as_deref())?;
     }
+    // Duplicates of the HTTP listeners, for the next live upgrade.
+    let http_listeners = turnstile::ops::upgrade::HttpListeners {
+        metrics: match (&config.metrics, &metrics) {
+            (Some(m), Some((l, _))) => Some((m.listen, l.try_clone()?.into())),
+            _ => None,
+        },
+        admin: match (&config.admin, &admin) {
+            (Some(a), Some((l, _))) => Some((a.listen, l.try_clone()?.into())),
+            _ => None,
+        },
+    };
+    let invocation = turnstile::ops::upgrade::Invocation::current();
+    let upgrade_failures = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     if demo {
         tracing::warn!(
             "running the embedded demo configuration: loopback only, demo user alice/secret, \
@@ -393,6 +548,9 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // The HTTP listeners and the store, stopped once a live upgrade
+        // handed them over.
+        let mut side_tasks: Vec<tokio::task::AbortHandle> = Vec::new();
         if let Some((listener, handle)) = metrics {
             let ready = ready.clone();
             let quotas = started.quotas.clone();
@@ -401,7 +559,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                 let ready = ready.load(std::sync::atomic::Ordering::Relaxed) && quotas.has_capacity();
                 turnstile::ops::metrics_http::handle(&handle, &req, ready)
             };
-            tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
+            side_tasks.push(tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler)).abort_handle());
         }
         if let Some((listener, a)) = admin {
             let fallback = config.relay.external_address.unwrap_or(config.relay.address);
@@ -416,17 +574,21 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                 credentials: api,
                 started: started.clone(),
                 fleet: fleet.clone(),
+                upgrade_failures: upgrade_failures.clone(),
             };
             let handler = move |req: turnstile::ops::http::Request| admin.handle(&req);
-            tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler));
+            side_tasks.push(tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler)).abort_handle());
         }
         if let Some(store) = &config.store {
-            tokio::task::spawn_local(turnstile::ops::store::follow(
-                store.clone(),
-                config.realm.clone(),
-                fleet.clone(),
-                started.clone(),
-            ));
+            side_tasks.push(
+                tokio::task::spawn_local(turnstile::ops::store::follow(
+                    store.clone(),
+                    config.realm.clone(),
+                    fleet.clone(),
+                    started.clone(),
+                ))
+                .abort_handle(),
+            );
         }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
@@ -437,11 +599,63 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
         let mut watchdog_tick = tokio::time::interval(std::time::Duration::from_micros((watchdog_usec / 2).max(1_000_000)));
         let certs = started.certificates.clone();
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        if let Some(channel) = &channel {
+            // Restored and waiting: the running process lets go, then this
+            // one serves (and systemd follows it as the main process).
+            channel.ready()?;
+            channel.set_timeout(std::time::Duration::from_secs(config.server.upgrade_timeout + 5))?;
+            channel.wait_commit()?;
+            started.serve();
+            notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+            tracing::info!(from = from_pid.unwrap_or(0), "upgrade: serving in place of the old process");
+        }
+        let _pid_file = config.server.pid_file.as_deref().and_then(PidFile::write);
         notify(&[sd_notify::NotifyState::Ready]);
         tracing::info!("ready");
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // After a live upgrade: this process serves only the TCP and TLS
+        // connections it kept, until they close or drain_timeout.
+        let mut handed_over = false;
         loop {
             tokio::select! {
+                _ = usr2.recv() => {
+                    if handed_over || drain_deadline.is_some() {
+                        tracing::warn!("SIGUSR2: already handed over or draining; no upgrade");
+                        continue;
+                    }
+                    tracing::info!(program = %invocation.program.display(), allocations = started.quotas.total(), "SIGUSR2: live upgrade");
+                    let timeout = std::time::Duration::from_secs(config.server.upgrade_timeout);
+                    match turnstile::ops::upgrade::upgrade(&started, &invocation, &http_listeners, timeout) {
+                        Ok(h) => {
+                            // The main process is the new one now; this one
+                            // stays only for the connections it kept.
+                            notify(&[sd_notify::NotifyState::MainPid(h.pid)]);
+                            for t in side_tasks.drain(..) {
+                                t.abort();
+                            }
+                            ready.store(false, std::sync::atomic::Ordering::Relaxed);
+                            handed_over = true;
+                            tracing::info!(
+                                pid = h.pid,
+                                allocations = h.allocations,
+                                frozen_ms = h.frozen.as_millis() as u64,
+                                kept_allocations = started.quotas.total(),
+                                kept_connections = started.open_connections(),
+                                timeout = config.drain_timeout,
+                                "upgrade: handed over; serving the TCP and TLS connections kept until they close"
+                            );
+                            drain_deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(config.drain_timeout));
+                        }
+                        Err(e) => {
+                            let failures = upgrade_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                            if let Some(p) = &config.server.pid_file {
+                                let _ = std::fs::write(upgrade_failures_file(p), format!("{failures}\n"));
+                            }
+                            tracing::error!("upgrade failed, serving on: {e}");
+                        }
+                    }
+                }
                 _ = term.recv() => {
                     if drain_deadline.is_some() {
                         tracing::info!("second SIGTERM: exiting now");
@@ -476,7 +690,11 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                 _ = watchdog_tick.tick(), if watchdog => notify(&[sd_notify::NotifyState::Watchdog]),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(250)), if drain_deadline.is_some() => {
                     let remaining = started.quotas.total();
-                    if remaining == 0 {
+                    if handed_over && remaining == 0 && started.open_connections() == 0 {
+                        tracing::info!("handed over: no connections left; exiting");
+                        return Ok(());
+                    }
+                    if remaining == 0 && !handed_over {
                         tracing::info!("drained: no allocations left; exiting");
                         return Ok(());
                     }

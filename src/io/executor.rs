@@ -45,7 +45,7 @@ pub(crate) struct RelaySocket {
     /// Where the relay is bound (TCP connections to peers start from here).
     pub(crate) bound: SocketAddr,
     /// Stops the accept task of a TCP relay.
-    close: Option<Rc<tokio::sync::Notify>>,
+    pub(crate) close: Option<Rc<tokio::sync::Notify>>,
 }
 
 /// An RFC 6062 peer connection: its stream until a data connection takes

@@ -9,12 +9,15 @@
 //!   `send_queue`, `stream_queue`, `tls`, `coalesce`, `stats_export`.
 //! - `xdp`: the kernel fast path (feature `xdp`) and the mirror that keeps
 //!   its maps in step with the core.
+//! - `handover`: a worker's half of a live upgrade (export and freeze in
+//!   the running process, adopt in the new one).
 //! - `worker`: a worker thread, its drivers, timers and control messages.
 //! - `start` (in start.rs), the composition root: binds the listeners and
 //!   starts the workers.
 
 pub mod coalesce;
 pub mod executor;
+pub mod handover;
 pub mod listen_udp;
 pub mod peer_tcp;
 pub mod peer_udp;
@@ -30,4 +33,4 @@ pub mod udp;
 pub mod worker;
 pub mod xdp;
 
-pub use start::{Started, StoreContents, start};
+pub use start::{Frozen, Inheritance, Started, StoreContents, start, start_with, transport_name};

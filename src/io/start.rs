@@ -3,13 +3,18 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{stream, tls, udp, worker};
 use crate::config::{Config, Transport};
+use crate::io::handover::{Inherited, WorkerExport};
 use crate::proto::channel_data::ChannelRange;
-use crate::proto::server::{Credentials, OwnRelays, PeerPolicy, Quotas, RelayAddress, Server, ServerConfig};
+use crate::proto::server::snapshot::Snapshot;
+use crate::proto::server::{
+    Credentials, ListenerId, OwnRelays, PeerPolicy, Quotas, RelayAddress, RelayId, Server, ServerConfig,
+};
 
 /// What `start` bound, for logs and for the iceServers hint.
 pub struct Started {
@@ -22,8 +27,12 @@ pub struct Started {
     pub quotas: Arc<Quotas>,
     controls: Vec<worker::ControlSender>,
     nonce_secret: [u8; 32],
-    /// Listen entries by listener id, with where each is bound.
-    listening: std::sync::Mutex<Vec<Option<(crate::config::Listen, SocketAddr)>>>,
+    /// Listen entries by listener id, with where each is bound and a
+    /// duplicate of each worker's socket (for a live upgrade).
+    listening: std::sync::Mutex<Vec<Option<Listening>>>,
+    port_seed: [u8; 32],
+    /// A process started by a live upgrade: each worker's go-ahead.
+    gates: std::sync::Mutex<Vec<std::sync::mpsc::Sender<bool>>>,
     extra_services: Vec<SocketAddr>,
     stream_context: StreamContext,
     /// The fast path, attached while this lives.
@@ -33,6 +42,65 @@ pub struct Started {
     draining: std::sync::atomic::AtomicBool,
     /// Allocation statuses from the workers, for the fleet store (taken by it).
     pub statuses: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::io::executor::AllocationStatus>>>,
+}
+
+/// A listen entry as bound: the entry, its address, and a duplicate of
+/// each worker's socket.
+type Listening = (crate::config::Listen, SocketAddr, Vec<OwnedFd>);
+
+/// What a process started by a live upgrade takes over from the running
+/// one (see `crate::ops::upgrade`).
+pub struct Inheritance {
+    pub nonce_secret: [u8; 32],
+    pub port_seed: [u8; 32],
+    pub workers: usize,
+    /// Listen entries: the running process's listener id, transport, the
+    /// address as configured, and one socket per worker.
+    pub listeners: Vec<(u16, Transport, SocketAddr, Vec<OwnedFd>)>,
+    /// Each worker's core and relay sockets.
+    pub states: Vec<WorkerInheritance>,
+}
+
+/// One worker's core and its relay sockets by relay id.
+pub type WorkerInheritance = (Snapshot, Vec<(RelayId, OwnedFd)>);
+
+/// Every worker frozen by a live upgrade, with what they exported.
+pub struct Frozen {
+    pub exports: Vec<WorkerExport>,
+    /// Listen entries as [`Inheritance::listeners`] takes them, with
+    /// duplicates of their sockets.
+    pub listeners: Vec<(u16, Transport, SocketAddr, SocketAddr, Vec<OwnedFd>)>,
+    pub nonce_secret: [u8; 32],
+    pub port_seed: [u8; 32],
+    verdicts: Vec<std::sync::mpsc::Sender<bool>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Frozen {
+    /// The new process serves: every worker lets go of what it handed
+    /// over (returns once they did).
+    pub fn commit(self) {
+        self.decide(true);
+    }
+
+    /// The upgrade failed: every worker serves on as before.
+    pub fn resume(self) {
+        self.decide(false);
+    }
+
+    fn decide(self, handed_over: bool) {
+        for v in &self.verdicts {
+            let _ = v.send(handed_over);
+        }
+        for _ in &self.verdicts {
+            let _ = self.done.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Duplicates of sockets, kept to hand over.
+fn duplicates<'a>(sockets: impl Iterator<Item = BorrowedFd<'a>>) -> io::Result<Vec<OwnedFd>> {
+    sockets.map(|s| s.try_clone_to_owned()).collect()
 }
 
 /// Users and REST secrets read from the fleet store (src/ops/store.rs),
@@ -153,7 +221,7 @@ impl Started {
         let mut services: Vec<SocketAddr> = self
             .listening
             .lock()
-            .map(|l| l.iter().flatten().map(|(_, a)| *a).collect())
+            .map(|l| l.iter().flatten().map(|(_, a, _)| *a).collect())
             .unwrap_or_default();
         services.extend_from_slice(&self.extra_services);
         services
@@ -172,7 +240,7 @@ impl Started {
                 && a.proxy_protocol == b.proxy_protocol
         };
         for (index, slot) in listening.iter_mut().enumerate() {
-            if let Some((listen, addr)) = slot
+            if let Some((listen, addr, _)) = slot
                 && !config.listen.iter().any(|l| same(l, listen))
             {
                 tracing::info!("closing listener {:?} {addr}", listen.transport);
@@ -184,24 +252,106 @@ impl Started {
         }
         let workers = self.controls.len();
         for listen in &config.listen {
-            if listening.iter().flatten().any(|(l, _)| same(l, listen)) {
+            if listening.iter().flatten().any(|(l, _, _)| same(l, listen)) {
                 continue;
             }
             if listen.transport == Transport::Udp {
                 let (addr, sockets) = bind_udp(listen.address, workers)?;
+                let kept = duplicates(sockets.iter().map(AsFd::as_fd))?;
                 for (c, socket) in self.controls.iter().zip(sockets) {
                     let _ = c.send(worker::WorkerControl::AddUdpListener(socket));
                 }
-                listening.push(Some((listen.clone(), addr)));
+                listening.push(Some((listen.clone(), addr, kept)));
             } else {
                 let (addr, setups) = bind_stream(listen, config, &self.stream_context, workers)?;
+                let kept = duplicates(setups.iter().map(|s| s.listener.as_fd()))?;
                 for (c, setup) in self.controls.iter().zip(setups) {
                     let _ = c.send(worker::WorkerControl::AddStreamListener(setup));
                 }
-                listening.push(Some((listen.clone(), addr)));
+                listening.push(Some((listen.clone(), addr, kept)));
             }
         }
         Ok(())
+    }
+
+    /// A process started by a live upgrade: every worker starts serving.
+    pub fn serve(&self) {
+        if let Ok(mut gates) = self.gates.lock() {
+            for g in gates.drain(..) {
+                let _ = g.send(true);
+            }
+        }
+    }
+
+    /// A live upgrade: every worker exports its UDP clients' allocations and
+    /// holds still until [`Frozen::commit`] or [`Frozen::resume`] (or
+    /// `timeout`, which resumes).
+    pub fn freeze(&self, timeout: Duration) -> io::Result<Frozen> {
+        if self.xdp.lock().is_ok_and(|x| x.is_some()) {
+            return Err(io::Error::other(
+                "[xdp] is attached: a live upgrade cannot take the fast path over; restart instead",
+            ));
+        }
+        let listeners = {
+            let listening = self.listening.lock().map_err(|_| io::Error::other("poisoned"))?;
+            let mut entries = Vec::new();
+            for (id, slot) in listening.iter().enumerate() {
+                if let Some((listen, addr, fds)) = slot {
+                    entries.push((
+                        id as u16,
+                        listen.transport,
+                        listen.address,
+                        *addr,
+                        duplicates(fds.iter().map(AsFd::as_fd))?,
+                    ));
+                }
+            }
+            entries
+        };
+        let mut verdicts = Vec::new();
+        let (export_tx, exports_rx) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut frozen = Frozen {
+            exports: Vec::new(),
+            listeners,
+            nonce_secret: self.nonce_secret,
+            port_seed: self.port_seed,
+            verdicts: Vec::new(),
+            done,
+        };
+        for c in &self.controls {
+            let (verdict_tx, verdict) = std::sync::mpsc::channel();
+            verdicts.push(verdict_tx);
+            let _ = c.send(worker::WorkerControl::Freeze {
+                export: export_tx.clone(),
+                verdict,
+                timeout,
+                done: done_tx.clone(),
+            });
+        }
+        frozen.verdicts = verdicts;
+        for _ in &self.controls {
+            match exports_rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(e)) => frozen.exports.push(e),
+                Ok(Err(e)) => {
+                    frozen.resume();
+                    return Err(e);
+                }
+                Err(_) => {
+                    frozen.resume();
+                    return Err(io::Error::other("a worker did not export its state"));
+                }
+            }
+        }
+        // Workers answer in any order; each state goes to the new worker
+        // with the same index.
+        frozen.exports.sort_by_key(|e| e.worker);
+        Ok(frozen)
+    }
+
+    /// Open TCP and TLS client connections (all workers).
+    pub fn open_connections(&self) -> usize {
+        self.stream_context.limits.total()
     }
 
     /// Every worker's allocations (admin API).
@@ -370,14 +520,7 @@ fn bind_stream(
     ctx: &StreamContext,
     workers: usize,
 ) -> io::Result<(SocketAddr, Vec<worker::StreamListenerSetup>)> {
-    let is_tls = listen.transport == Transport::Tls;
-    if is_tls && ctx.acceptor.is_none() {
-        return Err(io::Error::other(format!(
-            "listen {}: tls needs a [tls] certificate",
-            listen.address
-        )));
-    }
-    let name = if is_tls { "tls" } else { "tcp" };
+    let name = transport_name(listen.transport);
     ensure_free(name, listen.address)?;
     let first = stream::bind_reuseport(listen.address).map_err(naming(name, listen.address))?;
     let addr = first.local_addr()?;
@@ -385,6 +528,31 @@ fn bind_stream(
     let mut sockets = vec![first];
     for _ in 1..workers {
         sockets.push(stream::bind_reuseport(addr).map_err(naming(name, addr))?);
+    }
+    Ok((addr, stream_setups(listen, config, ctx, sockets)?))
+}
+
+pub fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+    }
+}
+
+/// Each worker's TCP/TLS listener socket with the entry's settings.
+fn stream_setups(
+    listen: &crate::config::Listen,
+    config: &Config,
+    ctx: &StreamContext,
+    sockets: Vec<std::net::TcpListener>,
+) -> io::Result<Vec<worker::StreamListenerSetup>> {
+    let is_tls = listen.transport == Transport::Tls;
+    if is_tls && ctx.acceptor.is_none() {
+        return Err(io::Error::other(format!(
+            "listen {}: tls needs a [tls] certificate",
+            listen.address
+        )));
     }
     let channel_range = if config.compat.legacy_channel_numbers {
         ChannelRange::Rfc5766
@@ -406,22 +574,85 @@ fn bind_stream(
             },
         })
         .collect();
-    Ok((addr, setups))
+    Ok(setups)
 }
 
 /// `extra_services` are sockets bound elsewhere (the metrics listener) that
 /// relayed traffic must never reach.
 pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Started> {
-    let workers = config.worker_count();
+    start_with(config, extra_services, None)
+}
+
+/// The running process's socket for this listen entry, if it handed one
+/// over: the address it is bound to and each worker's socket.
+fn take_inherited(
+    inheritance: &mut Option<Inheritance>,
+    listen: &crate::config::Listen,
+    workers: usize,
+    id: usize,
+    map: &mut Vec<Option<ListenerId>>,
+) -> io::Result<Option<(SocketAddr, Vec<OwnedFd>)>> {
+    let Some(inh) = inheritance.as_mut() else {
+        return Ok(None);
+    };
+    let Some(i) = inh
+        .listeners
+        .iter()
+        .position(|(_, t, a, fds)| *t == listen.transport && *a == listen.address && fds.len() == workers)
+    else {
+        return Ok(None);
+    };
+    let (old, _, _, fds) = inh.listeners.swap_remove(i);
+    let old = usize::from(old);
+    if map.len() <= old {
+        map.resize(old + 1, None);
+    }
+    if let Some(slot) = map.get_mut(old) {
+        *slot = Some(ListenerId(id as u16));
+    }
+    let addr = socket2::SockRef::from(fds.first().ok_or_else(|| io::Error::other("no socket"))?)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))?;
+    tracing::info!("listening {} {addr} (taken over)", transport_name(listen.transport));
+    Ok(Some((addr, fds)))
+}
+
+/// Like [`start`]; with an inheritance, in a process started by a live
+/// upgrade: the running process's sockets are used instead of binding
+/// anew, its state goes into the workers, and the workers wait for
+/// [`Started::serve`].
+pub fn start_with(
+    config: &Config,
+    extra_services: &[SocketAddr],
+    mut inheritance: Option<Inheritance>,
+) -> io::Result<Started> {
+    let mut workers = config.worker_count();
+    if let Some(inh) = &inheritance
+        && inh.workers != workers
+    {
+        tracing::warn!(
+            configured = workers,
+            running = inh.workers,
+            "workers changed: keeping the running process's count until the next restart (each worker's state goes to its successor)"
+        );
+        workers = inh.workers;
+    }
+    // The running process's listener ids → this process's.
+    let mut map: Vec<Option<ListenerId>> = Vec::new();
     let mut per_worker: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
     // Listener ids are positions in this list: UDP first, then TCP/TLS, then
     // whatever reloads add; removed ones keep their place as `None`.
-    let mut listening = Vec::new();
+    let mut listening: Vec<Option<Listening>> = Vec::new();
     let mut udp_bound = Vec::new();
     for listen in config.listen.iter().filter(|l| l.transport == Transport::Udp) {
-        let (addr, sockets) = bind_udp(listen.address, workers)?;
+        let (addr, sockets) = match take_inherited(&mut inheritance, listen, workers, listening.len(), &mut map)? {
+            Some((addr, fds)) => (addr, fds.into_iter().map(std::net::UdpSocket::from).collect()),
+            None => bind_udp(listen.address, workers)?,
+        };
         udp_bound.push(addr);
-        listening.push(Some((listen.clone(), addr)));
+        let kept = duplicates(sockets.iter().map(AsFd::as_fd))?;
+        listening.push(Some((listen.clone(), addr, kept)));
         for (slot, socket) in per_worker.iter_mut().zip(sockets) {
             slot.push(socket);
         }
@@ -447,19 +678,42 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     let mut per_worker_streams: Vec<Vec<worker::StreamListenerSetup>> = (0..workers).map(|_| Vec::new()).collect();
     let (mut tcp_bound, mut tls_bound) = (Vec::new(), Vec::new());
     for listen in config.listen.iter().filter(|l| l.transport != Transport::Udp) {
-        let (addr, setups) = bind_stream(listen, config, &ctx, workers)?;
+        let (addr, setups) = match take_inherited(&mut inheritance, listen, workers, listening.len(), &mut map)? {
+            Some((addr, fds)) => {
+                let sockets = fds.into_iter().map(std::net::TcpListener::from).collect();
+                (addr, stream_setups(listen, config, &ctx, sockets)?)
+            }
+            None => bind_stream(listen, config, &ctx, workers)?,
+        };
         if listen.transport == Transport::Tls {
             tls_bound.push(addr)
         } else {
             tcp_bound.push(addr)
         }
-        listening.push(Some((listen.clone(), addr)));
+        let kept = duplicates(setups.iter().map(|s| s.listener.as_fd()))?;
+        listening.push(Some((listen.clone(), addr, kept)));
         for (slot, setup) in per_worker_streams.iter_mut().zip(setups) {
             slot.push(setup);
         }
     }
 
-    let nonce_secret = random_secret()?;
+    if let Some(inh) = &inheritance {
+        for (_, t, a, _) in &inh.listeners {
+            tracing::info!("listen {} {a} is no longer configured: closed", transport_name(*t));
+        }
+    }
+    let (nonce_secret, port_seed) = match &inheritance {
+        // Outstanding nonces and reservation tokens stay good.
+        Some(inh) => (inh.nonce_secret, inh.port_seed),
+        None => (random_secret()?, random_secret()?),
+    };
+    let mut states: Vec<Option<WorkerInheritance>> = match inheritance {
+        Some(inh) => inh.states.into_iter().map(Some).collect(),
+        None => Vec::new(),
+    };
+    let upgrading = !states.is_empty();
+    let (restored_tx, restored_rx) = std::sync::mpsc::channel();
+    let mut gates = Vec::new();
     let credentials = credentials(config, &nonce_secret, &StoreContents::default())?;
     let mut services = udp_bound.clone();
     services.extend_from_slice(&tcp_bound);
@@ -467,7 +721,6 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
     services.extend_from_slice(extra_services);
     let policy = peer_policy(config, services.clone());
     let quotas = Arc::new(Quotas::with_limits(config.limits.quota_limits()));
-    let port_seed = random_secret()?;
     let r = &config.relay;
     let relay_v4 = Some(RelayAddress {
         bind: r.address,
@@ -535,7 +788,42 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
             coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
             offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
             statuses: status_tx.clone(),
+            inherited: if upgrading {
+                let (core, relays) = states.get_mut(index).and_then(Option::take).unwrap_or_else(|| {
+                    (
+                        crate::proto::server::snapshot::Snapshot::empty(crate::io::handover::unix_ms()),
+                        Vec::new(),
+                    )
+                });
+                let (go_tx, go) = std::sync::mpsc::channel();
+                gates.push(go_tx);
+                Some((
+                    Inherited {
+                        core,
+                        relays,
+                        listeners: map.clone(),
+                        revoke: config.auth.revoke_on_reload,
+                    },
+                    worker::StartGate {
+                        restored: restored_tx.clone(),
+                        go,
+                    },
+                ))
+            } else {
+                None
+            },
         })?;
+    }
+    if upgrading {
+        let mut adopted = 0;
+        for _ in 0..workers {
+            match restored_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(Ok(n)) => adopted += n,
+                Ok(Err(e)) => return Err(io::Error::other(format!("state not restored: {e}"))),
+                Err(_) => return Err(io::Error::other("a worker did not restore its state")),
+            }
+        }
+        tracing::info!(allocations = adopted, "state taken over");
     }
     Ok(Started {
         udp: udp_bound,
@@ -546,6 +834,8 @@ pub fn start(config: &Config, extra_services: &[SocketAddr]) -> io::Result<Start
         controls,
         nonce_secret,
         listening: std::sync::Mutex::new(listening),
+        port_seed,
+        gates: std::sync::Mutex::new(gates),
         extra_services: extra_services.to_vec(),
         stream_context: ctx,
         xdp: std::sync::Mutex::new(fast_path),

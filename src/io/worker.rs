@@ -49,6 +49,14 @@ pub enum WorkerControl {
     StopOffload {
         done: std::sync::mpsc::Sender<()>,
     },
+    /// A live upgrade: export, then hold the thread until the verdict.
+    Freeze {
+        export: std::sync::mpsc::Sender<io::Result<crate::io::handover::WorkerExport>>,
+        verdict: std::sync::mpsc::Receiver<bool>,
+        timeout: Duration,
+        /// Told once the verdict is carried out.
+        done: std::sync::mpsc::Sender<()>,
+    },
 }
 
 pub type ControlSender = tokio::sync::mpsc::UnboundedSender<WorkerControl>;
@@ -76,6 +84,16 @@ pub struct WorkerSetup {
     pub offload: Option<Offload>,
     /// Allocation statuses for the fleet store, with `[store]`.
     pub statuses: Option<crate::io::executor::StatusSender>,
+    /// In a process started by a live upgrade: the running process's state
+    /// for this worker, and the gate it waits at before serving.
+    pub inherited: Option<(crate::io::handover::Inherited, StartGate)>,
+}
+
+/// Where a worker of an upgraded process reports its restore (allocations
+/// taken over, or why not), and waits for the go-ahead to serve.
+pub struct StartGate {
+    pub restored: std::sync::mpsc::Sender<Result<usize, String>>,
+    pub go: std::sync::mpsc::Receiver<bool>,
 }
 
 /// What a worker needs to mirror its core into the fast path's maps.
@@ -133,6 +151,19 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         }
         for s in setup.streams {
             add_stream_listener(&worker, &streams, s)?;
+        }
+        if let Some((inherited, gate)) = setup.inherited {
+            let adopted = crate::io::handover::adopt(&mut worker.borrow_mut(), inherited);
+            let _ = gate
+                .restored
+                .send(adopted.as_ref().map(|n| *n).map_err(|e| e.to_string()));
+            adopted?;
+            // Nothing is served until the running process let go: its
+            // workers are frozen meanwhile, and the datagrams wait in the
+            // sockets' buffers.
+            if !gate.go.recv().unwrap_or(false) {
+                return Err(io::Error::other("the running process kept its state"));
+            }
         }
         // SAFETY: an OwnedFd is a valid descriptor that stays open, and the
         // same, for as long as the AsyncFd owns it.
@@ -302,6 +333,15 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                     w.offload_exported = 0.0;
                 }
                 w.fold_offloaded(now());
+                let _ = done.send(());
+            }
+            WorkerControl::Freeze {
+                export,
+                verdict,
+                timeout,
+                done,
+            } => {
+                crate::io::handover::freeze(&mut w, &export, &verdict, timeout);
                 let _ = done.send(());
             }
             WorkerControl::Kick { user, client, reply } => {

@@ -219,6 +219,8 @@ pub struct AdminApi {
     pub credentials: CredentialApi,
     pub started: std::rc::Rc<crate::io::Started>,
     pub fleet: std::rc::Rc<crate::ops::fleet::Fleet>,
+    /// Live upgrades that failed (the old process served on).
+    pub upgrade_failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Longest revocation (seconds).
@@ -229,6 +231,23 @@ impl AdminApi {
         let path = req.path.trim_end_matches('/');
         if path == "/v1/revocations" {
             return self.revocations(req);
+        }
+        if path == "/v1/status" {
+            if !self.credentials.authorized(req) {
+                log_refused(req);
+                return Response::json(401, json!({"error": "missing or wrong bearer token"}).to_string());
+            }
+            return Response::json(
+                200,
+                json!({
+                    "pid": std::process::id(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "allocations": self.started.quotas.total(),
+                    "draining": self.started.is_draining(),
+                    "upgrade_failures": self.upgrade_failures.load(std::sync::atomic::Ordering::Relaxed),
+                })
+                .to_string(),
+            );
         }
         if path != "/v1/allocations" {
             return self.credentials.handle(req);

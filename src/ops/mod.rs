@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod fleet;
+pub mod handover;
 pub mod http;
 pub mod metrics_http;
 pub mod privileges;
 pub mod process_limits;
 pub mod store;
+pub mod upgrade;

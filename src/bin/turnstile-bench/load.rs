@@ -38,6 +38,9 @@ pub struct LoadSpec {
     /// Send each flow's burst as one GSO train (as a QUIC-style sender would).
     pub gso: bool,
     pub server_pid: Option<u32>,
+    /// Refresh every allocation this often while the load runs (spread
+    /// over the interval), as a client keeping a call up does.
+    pub refresh_every: Option<Duration>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -66,6 +69,19 @@ pub struct LoadReport {
     pub server_cpu_util: Option<f64>,
     pub server_cpu_us_per_packet: Option<f64>,
     pub generator_cpu_s: f64,
+    /// Refreshes sent during the run, and how they were answered.
+    pub refreshes_sent: u64,
+    pub refreshes_ok: u64,
+    /// 437: the server no longer knows the allocation.
+    pub refreshes_437: u64,
+    pub refreshes_other_error: u64,
+    /// Echoes whose relayed address (as the peer saw it) was not the one
+    /// the allocation was given.
+    pub relay_moved: u64,
+    /// Longest time without any echo arriving, and the longest without an
+    /// echo for one allocation, while sending.
+    pub longest_gap_ms: f64,
+    pub longest_flow_gap_ms: f64,
 }
 
 struct Outgoing {
@@ -137,7 +153,7 @@ fn generator_cpu() -> f64 {
 }
 
 /// Runs the load and reports; `peers` are the echo sockets the flows point at.
-pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Result<LoadReport> {
+pub fn run(flows: &mut [Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Result<LoadReport> {
     let k = flows.len();
     let mut epoll = Epoll::new()?;
     for (i, f) in flows.iter().enumerate() {
@@ -178,12 +194,39 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
     let stop_sending = start + spec.duration;
     let drain = Duration::from_millis(300);
     let mut ready: Vec<u64> = Vec::with_capacity(256);
+    let (mut refreshes_sent, mut refreshes_ok, mut refreshes_437, mut refreshes_other) = (0u64, 0u64, 0u64, 0u64);
+    let mut relay_moved = 0u64;
+    let mut last_echo: Option<u64> = None;
+    let mut longest_gap = 0u64;
+    let mut flow_last: Vec<Option<u64>> = vec![None; k];
+    let mut longest_flow_gap = 0u64;
+    // Flow i refreshes at i/k of each interval.
+    let mut next_refresh: Vec<Duration> = match spec.refresh_every {
+        Some(every) => (0..k).map(|i| every.mul_f64(i as f64 / k.max(1) as f64)).collect(),
+        None => Vec::new(),
+    };
+    let mut request = [0u8; 512];
     loop {
         let now = Instant::now();
         if now >= stop_sending + drain {
             break;
         }
         let sending = now < stop_sending;
+        if let (Some(every), true) = (spec.refresh_every, sending) {
+            let elapsed = now.duration_since(start);
+            for (i, due) in next_refresh.iter_mut().enumerate() {
+                if *due <= elapsed {
+                    *due += every;
+                    let f = &mut flows[i];
+                    let (_, n) = f
+                        .session
+                        .write_request(&mut request, Method::REFRESH, |w| w.lifetime(600).expect("buffer"));
+                    if f.session.socket.send(&request[..n]).is_ok() {
+                        refreshes_sent += 1;
+                    }
+                }
+            }
+        }
         if sending {
             let elapsed = now.duration_since(start);
             let mut budget = if spec.rate > 0 {
@@ -242,7 +285,16 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
                     let n = slots.recv(fd)?;
                     let arrived = start.elapsed().as_nanos() as u64;
                     for i in 0..n {
-                        let Some((flow, _seq, t)) = client_payload(slots.datagram(i)).and_then(read_header) else {
+                        let d = slots.datagram(i);
+                        if let Some(m) = Message::parse(d).ok().filter(|m| m.method() == Method::REFRESH) {
+                            match m.error_code().ok().flatten().map(|e| e.code) {
+                                None if m.class() == Class::Success => refreshes_ok += 1,
+                                Some(437) => refreshes_437 += 1,
+                                _ => refreshes_other += 1,
+                            }
+                            continue;
+                        }
+                        let Some((flow, _seq, t)) = client_payload(d).and_then(read_header) else {
                             continue;
                         };
                         if flow as usize != token {
@@ -251,6 +303,18 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
                         }
                         client_received += 1;
                         let _ = hist.record(arrived.saturating_sub(t).max(1));
+                        if arrived < stop_sending.duration_since(start).as_nanos() as u64 {
+                            if let Some(last) = last_echo {
+                                longest_gap = longest_gap.max(arrived.saturating_sub(last));
+                            }
+                            if let Some(Some(last)) = flow_last.get(token) {
+                                longest_flow_gap = longest_flow_gap.max(arrived.saturating_sub(*last));
+                            }
+                            last_echo = Some(arrived);
+                            if let Some(slot) = flow_last.get_mut(token) {
+                                *slot = Some(arrived);
+                            }
+                        }
                     }
                     if n < BATCH {
                         break;
@@ -264,8 +328,14 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
                     let mut back: Vec<(&[u8], Option<SocketAddr>)> = Vec::with_capacity(n);
                     for i in 0..n {
                         let d = slots.datagram(i);
-                        if read_header(d).is_some() {
+                        if let Some((flow, _, _)) = read_header(d) {
                             peer_received += 1;
+                            if flows
+                                .get(flow as usize)
+                                .is_some_and(|f| Some(f.relay) != slots.source(i))
+                            {
+                                relay_moved += 1;
+                            }
                             back.push((d, slots.source(i)));
                         }
                     }
@@ -312,5 +382,12 @@ pub fn run(flows: &[Flow], peers: &[UdpSocket], spec: &LoadSpec) -> std::io::Res
         server_cpu_util: server_cpu.map(|c| c / (seconds + drain.as_secs_f64())),
         server_cpu_us_per_packet: server_cpu.map(|c| c * 1e6 / relayed.max(1) as f64),
         generator_cpu_s: generator_cpu() - gen_before,
+        refreshes_sent,
+        refreshes_ok,
+        refreshes_437,
+        refreshes_other_error: refreshes_other,
+        relay_moved,
+        longest_gap_ms: longest_gap as f64 / 1e6,
+        longest_flow_gap_ms: longest_flow_gap as f64 / 1e6,
     })
 }

@@ -127,6 +127,10 @@ struct LoadArgs {
     /// Address the echo peers bind to.
     #[arg(long, default_value = "127.0.0.1")]
     peer_ip: IpAddr,
+    /// Refresh every allocation this often, in seconds (0: never), and
+    /// report how the refreshes were answered.
+    #[arg(long, default_value_t = 0)]
+    refresh_every: u64,
 }
 
 #[derive(Args)]
@@ -313,8 +317,9 @@ fn run_load(a: LoadArgs) -> Fallible<()> {
         window: a.window,
         gso: a.gso,
         server_pid: a.target.server_pid,
+        refresh_every: (a.refresh_every > 0).then(|| Duration::from_secs(a.refresh_every)),
     };
-    let report = load::run(&flows, &peers, &spec)?;
+    let report = load::run(&mut flows, &peers, &spec)?;
     // Release the allocations so back-to-back runs start clean.
     for f in flows.iter_mut() {
         let _ = f.session.socket.set_nonblocking(false);

@@ -106,6 +106,28 @@ impl std::fmt::Display for SnapshotError {
 }
 
 impl Snapshot {
+    /// A worker with nothing to hand over (a new worker count).
+    pub fn empty(unix_ms: u64) -> Snapshot {
+        Snapshot {
+            version: VERSION,
+            taken_unix_ms: unix_ms,
+            allocations: Vec::new(),
+            ports: [
+                PortsState {
+                    cursor: 0,
+                    holds: Vec::new(),
+                },
+                PortsState {
+                    cursor: 0,
+                    holds: Vec::new(),
+                },
+            ],
+            budgets: Vec::new(),
+            worker_bandwidth: None,
+            next_connection: 0,
+        }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         postcard::to_stdvec(self).unwrap_or_default()
     }
