@@ -109,6 +109,12 @@ pub enum Handled {
     Bound(u32),
 }
 
+/// A plain TCP connection parked by a live upgrade: what its reader held
+/// and had not handled (a partial message).
+pub(crate) struct Parked {
+    pub(crate) inbound: Vec<u8>,
+}
+
 /// Where answers for a listener's clients go.
 pub(crate) enum Listener {
     Udp(Rc<UdpListener>),
@@ -129,6 +135,8 @@ pub struct Worker {
     /// decides whether to keep it (`Input::TcpPeerAccepted`).
     pub(crate) accepting: Option<tokio::net::TcpStream>,
     pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
+    /// Plain TCP connections parked by a live upgrade.
+    pub(crate) parked: FxHashMap<ClientKey, Parked>,
     /// The task serving each listener, by listener id (to stop it on removal).
     pub(crate) listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
     pub(crate) relays: FxHashMap<RelayId, RelaySocket>,
@@ -174,6 +182,7 @@ impl Worker {
             tcp_peers: FxHashMap::default(),
             accepting: None,
             streams: FxHashMap::default(),
+            parked: FxHashMap::default(),
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
             relay_poll,

@@ -19,7 +19,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashSet;
 
-use crate::io::executor::{Listener, RelaySocket, Worker, now, run_outputs};
+use rustc_hash::FxHashMap;
+
+use crate::io::executor::{Listener, Parked, RelaySocket, Shared, Worker, now, run_outputs};
+use crate::io::stream::Streams;
+use crate::io::stream_queue::StreamOut;
 use crate::proto::server::snapshot::Snapshot;
 use crate::proto::server::{ClientKey, ListenerId, RelayId};
 
@@ -30,12 +34,25 @@ pub struct WorkerExport {
     pub core: Snapshot,
     /// Duplicates of the UDP relay sockets the snapshot's allocations hold.
     pub relays: Vec<(RelayId, OwnedFd)>,
+    pub streams: Vec<StreamExport>,
+}
+
+/// A plain TCP client connection, parked between messages.
+pub struct StreamExport {
+    /// The client's 5-tuple, by the exporting worker's listener id.
+    pub key: ClientKey,
+    pub socket: OwnedFd,
+    /// Read from the client and not handled yet (a partial message).
+    pub inbound: Vec<u8>,
+    /// Queued for the client and not written yet.
+    pub outbound: Vec<u8>,
 }
 
 /// What a worker of the new process takes over.
 pub struct Inherited {
     pub core: Snapshot,
     pub relays: Vec<(RelayId, OwnedFd)>,
+    pub streams: Vec<StreamExport>,
     /// The running workers' listener ids mapped to this worker's (`None`:
     /// the new configuration dropped that listener).
     pub listeners: Vec<Option<ListenerId>>,
@@ -51,11 +68,53 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `key`'s client is served over UDP (handed over) rather than a
-/// TCP or TLS connection (which stays with this process).
-fn on_udp(listeners: &[Listener]) -> impl Fn(&ClientKey) -> bool + '_ {
-    |key| matches!(listeners.get(usize::from(key.listener.0)), Some(Listener::Udp(_)))
+/// Whether `key`'s client goes to the new process: served over UDP, or
+/// over a plain TCP connection parked for the hand-over. TLS connections,
+/// and TCP ones that could not park, stay with this process.
+fn handed(listeners: &[Listener], parked: &FxHashMap<ClientKey, Parked>) -> impl Fn(&ClientKey) -> bool + use<> {
+    let udp: Vec<bool> = listeners.iter().map(|l| matches!(l, Listener::Udp(_))).collect();
+    let parked: FxHashSet<ClientKey> = parked.keys().copied().collect();
+    move |key| udp.get(usize::from(key.listener.0)).copied().unwrap_or(false) || parked.contains(key)
 }
+
+/// Asks every plain TCP connection that can move to park between
+/// messages, and waits (briefly) until they did; those that did not stay.
+pub async fn park_streams(shared: &Shared) {
+    let asked: Vec<(ClientKey, Rc<StreamOut>)> = {
+        let w = shared.borrow();
+        w.streams
+            .iter()
+            .filter(|(k, o)| o.handover_fd().is_some() && w.server.can_hand_over(k))
+            .map(|(k, o)| (*k, o.clone()))
+            .collect()
+    };
+    for (_, out) in &asked {
+        out.request_park();
+    }
+    let deadline = Instant::now() + PARK_WAIT;
+    loop {
+        let waiting = {
+            let w = shared.borrow();
+            asked
+                .iter()
+                .filter(|(k, o)| o.is_parking() && !w.parked.contains_key(k))
+                .count()
+        };
+        if waiting == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let w = shared.borrow();
+    for (k, out) in &asked {
+        if !w.parked.contains_key(k) {
+            out.decide(false);
+        }
+    }
+}
+
+/// How long connections get to park.
+const PARK_WAIT: Duration = Duration::from_millis(200);
 
 /// Exports, sends the export, and holds the thread until the verdict
 /// (`true`: the new process took over). Returns whether it was handed over.
@@ -66,9 +125,32 @@ pub fn freeze(
     timeout: Duration,
 ) -> bool {
     let clock = now();
-    let core = w.server.export(clock.instant, unix_ms(), on_udp(&w.listeners));
+    let include = handed(&w.listeners, &w.parked);
+    let core = w.server.export(clock.instant, unix_ms(), &include);
     let mut relays = Vec::new();
     let mut failed = None;
+    let mut streams = Vec::new();
+    for (key, parked) in &w.parked {
+        let Some((fd, outbound)) = w
+            .streams
+            .get(key)
+            .and_then(|o| o.handover_fd().map(|fd| (fd, o.queued_copy())))
+        else {
+            continue;
+        };
+        // SAFETY: the parked connection's task owns this descriptor and
+        // keeps it open until the verdict, which comes after this returns.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        match borrowed.try_clone_to_owned() {
+            Ok(socket) => streams.push(StreamExport {
+                key: *key,
+                socket,
+                inbound: parked.inbound.clone(),
+                outbound,
+            }),
+            Err(e) => failed = Some(e),
+        }
+    }
     for id in core
         .allocations
         .iter()
@@ -89,12 +171,13 @@ pub fn freeze(
             worker: w.index,
             core,
             relays,
+            streams,
         })),
     };
-    if sent.is_err() {
-        return false;
+    let handed_over = sent.is_ok() && verdict.recv_timeout(timeout).unwrap_or(false);
+    for out in w.parked.keys().filter_map(|k| w.streams.get(k)) {
+        out.decide(handed_over);
     }
-    let handed_over = verdict.recv_timeout(timeout).unwrap_or(false);
     if !handed_over {
         tracing::info!(
             worker = w.index,
@@ -103,7 +186,7 @@ pub fn freeze(
         );
         return false;
     }
-    let released = w.server.release_handed_over(on_udp(&w.listeners));
+    let released = w.server.release_handed_over(&include);
     run_outputs(w, now());
     // The new process serves every listener now: stop reading and
     // accepting. TCP and TLS connections already open stay here.
@@ -121,7 +204,9 @@ pub fn freeze(
 
 /// Restores the running process's state into this worker (before it
 /// serves). Returns how many allocations it took over.
-pub fn adopt(w: &mut Worker, inherited: Inherited) -> std::io::Result<usize> {
+pub fn adopt(shared: &Shared, streams: &Rc<Streams>, inherited: Inherited) -> std::io::Result<usize> {
+    let mut guard = shared.borrow_mut();
+    let w = &mut *guard;
     let clock = now();
     let map = inherited.listeners;
     let kept = w
@@ -155,5 +240,19 @@ pub fn adopt(w: &mut Worker, inherited: Inherited) -> std::io::Result<usize> {
     }
     let count = w.server.allocation_count();
     run_outputs(w, clock);
+    drop(guard);
+    for s in inherited.streams {
+        let Some(listener) = map.get(usize::from(s.key.listener.0)).copied().flatten() else {
+            continue;
+        };
+        let key = ClientKey {
+            listener,
+            client: s.key.client,
+        };
+        let socket = std::net::TcpStream::from(s.socket);
+        if let Err(e) = crate::io::stream::adopt_connection(shared, streams, key, socket, &s.inbound, s.outbound) {
+            tracing::warn!(client = %key.client, "connection not taken over: {e}");
+        }
+    }
     Ok(count)
 }

@@ -61,8 +61,13 @@ pub struct Inheritance {
     pub states: Vec<WorkerInheritance>,
 }
 
-/// One worker's core and its relay sockets by relay id.
-pub type WorkerInheritance = (Snapshot, Vec<(RelayId, OwnedFd)>);
+/// One worker's core, its relay sockets by relay id and its plain TCP
+/// client connections.
+pub struct WorkerInheritance {
+    pub core: Snapshot,
+    pub relays: Vec<(RelayId, OwnedFd)>,
+    pub streams: Vec<crate::io::handover::StreamExport>,
+}
 
 /// Every worker frozen by a live upgrade, with what they exported.
 pub struct Frozen {
@@ -789,18 +794,21 @@ pub fn start_with(
             offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
             statuses: status_tx.clone(),
             inherited: if upgrading {
-                let (core, relays) = states.get_mut(index).and_then(Option::take).unwrap_or_else(|| {
-                    (
-                        crate::proto::server::snapshot::Snapshot::empty(crate::io::handover::unix_ms()),
-                        Vec::new(),
-                    )
-                });
+                let state = states
+                    .get_mut(index)
+                    .and_then(Option::take)
+                    .unwrap_or_else(|| WorkerInheritance {
+                        core: crate::proto::server::snapshot::Snapshot::empty(crate::io::handover::unix_ms()),
+                        relays: Vec::new(),
+                        streams: Vec::new(),
+                    });
                 let (go_tx, go) = std::sync::mpsc::channel();
                 gates.push(go_tx);
                 Some((
                     Inherited {
-                        core,
-                        relays,
+                        core: state.core,
+                        relays: state.relays,
+                        streams: state.streams,
                         listeners: map.clone(),
                         revoke: config.auth.revoke_on_reload,
                     },

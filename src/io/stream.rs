@@ -228,13 +228,16 @@ async fn connection(
                 tcp.peek(&mut first).await? == 1 && first[0] == 0x16
             }
         };
-        let io: BoxedStream = match (&settings.tls, use_tls) {
-            (Some(acceptor), true) => Box::pin(acceptor.accept(tcp).await?),
-            _ => Box::pin(tcp),
+        let (io, fd): (BoxedStream, _) = match (&settings.tls, use_tls) {
+            (Some(acceptor), true) => (Box::pin(acceptor.accept(tcp).await?), None),
+            _ => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+                (Box::pin(tcp), Some(fd))
+            }
         };
-        Ok::<_, io::Error>((client, io))
+        Ok::<_, io::Error>((client, io, fd))
     };
-    let (client, io) = match tokio::time::timeout(settings.handshake_timeout, setup).await {
+    let (client, io, fd) = match tokio::time::timeout(settings.handshake_timeout, setup).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "connection setup failed: {e}");
@@ -254,8 +257,55 @@ async fn connection(
         BytesMut::with_capacity(4096),
         settings,
         guard,
+        Resumed { fd, outbound: None },
     )
     .await;
+}
+
+/// A connection's socket, when a live upgrade may hand it over, and bytes
+/// already owed to the client (a connection taken over from the running
+/// process).
+pub struct Resumed {
+    pub fd: Option<std::os::fd::RawFd>,
+    pub outbound: Option<Vec<u8>>,
+}
+
+/// Serves a plain TCP connection taken over from the running process,
+/// with the bytes it had read and not handled, and those it had queued.
+pub fn adopt_connection(
+    shared: &Shared,
+    streams: &Rc<Streams>,
+    key: ClientKey,
+    socket: std::net::TcpStream,
+    inbound: &[u8],
+    outbound: Vec<u8>,
+) -> io::Result<()> {
+    let settings = streams
+        .settings(key.listener)
+        .ok_or_else(|| io::Error::other("no such stream listener"))?;
+    socket.set_nonblocking(true)?;
+    let tcp = TcpStream::from_std(socket)?;
+    let Some(guard) = settings.limits.admit(key.client.ip()) else {
+        metrics::counter!("turnstile_connections_refused_total", "reason" => "limit").increment(1);
+        return Ok(());
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let mut buf = BytesMut::with_capacity(inbound.len().max(4096));
+    buf.extend_from_slice(inbound);
+    tokio::task::spawn_local(serve(
+        shared.clone(),
+        streams.clone(),
+        key,
+        Box::pin(tcp),
+        buf,
+        settings,
+        guard,
+        Resumed {
+            fd: Some(fd),
+            outbound: Some(outbound),
+        },
+    ));
+    Ok(())
 }
 
 /// Receives connections other workers hand over.
@@ -270,6 +320,10 @@ pub async fn receive_handoffs(shared: Shared, streams: Rc<Streams>, mut rx: Hand
                 h.buf,
                 settings,
                 h.guard,
+                Resumed {
+                    fd: None,
+                    outbound: None,
+                },
             ));
         }
     }
@@ -282,26 +336,70 @@ enum ReadEnd {
     Bound(u32, BytesMut),
     /// A ConnectionBind for a connection id another worker owns.
     Handoff(usize, BytesMut),
+    /// A live upgrade parks the connection; these bytes are unhandled.
+    Park(BytesMut),
 }
 
 /// Serves one client connection: STUN and ChannelData frames through the
 /// core, then, after an RFC 6062 ConnectionBind, raw bytes to its peer.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     shared: Shared,
     streams: Rc<Streams>,
     key: ClientKey,
-    io: BoxedStream,
-    buf: BytesMut,
+    mut io: BoxedStream,
+    mut buf: BytesMut,
     settings: Rc<StreamSettings>,
     guard: ConnGuard,
+    resumed: Resumed,
 ) {
-    let (rd, wr) = tokio::io::split(io);
-    let out = Rc::new(StreamOut::new(settings.send_buffer));
+    let out = Rc::new(StreamOut::new(settings.send_buffer).with_handover(resumed.fd));
+    if let Some(bytes) = resumed.outbound.filter(|b| !b.is_empty()) {
+        out.push(&bytes);
+    }
     shared.borrow_mut().streams.insert(key, out.clone());
     feed(&shared, Input::StreamOpened { key });
     metrics::gauge!("turnstile_connections").increment(1.0);
-    let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
-    let (end, rd) = read_loop(&shared, streams.index, key, rd, buf, &settings, &out).await;
+    let (end, rd, writer) = loop {
+        let (rd, wr) = tokio::io::split(io);
+        let writer = tokio::task::spawn_local(write_loop(wr, out.clone()));
+        let (end, rd) = read_loop(&shared, streams.index, key, rd, buf, &settings, &out).await;
+        let ReadEnd::Park(unhandled) = end else {
+            break (end, rd, writer);
+        };
+        // The writer stops before its next write (it is not in one: the
+        // reader does not park a connection that is).
+        let wr = match writer.await {
+            Ok(Some(wr)) => wr,
+            _ => {
+                out.decide(false);
+                let _ = out.verdict().await;
+                break (
+                    ReadEnd::Closed("write_error"),
+                    rd,
+                    tokio::task::spawn_local(async { None }),
+                );
+            }
+        };
+        shared.borrow_mut().parked.insert(
+            key,
+            crate::io::executor::Parked {
+                inbound: unhandled.to_vec(),
+            },
+        );
+        let handed_over = out.verdict().await;
+        shared.borrow_mut().parked.remove(&key);
+        if handed_over {
+            // The new process serves it: close this process's descriptor
+            // only (no shutdown, which would end the connection for both).
+            shared.borrow_mut().streams.remove(&key);
+            metrics::gauge!("turnstile_connections").decrement(1.0);
+            drop(guard);
+            return;
+        }
+        io = rd.unsplit(wr);
+        buf = unhandled;
+    };
 
     out.close();
     shared.borrow_mut().streams.remove(&key);
@@ -313,6 +411,8 @@ async fn serve(
         _ => return,
     };
     match end {
+        // A park ends inside the loop above.
+        ReadEnd::Park(_) => {}
         ReadEnd::Closed(reason) => {
             tracing::debug!(client = %key.client, reason, "connection closed");
             let mut wr = wr;
@@ -425,6 +525,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
             r = rd.read_buf(&mut buf) => r,
             // Idle, too slow, or its allocation ended (counted by the executor).
             reason = out.ended() => return (ReadEnd::Closed(reason.label()), rd),
+            // A live upgrade: stop here, between messages read, unless a
+            // write is under way (that connection stays with this process).
+            _ = out.park_requested() => {
+                if out.is_writing() {
+                    out.decide(false);
+                    let _ = out.verdict().await;
+                    continue;
+                }
+                return (ReadEnd::Park(buf), rd);
+            }
         };
         match n {
             Ok(0) => return (ReadEnd::Closed("eof"), rd),
@@ -438,9 +548,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// back so the connection can become an RFC 6062 data connection.
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> Option<W> {
     loop {
+        // Parked for a live upgrade: what is queued goes with the connection.
+        if out.is_parking() {
+            return Some(wr);
+        }
         match out.take() {
             Some(c) => {
-                if wr.write_all(&c).await.is_err() {
+                out.set_writing(true);
+                let written = wr.write_all(&c).await;
+                out.set_writing(false);
+                if written.is_err() {
                     out.fail();
                     return None;
                 }

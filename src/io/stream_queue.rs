@@ -2,6 +2,7 @@
 //! client, shared by the connection's tasks and the output executor.
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
 
 use bytes::BytesMut;
 use tokio::sync::Notify;
@@ -17,6 +18,24 @@ pub struct StreamOut {
     /// Wakes the reader when the core closes the connection.
     ended: Notify,
     end_reason: Cell<Option<CloseReason>>,
+    /// A plain TCP connection's socket, which a live upgrade can hand over
+    /// (`None` for TLS, whose session state cannot move).
+    handover_fd: Option<RawFd>,
+    park: Cell<Park>,
+    /// Wakes the reader when a park is asked for or decided.
+    park_wake: Notify,
+    /// The writer is in the middle of writing (a park would cut a message).
+    writing: Cell<bool>,
+}
+
+/// Where a connection stands in a live upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Park {
+    None,
+    /// The worker asked the connection to stop reading and writing.
+    Requested,
+    /// Decided: handed over (`true`) or kept (`false`).
+    Decided(bool),
 }
 
 impl StreamOut {
@@ -28,7 +47,76 @@ impl StreamOut {
             closed: Cell::new(false),
             ended: Notify::new(),
             end_reason: Cell::new(None),
+            handover_fd: None,
+            park: Cell::new(Park::None),
+            park_wake: Notify::new(),
+            writing: Cell::new(false),
         }
+    }
+
+    /// A queue for a plain TCP connection on socket `fd`.
+    pub fn with_handover(mut self, fd: Option<RawFd>) -> StreamOut {
+        self.handover_fd = fd;
+        self
+    }
+
+    pub fn handover_fd(&self) -> Option<RawFd> {
+        self.handover_fd
+    }
+
+    /// A live upgrade asks the connection to park: its reader stops after
+    /// the messages it holds, its writer before the next write.
+    pub fn request_park(&self) {
+        self.park.set(Park::Requested);
+        self.park_wake.notify_one();
+        self.notify.notify_one();
+    }
+
+    /// Waits until a park is asked for.
+    pub async fn park_requested(&self) {
+        loop {
+            if self.park.get() == Park::Requested {
+                return;
+            }
+            self.park_wake.notified().await;
+        }
+    }
+
+    pub fn is_parking(&self) -> bool {
+        self.park.get() == Park::Requested
+    }
+
+    /// The upgrade's verdict for a parked (or parking) connection.
+    pub fn decide(&self, handed_over: bool) {
+        if self.park.get() != Park::None {
+            self.park.set(Park::Decided(handed_over));
+            self.park_wake.notify_one();
+        }
+    }
+
+    /// Waits for the verdict; `true` when the connection was handed over.
+    pub async fn verdict(&self) -> bool {
+        loop {
+            if let Park::Decided(v) = self.park.get() {
+                self.park.set(Park::None);
+                return v;
+            }
+            self.park_wake.notified().await;
+        }
+    }
+
+    pub fn set_writing(&self, writing: bool) {
+        self.writing.set(writing);
+    }
+
+    pub fn is_writing(&self) -> bool {
+        self.writing.get()
+    }
+
+    /// A copy of what is queued (it goes to the new process with the
+    /// connection; kept here in case the upgrade is abandoned).
+    pub fn queued_copy(&self) -> Vec<u8> {
+        self.buf.borrow().to_vec()
     }
 
     /// Queues a whole message, or refuses it when the queue is full or closed.

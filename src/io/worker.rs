@@ -153,7 +153,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             add_stream_listener(&worker, &streams, s)?;
         }
         if let Some((inherited, gate)) = setup.inherited {
-            let adopted = crate::io::handover::adopt(&mut worker.borrow_mut(), inherited);
+            let adopted = crate::io::handover::adopt(&worker, &streams, inherited);
             let _ = gate
                 .restored
                 .send(adopted.as_ref().map(|n| *n).map_err(|e| e.to_string()));
@@ -294,6 +294,19 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                 }
                 continue;
             }
+            WorkerControl::Freeze {
+                export,
+                verdict,
+                timeout,
+                done,
+            } => {
+                // Plain TCP connections park first (this awaits them), then
+                // the worker exports and holds still.
+                crate::io::handover::park_streams(&shared).await;
+                crate::io::handover::freeze(&mut shared.borrow_mut(), &export, &verdict, timeout);
+                let _ = done.send(());
+                continue;
+            }
             other => other,
         };
         let mut w = shared.borrow_mut();
@@ -335,15 +348,7 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                 w.fold_offloaded(now());
                 let _ = done.send(());
             }
-            WorkerControl::Freeze {
-                export,
-                verdict,
-                timeout,
-                done,
-            } => {
-                crate::io::handover::freeze(&mut w, &export, &verdict, timeout);
-                let _ = done.send(());
-            }
+            WorkerControl::Freeze { .. } => {}
             WorkerControl::Kick { user, client, reply } => {
                 let n = w.server.kick(user.as_deref(), client);
                 run_outputs(&mut w, now());

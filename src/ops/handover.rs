@@ -72,6 +72,19 @@ pub struct WorkerState {
     pub core: Vec<u8>,
     /// UDP relay sockets by relay id.
     pub relays: Vec<(u32, usize)>,
+    /// Plain TCP client connections, parked between messages.
+    pub streams: Vec<StreamEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamEntry {
+    /// The client's 5-tuple: listener id in the running workers, address.
+    pub listener: u16,
+    pub client: SocketAddr,
+    pub fd: usize,
+    /// Read and not handled (a partial message), and queued for the client.
+    pub inbound: Vec<u8>,
+    pub outbound: Vec<u8>,
 }
 
 /// One end of the channel.
@@ -242,6 +255,7 @@ mod tests {
             states: vec![WorkerState {
                 core: vec![9; 200_000],
                 relays: (0..600).map(|i| (i as u32, i)).collect(),
+                streams: vec![],
             }],
         };
         let sender = std::thread::spawn(move || {

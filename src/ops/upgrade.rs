@@ -19,10 +19,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::Transport;
+use crate::io::handover::StreamExport;
 use crate::io::{Inheritance, Started};
-use crate::ops::handover::{self, Channel, ListenerEntry, Manifest, WorkerState};
+use crate::ops::handover::{self, Channel, ListenerEntry, Manifest, StreamEntry, WorkerState};
 use crate::proto::server::RelayId;
 use crate::proto::server::snapshot::{self, Snapshot};
+use crate::proto::server::{ClientKey, ListenerId};
 
 /// How this process was started, to start its successor the same way.
 #[derive(Debug, Clone)]
@@ -165,6 +167,17 @@ fn hand_over(
         states.push(WorkerState {
             core: e.core.to_bytes(),
             relays: e.relays.into_iter().map(|(id, fd)| (id.0, push(fd))).collect(),
+            streams: e
+                .streams
+                .into_iter()
+                .map(|s| StreamEntry {
+                    listener: s.key.listener.0,
+                    client: s.key.client,
+                    fd: push(s.socket),
+                    inbound: s.inbound,
+                    outbound: s.outbound,
+                })
+                .collect(),
         });
     }
     let manifest = Manifest {
@@ -282,7 +295,22 @@ fn restore(manifest: Manifest, fds: Vec<OwnedFd>) -> io::Result<(Inheritance, In
             .into_iter()
             .map(|(id, i)| take(i).map(|fd| (RelayId(id), fd)))
             .collect::<io::Result<Vec<_>>>()?;
-        states.push((core, relays));
+        let streams = s
+            .streams
+            .into_iter()
+            .map(|c| {
+                take(c.fd).map(|socket| StreamExport {
+                    key: ClientKey {
+                        listener: ListenerId(c.listener),
+                        client: c.client,
+                    },
+                    socket,
+                    inbound: c.inbound,
+                    outbound: c.outbound,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        states.push(crate::io::WorkerInheritance { core, relays, streams });
     }
     Ok((
         Inheritance {

@@ -78,10 +78,42 @@ impl TestServer {
     }
 
     fn start_limited(config: &str, env: &[(&str, &str)], fd_limit: Option<u64>) -> TestServer {
+        TestServer::start_program(None, config, env, fd_limit)
+    }
+
+    /// Starts a copy of the binary placed in the server's own directory
+    /// (`program()`), as a package installs it: a live upgrade starts
+    /// whatever is at that path then. `{dir}` in the configuration is that
+    /// directory.
+    pub fn start_copy(config: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("turnstile");
+        std::fs::copy(env!("CARGO_BIN_EXE_turnstile"), &program).unwrap();
+        TestServer::start_in(dir, Some(program), config, &[], None)
+    }
+
+    fn start_program(
+        program: Option<std::path::PathBuf>,
+        config: &str,
+        env: &[(&str, &str)],
+        fd_limit: Option<u64>,
+    ) -> TestServer {
+        TestServer::start_in(tempfile::tempdir().unwrap(), program, config, env, fd_limit)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        program: Option<std::path::PathBuf>,
+        config: &str,
+        env: &[(&str, &str)],
+        fd_limit: Option<u64>,
+    ) -> TestServer {
+        let config = config.replace("{dir}", &dir.path().display().to_string());
+        let config = config.as_str();
         let path = dir.path().join("turnstile.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        let program = program.unwrap_or_else(|| env!("CARGO_BIN_EXE_turnstile").into());
+        let mut command = Command::new(program);
         command
             .arg("--config")
             .arg(&path)
@@ -323,10 +355,38 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// The directory the server runs from (its configuration, a copied binary, its PID file).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// The PID a live upgrade's successor wrote into `{dir}/turnstile.pid`.
+    pub fn pid_file(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir().join("turnstile.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Whether the first process (the one this started) is still running.
+    pub fn first_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A successor started by a live upgrade is not our child: its PID is in the PID file.
+        if let Some(pid) = self.pid_file()
+            && pid != self.child.id()
+        {
+            // SAFETY: signalling a PID.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
     }
 }
 

@@ -487,7 +487,9 @@ impl Server {
             self.outputs.push_back(Output::CloseConnection(cid));
         }
         self.by_client.remove(&a.key);
-        if self.is_stream(&a.key) {
+        if why == EndReason::HandedOver {
+            // The client's connection went with it, if it has one.
+        } else if self.is_stream(&a.key) {
             if why.closes_stream() {
                 self.streams.remove(&a.key);
                 self.outputs.push_back(Output::CloseClient {

@@ -194,7 +194,7 @@ impl Server {
         let allocations = self
             .allocations
             .iter()
-            .filter(|(_, a)| include(&a.key))
+            .filter(|(_, a)| include(&a.key) && !a.tcp)
             .map(|(_, a)| AllocationState {
                 listener: a.key.listener.0,
                 client: a.key.client,
@@ -357,19 +357,30 @@ impl Server {
     }
 
     /// After a hand-over: forgets the allocations handed over (their relay
-    /// sockets are closed through [`Output::CloseRelay`]) without ending
-    /// them for their clients; the new process serves them now.
+    /// sockets are closed through [`Output::CloseRelay`]) and the TCP
+    /// client connections, without ending them for their clients; the new
+    /// process serves them now.
     pub fn release_handed_over(&mut self, include: impl Fn(&ClientKey) -> bool) -> usize {
         let ids: Vec<usize> = self
             .allocations
             .iter()
-            .filter(|(_, a)| include(&a.key))
+            .filter(|(_, a)| include(&a.key) && !a.tcp)
             .map(|(id, _)| id)
             .collect();
         for &id in &ids {
             self.remove_allocation(id, EndReason::HandedOver);
         }
+        self.streams.retain(|key, _| !include(key));
         ids.len()
+    }
+
+    /// Whether a client's state can move to another process: anything but
+    /// an RFC 6062 TCP allocation, whose peer connections stay where they are.
+    pub fn can_hand_over(&self, key: &ClientKey) -> bool {
+        self.by_client
+            .get(key)
+            .and_then(|id| self.allocations.get(*id))
+            .is_none_or(|a| !a.tcp)
     }
 }
 
