@@ -596,7 +596,18 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         // Certificate files are also watched, for renewals that do not signal.
         let mut poll = tokio::time::interval(std::time::Duration::from_secs(5));
         let mut watchdog_usec = 0u64;
-        let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+        let mut watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+        // A live upgrade's new process: WATCHDOG_PID named the old one (and
+        // was left out of this environment); it is watched once it is the
+        // main process.
+        if let (false, Some(_), Some(usec)) = (
+            watchdog,
+            &channel,
+            std::env::var("WATCHDOG_USEC").ok().and_then(|u| u.parse::<u64>().ok()),
+        ) {
+            watchdog_usec = usec;
+            watchdog = true;
+        }
         let mut watchdog_tick = tokio::time::interval(std::time::Duration::from_micros((watchdog_usec / 2).max(1_000_000)));
         let certs = started.certificates.clone();
         let mut usr2 = signal(SignalKind::user_defined2())?;
@@ -607,6 +618,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
             channel.set_timeout(std::time::Duration::from_secs(config.server.upgrade_timeout + 5))?;
             channel.wait_commit()?;
             started.serve();
+            metrics::counter!("turnstile_upgrades_total", "result" => "taken_over").increment(1);
             notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
             tracing::info!(from = from_pid.unwrap_or(0), "upgrade: serving in place of the old process");
         }
@@ -648,6 +660,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                             drain_deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(config.drain_timeout));
                         }
                         Err(e) => {
+                            metrics::counter!("turnstile_upgrades_total", "result" => "failed").increment(1);
                             let failures = upgrade_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                             if let Some(p) = &config.server.pid_file {
                                 let _ = std::fs::write(upgrade_failures_file(p), format!("{failures}\n"));
@@ -677,6 +690,10 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                     return Ok(());
                 }
                 _ = hup.recv() => {
+                    if handed_over {
+                        tracing::info!("SIGHUP: handed over to the new process, which reloads on its own SIGHUP");
+                        continue;
+                    }
                     notify(&[sd_notify::NotifyState::Reloading]);
                     reload(path.as_deref(), &started, &log);
                     notify(&[sd_notify::NotifyState::Ready]);
@@ -687,7 +704,8 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                         log_reload(result);
                     }
                 }
-                _ = watchdog_tick.tick(), if watchdog => notify(&[sd_notify::NotifyState::Watchdog]),
+                // Once handed over, the new process answers the watchdog.
+                _ = watchdog_tick.tick(), if watchdog && !handed_over => notify(&[sd_notify::NotifyState::Watchdog]),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(250)), if drain_deadline.is_some() => {
                     let remaining = started.quotas.total();
                     if handed_over && remaining == 0 && started.open_connections() == 0 {

@@ -344,3 +344,57 @@ fn a_six_player_mesh_connects_every_pair_on_the_default_limits() {
     assert_full_mesh(&run_mesh(&own), "a REST credential each");
     assert!(server.counter("turnstile_allocations_created_total") >= 60.0);
 }
+
+/// A relay-only call keeps going while the server is upgraded under it:
+/// every data-channel message arrives in order, the connection never leaves
+/// "connected", the selected relay pair stays, video keeps decoding.
+#[test]
+fn a_chromium_call_carries_on_across_a_live_upgrade() {
+    use std::io::{BufRead, BufReader, Write};
+    let t = tls();
+    let config = config(&t, "").replace("[relay]", "[server]\npid_file = \"{dir}/turnstile.pid\"\n\n[relay]");
+    let mut server = TestServer::start_copy(&config);
+    let old = server.pid();
+    let udp = server.udp[0];
+    let ice = ice(&format!("turn:{udp}?transport=udp"), "alice", "secret");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let mut child = Command::new("timeout")
+        .args(["120", "node", "upgrade.mjs"])
+        .arg(format!(r#"{{"iceServers":{},"afterMs":4000}}"#, ice.0))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node (and Debian's chromium) must be installed");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(first, "CONNECTED", "the call did not start: {first}");
+    let out = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("--config")
+        .arg(server.config_path())
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    writeln!(child.stdin.take().unwrap(), "upgraded").unwrap();
+    let result = lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = child.wait();
+    eprintln!("call across the upgrade: {result}");
+    let o = Outcome {
+        name: "upgrade".into(),
+        json: result.clone(),
+    };
+    assert_eq!(o.field("ok").as_deref(), Some("true"), "{result}");
+    assert_eq!(o.field("complete").as_deref(), Some("true"), "{result}");
+    assert!(
+        !result.contains("disconnected") && !result.contains("failed"),
+        "{result}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    assert_eq!(v["before"], v["after"], "the selected relay pair changed: {result}");
+    assert!(v["sent"][0].as_u64().unwrap() >= 200, "{result}");
+    assert!(v["framesAfterUpgrade"].as_u64().unwrap() >= 30, "{result}");
+    let new = server.pid_file().unwrap();
+    assert_ne!(new, old);
+    assert!(!server.first_running() || server.wait_exit(std::time::Duration::from_secs(5)).is_some());
+}

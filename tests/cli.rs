@@ -85,6 +85,8 @@ fn commands_text() -> String {
         Some("check-config"),
         Some("sessions"),
         Some("kick"),
+        Some("revoke"),
+        Some("upgrade"),
         Some("import-coturn"),
     ] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));

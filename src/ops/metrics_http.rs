@@ -140,6 +140,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Allocation statuses not published to the fleet store: its queue was full (the store away).",
     ),
     (
+        "turnstile_upgrades_total",
+        "counter",
+        "Live upgrades: failed (counted by the process that served on) and taken_over (by the new process).",
+    ),
+    (
         "turnstile_store_up",
         "gauge",
         "1 while the fleet store (Redis) answers, 0 while it does not (the users and secrets read last stay in force).",

@@ -104,7 +104,12 @@ pub fn upgrade(
 fn spawn(invocation: &Invocation, theirs: &OwnedFd) -> io::Result<std::process::Child> {
     let fd = theirs.as_raw_fd();
     let mut command = std::process::Command::new(&invocation.program);
-    command.args(&invocation.args).env(handover::ENV_FD, fd.to_string());
+    command
+        .args(&invocation.args)
+        .env(handover::ENV_FD, fd.to_string())
+        // systemd's watchdog names the process it watches; the successor
+        // is watched once it is the main process.
+        .env_remove("WATCHDOG_PID");
     // SAFETY: between fork and exec only fcntl runs, which is
     // async-signal-safe; it lets the child's end survive exec.
     unsafe {

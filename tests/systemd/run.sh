@@ -140,6 +140,9 @@ users = { alice = "secret" }
 
 [peers]
 allow = ["127.0.0.0/8"]
+
+[server]
+pid_file = "/run/turnstile/turnstile.pid"
 EOF
 in_ct install -m 640 -g turnstile /srv/test/turnstile.toml /etc/turnstile/turnstile.toml
 in_ct mkdir -p /etc/systemd/system/turnstile.service.d
@@ -177,10 +180,28 @@ check "the new user allocates after the reload" no_loss "$WORK/uclient-bob.log"
 wait "$LONG" || true
 check "an allocation made before the reload relayed through it with no loss" no_loss "$WORK/long.log"
 
+# 4b. Live upgrade with an allocation relaying throughout: systemd follows the
+#     new main process, the unit stays active, nothing is lost.
+in_ct timeout 60 turnutils_uclient -u alice -w secret -e 127.0.0.77 -r 40400 -p 3478 -n 300 -l 100 -m 2 \
+    127.0.0.77 >"$WORK/upgrade.log" 2>&1 &
+LONG=$!
+sleep 1
+BEFORE=$(svc MainPID)
+check "turnstile upgrade hands over to a new process" \
+    in_ct /usr/bin/turnstile --config /etc/turnstile/turnstile.toml upgrade
+AFTER=$(svc MainPID)
+check "systemd follows the new main PID" \
+    bash -c "[ '$AFTER' != '$BEFORE' ] && [ '$AFTER' = \"\$(nsenter -t $LEADER -a cat /run/turnstile/turnstile.pid)\" ]"
+check "the unit stays active through the upgrade" test "$(svc ActiveState)" = active
+check "the new main process runs as turnstile" test "$(main_user)" = turnstile
+wait "$LONG" || true
+check "an allocation relayed across the live upgrade with no loss" no_loss "$WORK/upgrade.log"
+check "the old process is gone" bash -c "! nsenter -t $LEADER -a kill -0 $BEFORE 2>/dev/null"
+
 # 5. The watchdog: three periods pass quietly; a hung server is restarted.
 sleep 7
 check "still active after three watchdog periods" test "$(svc ActiveState)" = active
-check "no restart while it answers the watchdog" test "$(svc NRestarts)" = 0
+check "no restart while it answers the watchdog (the upgraded process too)" test "$(svc NRestarts)" = 0
 OLD=$(svc MainPID)
 in_ct kill -STOP "$OLD"
 for _ in $(seq 100); do
