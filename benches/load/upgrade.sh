@@ -22,6 +22,10 @@ dir=$(mktemp -d)
 bench_pid=
 
 cleanup() {
+    status=$?
+    if [ "$status" -ne 0 ]; then
+        for f in "$dir"/server-*.log; do [ -f "$f" ] && { echo "== $f" >&2; grep -v 'allocation \(created\|refreshed\|ended\)' "$f" | tail -20 >&2; }; done
+    fi
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     if [ -f "$dir/turnstile.pid" ]; then kill -9 "$(cat "$dir/turnstile.pid")" 2>/dev/null || true; fi
     pkill -9 -f "$dir/turnstile" 2>/dev/null || true
@@ -47,9 +51,11 @@ drain_timeout = 5
 transport = "udp"
 address = "127.0.0.1:39478"
 
+# Below Linux's ephemeral range (32768-60999), where the generator's
+# 10 000 client sockets take their ports.
 [relay]
 address = "127.0.0.1"
-ports = "40000-59999"
+ports = "20000-31999"
 
 [auth]
 users = { alice = "secret" }
@@ -72,26 +78,33 @@ EOF
         --refresh-every 5 --json >"$dir/load-$k.json" 2>"$dir/load-$k.err" &
     bench_pid=$!
     # Wait for the allocations, let the load run a while, then upgrade.
-    for _ in $(seq 600); do
+    for _ in $(seq 1200); do
         [ "$(metric turnstile_allocations_active)" -ge "$k" ] && break
+        kill -0 "$bench_pid" 2>/dev/null || { cat "$dir/load-$k.err" >&2; exit 1; }
         sleep 0.1
     done
     sleep $((DURATION / 2))
     "$dir/turnstile" --config "$dir/turnstile.toml" upgrade >&2
     wait "$bench_pid"
     bench_pid=
-    frozen=$(grep -o 'frozen_ms=[0-9]*' "$dir/server-$k.log" | tail -1 | cut -d= -f2)
-    python3 - "$dir/load-$k.json" "$k" "${frozen:-null}" >>"$out" <<'PY'
-import json, sys
+    line=$(grep 'upgrade: handed over' "$dir/server-$k.log" | tail -1)
+    python3 - "$dir/load-$k.json" "$k" "$line" >>"$out" <<'PY'
+import json, re, sys
 r = json.load(open(sys.argv[1]))
+field = lambda k: int(re.search(k + r"=(\d+)", sys.argv[3]).group(1)) if re.search(k + "=", sys.argv[3]) else None
 lost = r["sent"] - r["client_received"]
 print(json.dumps({
     "allocations": int(sys.argv[2]),
     "rate_pps": r["target_pps"],
-    "held_still_ms": None if sys.argv[3] == "null" else int(sys.argv[3]),
+    "held_still_ms": field("frozen_ms"),
+    "export_ms": field("export_ms"),
+    "send_ms": field("send_ms"),
+    "restore_ms": field("restore_ms"),
     "sent": r["sent"],
     "lost": lost,
     "loss_pct": round(100.0 * lost / max(r["sent"], 1), 4),
+    "loss_to_peer": round(r["loss_to_peer"], 6),
+    "loss_to_client": round(r["loss_to_client"], 6),
     "longest_gap_ms": round(r["longest_gap_ms"], 1),
     "longest_flow_gap_ms": round(r["longest_flow_gap_ms"], 1),
     "refreshes_sent": r["refreshes_sent"],
@@ -101,9 +114,12 @@ print(json.dumps({
 }))
 PY
     tail -1 "$out"
-    kill "$(cat "$dir/turnstile.pid")" 2>/dev/null || true
-    sleep 1
-    kill -9 "$(cat "$dir/turnstile.pid")" 2>/dev/null || true
+    pid=$(cat "$dir/turnstile.pid" 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        sleep 1
+        kill -9 "$pid" 2>/dev/null || true
+    fi
     rm -f "$dir/turnstile.pid"
     sleep 0.5
 done

@@ -13,7 +13,7 @@
 //! takes the relay sockets into the worker's relay poll, before the
 //! worker serves anything.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,8 +32,9 @@ pub struct WorkerExport {
     /// The worker's index: its successor has the same one.
     pub worker: usize,
     pub core: Snapshot,
-    /// Duplicates of the UDP relay sockets the snapshot's allocations hold.
-    pub relays: Vec<(RelayId, OwnedFd)>,
+    /// The UDP relay sockets the snapshot's allocations hold: the worker's
+    /// own descriptors, open until it carries out the verdict.
+    pub relays: Vec<(RelayId, RawFd)>,
     pub streams: Vec<StreamExport>,
 }
 
@@ -156,12 +157,8 @@ pub fn freeze(
         .iter()
         .flat_map(|a| a.relays.iter().flatten().map(|r| RelayId(r.id)))
     {
-        let Some(socket) = w.relays.get(&id).and_then(|r| r.udp.as_ref()) else {
-            continue;
-        };
-        match socket.as_fd().try_clone_to_owned() {
-            Ok(fd) => relays.push((id, fd)),
-            Err(e) => failed = Some(e),
+        if let Some(socket) = w.relays.get(&id).and_then(|r| r.udp.as_ref()) {
+            relays.push((id, socket.as_raw_fd()));
         }
     }
     let frozen = Instant::now();

@@ -23,9 +23,16 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     }
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Every client of a worker arrives through this one socket: room for a
+    // burst, and for the datagrams that wait while a live upgrade holds the
+    // workers still. The kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(LISTENER_RECEIVE_BUFFER);
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
+
+/// Receive buffer asked for on each UDP listener socket.
+pub const LISTENER_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// A listener socket with its quinn-udp state.
 pub struct UdpListener {

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -168,9 +168,9 @@ impl Channel {
     }
 
     /// Sends the manifest and the descriptors it names, in order.
-    pub fn send_state(&self, manifest: &Manifest, fds: &[impl AsFd]) -> io::Result<()> {
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
-        for chunk in raw.chunks(FDS_PER_MESSAGE) {
+    /// `fds` must stay open until this returns.
+    pub fn send_state(&self, manifest: &Manifest, fds: &[RawFd]) -> io::Result<()> {
+        for chunk in fds.chunks(FDS_PER_MESSAGE) {
             self.send(TAG_FDS, &[], chunk)?;
         }
         let bytes = postcard::to_stdvec(manifest).map_err(io::Error::other)?;
@@ -259,7 +259,8 @@ mod tests {
             }],
         };
         let sender = std::thread::spawn(move || {
-            old.send_state(&manifest, &sockets).unwrap();
+            let raw: Vec<RawFd> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+            old.send_state(&manifest, &raw).unwrap();
             old.wait_ready().unwrap();
             old.commit().unwrap();
             sockets.iter().map(|s| s.local_addr().unwrap()).collect::<Vec<_>>()

@@ -13,7 +13,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -69,9 +69,18 @@ pub struct HttpListeners {
 pub struct Handed {
     pub pid: u32,
     pub allocations: usize,
-    /// From the signal to the new process's go-ahead: how long nothing
-    /// was read from the handed-over sockets.
+    /// From the workers' export to the new process's go-ahead: how long
+    /// nothing was read from the handed-over sockets.
     pub frozen: Duration,
+    /// Where that time went: exporting, sending, the new process restoring.
+    pub phases: Phases,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub export: Duration,
+    pub send: Duration,
+    pub restore: Duration,
 }
 
 /// Starts the successor and hands over. On error the running process is
@@ -82,16 +91,16 @@ pub fn upgrade(
     http: &HttpListeners,
     timeout: Duration,
 ) -> io::Result<Handed> {
-    let began = Instant::now();
     let (channel, theirs) = handover::pair()?;
     let mut child = spawn(invocation, &theirs)?;
     drop(theirs);
-    let result = hand_over(started, &channel, http, timeout, began);
+    let result = hand_over(started, &channel, http, timeout);
     match result {
-        Ok((allocations, frozen)) => Ok(Handed {
+        Ok((allocations, frozen, phases)) => Ok(Handed {
             pid: child.id(),
             allocations,
             frozen,
+            phases,
         }),
         Err(e) => {
             let _ = child.kill();
@@ -125,21 +134,42 @@ fn spawn(invocation: &Invocation, theirs: &OwnedFd) -> io::Result<std::process::
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", invocation.program.display())))
 }
 
+/// The descriptors to send, in order: duplicates owned here, and
+/// descriptors borrowed from the frozen workers (relay sockets, which they
+/// close only after the verdict, so after every send) or from `http`. A
+/// relay socket is not duplicated: with tens of thousands of allocations,
+/// a copy of each would take as many descriptors again.
+#[derive(Default)]
+struct Outgoing {
+    raw: Vec<RawFd>,
+    owned: Vec<OwnedFd>,
+}
+
+impl Outgoing {
+    fn owned(&mut self, fd: OwnedFd) -> usize {
+        self.raw.push(fd.as_raw_fd());
+        self.owned.push(fd);
+        self.raw.len() - 1
+    }
+
+    fn borrowed(&mut self, fd: RawFd) -> usize {
+        self.raw.push(fd);
+        self.raw.len() - 1
+    }
+}
+
 fn hand_over(
     started: &Started,
     channel: &Channel,
     http: &HttpListeners,
     timeout: Duration,
-    began: Instant,
-) -> io::Result<(usize, Duration)> {
+) -> io::Result<(usize, Duration, Phases)> {
     channel.set_timeout(timeout)?;
     // Workers hold still from here until the verdict (or timeout + slack).
+    let began = Instant::now();
     let mut frozen = started.freeze(timeout + Duration::from_secs(5))?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut push = |fd: OwnedFd| {
-        fds.push(fd);
-        fds.len() - 1
-    };
+    let exported = Instant::now();
+    let mut fds = Outgoing::default();
     let entries: Vec<ListenerEntry> = std::mem::take(&mut frozen.listeners)
         .into_iter()
         .map(|(id, transport, configured, bound, sockets)| ListenerEntry {
@@ -147,22 +177,11 @@ fn hand_over(
             transport: crate::io::transport_name(transport).to_owned(),
             configured,
             bound,
-            fds: sockets.into_iter().map(&mut push).collect(),
+            fds: sockets.into_iter().map(|s| fds.owned(s)).collect(),
         })
         .collect();
-    let mut clone = |x: &Option<(SocketAddr, OwnedFd)>| -> io::Result<Option<(SocketAddr, usize)>> {
-        Ok(match x {
-            Some((a, fd)) => Some((*a, push(fd.try_clone()?))),
-            None => None,
-        })
-    };
-    let (metrics, admin) = match (clone(&http.metrics), clone(&http.admin)) {
-        (Ok(m), Ok(a)) => (m, a),
-        _ => {
-            frozen.resume();
-            return Err(io::Error::other("cannot duplicate the HTTP listeners"));
-        }
-    };
+    let metrics = http.metrics.as_ref().map(|(a, fd)| (*a, fds.borrowed(fd.as_raw_fd())));
+    let admin = http.admin.as_ref().map(|(a, fd)| (*a, fds.borrowed(fd.as_raw_fd())));
     let mut allocations = 0;
     let mut states = Vec::new();
     let workers = frozen.exports.len();
@@ -171,14 +190,14 @@ fn hand_over(
         allocations += e.core.allocations.len();
         states.push(WorkerState {
             core: e.core.to_bytes(),
-            relays: e.relays.into_iter().map(|(id, fd)| (id.0, push(fd))).collect(),
+            relays: e.relays.into_iter().map(|(id, fd)| (id.0, fds.borrowed(fd))).collect(),
             streams: e
                 .streams
                 .into_iter()
                 .map(|s| StreamEntry {
                     listener: s.key.listener.0,
                     client: s.key.client,
-                    fd: push(s.socket),
+                    fd: fds.owned(s.socket),
                     inbound: s.inbound,
                     outbound: s.outbound,
                 })
@@ -196,9 +215,14 @@ fn hand_over(
         admin,
         states,
     };
+    let mut times = (exported, exported);
     let sent = channel
-        .send_state(&manifest, &fds)
-        .and_then(|()| channel.wait_ready())
+        .send_state(&manifest, &fds.raw)
+        .and_then(|()| {
+            times.0 = Instant::now();
+            channel.wait_ready()
+        })
+        .inspect(|()| times.1 = Instant::now())
         .map_err(|e| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 io::Error::other(format!("the new process was not ready within {} s", timeout.as_secs()))
@@ -214,7 +238,12 @@ fn hand_over(
         Ok(()) => {
             let frozen_for = began.elapsed();
             frozen.commit();
-            Ok((allocations, frozen_for))
+            let phases = Phases {
+                export: exported - began,
+                send: times.0 - exported,
+                restore: times.1 - times.0,
+            };
+            Ok((allocations, frozen_for, phases))
         }
         Err(e) => {
             frozen.resume();

@@ -290,6 +290,12 @@ fn run_load(a: LoadArgs) -> Fallible<()> {
     let peers: Vec<UdpSocket> = (0..peer_count)
         .map(|_| UdpSocket::bind(SocketAddr::new(a.peer_ip, 0)))
         .collect::<Result<_, _>>()?;
+    // An echo peer takes the traffic of many allocations: room for the
+    // bursts a server sends after a pause (a live upgrade's backlog), so the
+    // generator is not where datagrams are lost.
+    for p in &peers {
+        let _ = socket2::SockRef::from(p).set_recv_buffer_size(4 << 20);
+    }
     let started = Instant::now();
     let mut flows = Vec::with_capacity(a.allocations);
     for (i, mut session) in sessions(&a.target, a.allocations)?.into_iter().enumerate() {
