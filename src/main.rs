@@ -658,7 +658,7 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
                                 kept_allocations = started.quotas.total(),
                                 kept_connections = started.open_connections(),
                                 timeout = config.drain_timeout,
-                                "upgrade: handed over; serving the TCP and TLS connections kept until they close"
+                                "upgrade: handed over; serving what could not move (TLS connections) until it closes"
                             );
                             drain_deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(config.drain_timeout));
                         }

@@ -402,3 +402,105 @@ fn a_user_the_new_configuration_removed_is_revoked_as_a_reload_would() {
             .any(|e| matches!(e, Output::AllocationEnded { reason, .. } if reason.label() == "revoked"))
     );
 }
+
+#[test]
+fn rfc6062_connections_cross_with_their_state_and_a_connect_under_way_keeps_its_allocation() {
+    use turnstile::testing::sa;
+    let mut h = Harness::new();
+    // A TCP allocation on the stream listener, with one peer connection
+    // connected and waiting for its data connection.
+    h.key.listener = ListenerId(1);
+    let control = h.key;
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(testing::code(&h.exchange(&req)), 0);
+    let (_, _, waiting) = h.connect(&c, sa("8.8.8.8:443"));
+    h.tcp_connected(waiting, true).unwrap();
+    // A second client's allocation has a Connect under way: it cannot move.
+    h.key.client.set_port(41000);
+    let busy = h.key;
+    let c2 = h.creds("bob", "hunter2");
+    let req = h.signed(Method::ALLOCATE, &c2, |w| w.requested_transport(6).unwrap());
+    assert_eq!(testing::code(&h.exchange(&req)), 0);
+    h.connect(&c2, sa("8.8.4.4:443"));
+    assert!(h.server.can_hand_over(&control));
+    assert!(!h.server.can_hand_over(&busy));
+
+    h.advance(10);
+    let now = h.now;
+    let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
+    assert_eq!(
+        snapshot.allocations.len(),
+        1,
+        "the allocation with a Connect under way stays"
+    );
+    assert_eq!(snapshot.allocations[0].connections.len(), 1);
+    let snapshot = Snapshot::from_bytes(&snapshot.to_bytes()).unwrap();
+    let mut fresh = Harness::new();
+    fresh.now = now;
+    fresh.base = h.base;
+    let relays = fresh
+        .server
+        .restore(snapshot, now.instant, now.unix * 1000, Some, false)
+        .unwrap();
+    fresh.open_relays.extend(relays);
+    fresh.tcp_connections.insert(waiting);
+    fresh.drain();
+    assert!(fresh.server.knows_connection(waiting));
+    // The data connection binds on the new core…
+    fresh.key = ClientKey {
+        listener: ListenerId(1),
+        client: "192.0.2.10:40200".parse().unwrap(),
+    };
+    let bind = build(Class::Request, Method::CONNECTION_BIND, TransactionId([7; 12]), |w| {
+        w.connection_id(waiting).unwrap();
+        w.username("alice").unwrap();
+        w.realm(testing::REALM).unwrap();
+        w.nonce(&c.nonce).unwrap();
+        w.message_integrity(c.key.hmac_sha1()).unwrap();
+    });
+    let ClientOutcome::ConnectionBound { connection, .. } = fresh.send(&bind) else {
+        panic!("ConnectionBind refused after the restore")
+    };
+    assert_eq!(connection, waiting);
+    // …and the old one lets go of what it exported, not of the busy one.
+    assert_eq!(h.server.release_handed_over(|_| true), 1);
+    h.drain();
+    assert!(h.commands.contains(&Output::CloseConnection(waiting)));
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn an_unbound_peer_connection_keeps_its_bind_deadline_across() {
+    use turnstile::proto::server::CONNECTION_BIND_TIMEOUT;
+    use turnstile::testing::sa;
+    let mut h = Harness::new();
+    h.key.listener = ListenerId(1);
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(testing::code(&h.exchange(&req)), 0);
+    let (_, _, waiting) = h.connect(&c, sa("8.8.8.8:443"));
+    h.tcp_connected(waiting, true).unwrap();
+    h.advance(20);
+    let now = h.now;
+    let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
+    let mut fresh = Harness::new();
+    fresh.now = now;
+    let relays = fresh
+        .server
+        .restore(snapshot, now.instant, now.unix * 1000, Some, false)
+        .unwrap();
+    fresh.open_relays.extend(relays);
+    fresh.tcp_connections.insert(waiting);
+    fresh.drain();
+    fresh.commands.clear();
+    // 30 s from its connection: 10 s are left after the 20 spent.
+    fresh.advance(CONNECTION_BIND_TIMEOUT.as_secs() - 21);
+    assert!(!fresh.commands.contains(&Output::CloseConnection(waiting)));
+    fresh.advance(2);
+    assert!(
+        fresh.commands.contains(&Output::CloseConnection(waiting)),
+        "{:?}",
+        fresh.commands
+    );
+}

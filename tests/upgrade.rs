@@ -372,3 +372,45 @@ fn a_tls_connection_stays_with_the_old_process_until_it_closes() {
     binding(&mut fresh, 4);
     assert!(alive(new));
 }
+
+#[test]
+fn rfc6062_tcp_allocations_and_their_connections_move_across_an_upgrade() {
+    let mut server = TestServer::start_copy(&config(""));
+    let old = server.pid();
+    let port = server.tcp[0].port();
+    // -T: TCP allocations; the clients Connect to each other's relayed
+    // addresses, peer and data connections piped (RFC 6062). 400 messages
+    // at 10 ms: the upgrade comes in the middle.
+    let run = std::thread::spawn(move || {
+        let out = Command::new("timeout")
+            .args(["60", "turnutils_uclient", "-T", "-u", "alice", "-w", "secret"])
+            .args(["-z", "10", "-n", "400", "-l", "120", "-m", "4"])
+            .args(["-p", &port.to_string(), "127.0.0.1"])
+            .output()
+            .unwrap();
+        parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || gauge(
+            &server,
+            "turnstile_tcp_relay_connections"
+        ) >= 4.0),
+        "uclient did not connect its peers"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let out = upgrade(&server);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Control, peer and data connections all moved: the old process has
+    // nothing left and goes.
+    assert!(
+        wait_until(Duration::from_secs(5), || !server.first_running()),
+        "the old process kept connections"
+    );
+    let r = run.join().unwrap();
+    assert!(r.sent >= 1600, "{}", r.output);
+    assert_eq!(r.lost, Some(0), "{}", r.output);
+    assert_eq!(r.received, r.sent, "{}", r.output);
+    let new = server.pid_file().unwrap();
+    assert_ne!(new, old);
+    assert!(alive(new));
+}

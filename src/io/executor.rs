@@ -46,6 +46,9 @@ pub(crate) struct RelaySocket {
     pub(crate) bound: SocketAddr,
     /// Stops the accept task of a TCP relay.
     pub(crate) close: Option<Rc<tokio::sync::Notify>>,
+    /// A TCP relay's listening socket, owned by its accept task (a live
+    /// upgrade hands it over).
+    pub(crate) tcp_fd: Option<std::os::fd::RawFd>,
 }
 
 /// An RFC 6062 peer connection: its stream until a data connection takes
@@ -115,6 +118,14 @@ pub(crate) struct Parked {
     pub(crate) inbound: Vec<u8>,
 }
 
+/// An RFC 6062 pipe as a live upgrade sees it: its two sockets (the data
+/// connection's only if it is plain TCP) and its parking.
+pub(crate) struct Pipe {
+    pub(crate) client_fd: Option<std::os::fd::RawFd>,
+    pub(crate) peer_fd: std::os::fd::RawFd,
+    pub(crate) parking: crate::io::stream_queue::Parking,
+}
+
 /// Where answers for a listener's clients go.
 pub(crate) enum Listener {
     Udp(Rc<UdpListener>),
@@ -137,6 +148,8 @@ pub struct Worker {
     pub(crate) streams: FxHashMap<ClientKey, Rc<StreamOut>>,
     /// Plain TCP connections parked by a live upgrade.
     pub(crate) parked: FxHashMap<ClientKey, Parked>,
+    /// RFC 6062 data connections piped to their peer connections.
+    pub(crate) pipes: FxHashMap<u32, Rc<Pipe>>,
     /// The task serving each listener, by listener id (to stop it on removal).
     pub(crate) listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
     pub(crate) relays: FxHashMap<RelayId, RelaySocket>,
@@ -183,6 +196,7 @@ impl Worker {
             accepting: None,
             streams: FxHashMap::default(),
             parked: FxHashMap::default(),
+            pipes: FxHashMap::default(),
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
             relay_poll,
@@ -446,6 +460,7 @@ fn open_relay(w: &mut Worker, id: RelayId, addr: SocketAddr, dont_fragment: bool
             udp: Some(Rc::new(socket)),
             bound: addr,
             close: None,
+            tcp_fd: None,
         },
     );
     BindResult::Bound
@@ -460,22 +475,39 @@ fn open_tcp_relay(w: &mut Worker, id: RelayId, addr: SocketAddr) -> BindResult {
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return BindResult::InUse,
         Err(_) => return BindResult::Failed,
     };
-    let close = Rc::new(tokio::sync::Notify::new());
-    let task = TcpRelayTask::Accept {
-        relay: id,
-        listener,
-        close: close.clone(),
-    };
-    if w.tcp_relay.send(task).is_err() {
+    if w.serve_tcp_relay(id, listener, addr).is_err() {
         return BindResult::Failed;
     }
-    w.relays.insert(
-        id,
-        RelaySocket {
-            udp: None,
-            bound: addr,
-            close: Some(close),
-        },
-    );
     BindResult::Bound
+}
+
+impl Worker {
+    /// Accepts peers on a TCP relay (bound now, or taken over by a live upgrade).
+    pub(crate) fn serve_tcp_relay(
+        &mut self,
+        id: RelayId,
+        listener: tokio::net::TcpListener,
+        bound: SocketAddr,
+    ) -> std::io::Result<()> {
+        let close = Rc::new(tokio::sync::Notify::new());
+        let tcp_fd = Some(listener.as_raw_fd());
+        let task = TcpRelayTask::Accept {
+            relay: id,
+            listener,
+            close: close.clone(),
+        };
+        self.tcp_relay
+            .send(task)
+            .map_err(|_| std::io::Error::other("the TCP relay driver is gone"))?;
+        self.relays.insert(
+            id,
+            RelaySocket {
+                udp: None,
+                bound,
+                close: Some(close),
+                tcp_fd,
+            },
+        );
+        Ok(())
+    }
 }

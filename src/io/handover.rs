@@ -1,13 +1,15 @@
 //! A worker's half of a live upgrade (the process's half is
 //! `crate::ops::upgrade`).
 //!
-//! Running process: on [`freeze`], the worker exports its core's UDP
-//! clients' allocations with duplicates of their relay sockets, then stops
-//! its thread until the verdict. Nothing of the worker runs meanwhile, so
-//! nothing is read from its sockets: datagrams wait in the kernel's
-//! buffers for whichever process serves next. On commit it lets go of what
-//! it handed over and goes on serving its TCP and TLS clients only; on
-//! anything else it carries on as if nothing happened.
+//! Running process: plain TCP connections and RFC 6062 pipes first park
+//! ([`park_streams`]); then, in [`freeze`], the worker exports the
+//! allocations of its UDP clients and parked connections with their
+//! sockets, and stops its thread until the verdict. Nothing of the worker
+//! runs meanwhile, so nothing is read from its sockets: datagrams wait in
+//! the kernel's buffers for whichever process serves next. On commit it
+//! lets go of what it handed over and goes on serving only what it kept
+//! (TLS connections); on anything else it carries on as if nothing
+//! happened.
 //!
 //! New process: [`adopt`] restores the snapshot into the fresh core and
 //! takes the relay sockets into the worker's relay poll, before the
@@ -21,7 +23,7 @@ use rustc_hash::FxHashSet;
 
 use rustc_hash::FxHashMap;
 
-use crate::io::executor::{Listener, Parked, RelaySocket, Shared, Worker, now, run_outputs};
+use crate::io::executor::{Listener, Parked, Pipe, RelaySocket, Shared, TcpPeer, Worker, now, run_outputs};
 use crate::io::stream::Streams;
 use crate::io::stream_queue::StreamOut;
 use crate::proto::server::snapshot::Snapshot;
@@ -36,6 +38,19 @@ pub struct WorkerExport {
     /// own descriptors, open until it carries out the verdict.
     pub relays: Vec<(RelayId, RawFd)>,
     pub streams: Vec<StreamExport>,
+    /// RFC 6062: the TCP relays' listening sockets, and the peer
+    /// connections (with their data connections once bound). The worker's
+    /// own descriptors, open until it carries out the verdict.
+    pub tcp_relays: Vec<(RelayId, RawFd)>,
+    pub peers: Vec<PeerExport>,
+}
+
+/// An RFC 6062 peer connection, and its data connection if bound.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerExport {
+    pub connection: u32,
+    pub peer: RawFd,
+    pub client: Option<RawFd>,
 }
 
 /// A plain TCP client connection, parked between messages.
@@ -54,6 +69,9 @@ pub struct Inherited {
     pub core: Snapshot,
     pub relays: Vec<(RelayId, OwnedFd)>,
     pub streams: Vec<StreamExport>,
+    pub tcp_relays: Vec<(RelayId, OwnedFd)>,
+    /// Connection id, peer socket, data connection socket.
+    pub peers: Vec<(u32, OwnedFd, Option<OwnedFd>)>,
     /// The running workers' listener ids mapped to this worker's (`None`:
     /// the new configuration dropped that listener).
     pub listeners: Vec<Option<ListenerId>>,
@@ -89,8 +107,19 @@ pub async fn park_streams(shared: &Shared) {
             .map(|(k, o)| (*k, o.clone()))
             .collect()
     };
-    for (_, out) in &asked {
-        out.request_park();
+    // RFC 6062 pipes over plain TCP pause both directions between chunks.
+    let pipes: Vec<Rc<Pipe>> = shared
+        .borrow()
+        .pipes
+        .values()
+        .filter(|p| p.client_fd.is_some())
+        .cloned()
+        .collect();
+    for out in &asked {
+        out.1.request_park();
+    }
+    for p in &pipes {
+        p.parking.request();
     }
     let deadline = Instant::now() + PARK_WAIT;
     loop {
@@ -100,6 +129,10 @@ pub async fn park_streams(shared: &Shared) {
                 .iter()
                 .filter(|(k, o)| o.is_parking() && !w.parked.contains_key(k))
                 .count()
+                + pipes
+                    .iter()
+                    .filter(|p| p.parking.is_requested() && p.parking.paused() < 2)
+                    .count()
         };
         if waiting == 0 || Instant::now() >= deadline {
             break;
@@ -110,6 +143,11 @@ pub async fn park_streams(shared: &Shared) {
     for (k, out) in &asked {
         if !w.parked.contains_key(k) {
             out.decide(false);
+        }
+    }
+    for p in &pipes {
+        if p.parking.paused() < 2 {
+            p.parking.decide(false);
         }
     }
 }
@@ -126,12 +164,68 @@ pub fn freeze(
     timeout: Duration,
 ) -> bool {
     let clock = now();
-    let include = handed(&w.listeners, &w.parked);
-    let core = w.server.export(clock.instant, unix_ms(), &include);
+    let candidates = handed(&w.listeners, &w.parked);
+    let mut core = w.server.export(clock.instant, unix_ms(), &candidates);
+    // An RFC 6062 allocation moves only with every peer connection: each
+    // waiting for its data connection, or piped over plain TCP and parked.
+    let mut kept: FxHashSet<ClientKey> = FxHashSet::default();
+    let (mut tcp_relays, mut peers) = (Vec::new(), Vec::new());
+    core.allocations.retain(|a| {
+        if !a.tcp {
+            return true;
+        }
+        let key = ClientKey {
+            listener: ListenerId(a.listener),
+            client: a.client,
+        };
+        let mut these = Vec::new();
+        for (connection, _, waiting) in &a.connections {
+            let sockets = match waiting {
+                Some(_) => w
+                    .tcp_peers
+                    .get(connection)
+                    .and_then(|p| p.stream.as_ref())
+                    .map(|s| (s.as_raw_fd(), None)),
+                None => w
+                    .pipes
+                    .get(connection)
+                    .filter(|p| p.parking.paused() >= 2)
+                    .and_then(|p| p.client_fd.map(|c| (p.peer_fd, Some(c)))),
+            };
+            let Some((peer, client)) = sockets else {
+                kept.insert(key);
+                return false;
+            };
+            these.push(PeerExport {
+                connection: *connection,
+                peer,
+                client,
+            });
+        }
+        let listener = a.relays.iter().flatten().find_map(|r| {
+            w.relays
+                .get(&RelayId(r.id))
+                .and_then(|s| s.tcp_fd)
+                .map(|fd| (RelayId(r.id), fd))
+        });
+        let Some(listener) = listener else {
+            kept.insert(key);
+            return false;
+        };
+        tcp_relays.push(listener);
+        peers.extend(these);
+        true
+    });
+    let include = move |key: &ClientKey| candidates(key) && !kept.contains(key);
+    let moved: FxHashSet<u32> = peers
+        .iter()
+        .filter(|p| p.client.is_some())
+        .map(|p| p.connection)
+        .collect();
     let mut relays = Vec::new();
     let mut failed = None;
     let mut streams = Vec::new();
-    for (key, parked) in &w.parked {
+    for (key, parked) in w.parked.iter().filter(|(k, _)| include(k)) {
         let Some((fd, outbound)) = w
             .streams
             .get(key)
@@ -169,11 +263,16 @@ pub fn freeze(
             core,
             relays,
             streams,
+            tcp_relays,
+            peers,
         })),
     };
     let handed_over = sent.is_ok() && verdict.recv_timeout(timeout).unwrap_or(false);
-    for out in w.parked.keys().filter_map(|k| w.streams.get(k)) {
-        out.decide(handed_over);
+    for (key, out) in w.parked.keys().filter_map(|k| w.streams.get(k).map(|o| (k, o))) {
+        out.decide(handed_over && include(key));
+    }
+    for (connection, pipe) in &w.pipes {
+        pipe.parking.decide(handed_over && moved.contains(connection));
     }
     if !handed_over {
         tracing::info!(
@@ -232,12 +331,40 @@ pub fn adopt(shared: &Shared, streams: &Rc<Streams>, inherited: Inherited) -> st
                 udp: Some(Rc::new(socket)),
                 bound,
                 close: None,
+                tcp_fd: None,
             },
         );
+    }
+    // RFC 6062: TCP relays accept again, peer connections wait for their
+    // data connections or are piped to them again (below).
+    for (id, fd) in inherited.tcp_relays {
+        if !kept.contains(&id) {
+            continue;
+        }
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        w.serve_tcp_relay(id, tokio::net::TcpListener::from_std(listener)?, bound)?;
+    }
+    let mut pipes = Vec::new();
+    for (connection, peer, client) in inherited.peers {
+        if !w.server.knows_connection(connection) {
+            continue;
+        }
+        let peer = std::net::TcpStream::from(peer);
+        peer.set_nonblocking(true)?;
+        w.tcp_peers
+            .insert(connection, TcpPeer::new(tokio::net::TcpStream::from_std(peer)?));
+        if let Some(client) = client {
+            pipes.push((connection, client));
+        }
     }
     let count = w.server.allocation_count();
     run_outputs(w, clock);
     drop(guard);
+    for (connection, client) in pipes {
+        crate::io::stream::adopt_pipe(shared, streams, connection, std::net::TcpStream::from(client))?;
+    }
     for s in inherited.streams {
         let Some(listener) = map.get(usize::from(s.key.listener.0)).copied().flatten() else {
             continue;

@@ -67,6 +67,9 @@ pub struct WorkerInheritance {
     pub core: Snapshot,
     pub relays: Vec<(RelayId, OwnedFd)>,
     pub streams: Vec<crate::io::handover::StreamExport>,
+    pub tcp_relays: Vec<(RelayId, OwnedFd)>,
+    /// RFC 6062: connection id, peer socket, data connection socket.
+    pub peers: Vec<(u32, OwnedFd, Option<OwnedFd>)>,
 }
 
 /// Every worker frozen by a live upgrade, with what they exported.
@@ -801,6 +804,8 @@ pub fn start_with(
                         core: crate::proto::server::snapshot::Snapshot::empty(crate::io::handover::unix_ms()),
                         relays: Vec::new(),
                         streams: Vec::new(),
+                        tcp_relays: Vec::new(),
+                        peers: Vec::new(),
                     });
                 let (go_tx, go) = std::sync::mpsc::channel();
                 gates.push(go_tx);
@@ -809,6 +814,8 @@ pub fn start_with(
                         core: state.core,
                         relays: state.relays,
                         streams: state.streams,
+                        tcp_relays: state.tcp_relays,
+                        peers: state.peers,
                         listeners: map.clone(),
                         revoke: config.auth.revoke_on_reload,
                     },

@@ -126,6 +126,8 @@ pub type BoxedStream = Pin<Box<dyn Stream>>;
 /// connection id its ConnectionBind names.
 pub struct Handoff {
     io: BoxedStream,
+    /// The socket, when plain TCP.
+    fd: Option<std::os::fd::RawFd>,
     key: ClientKey,
     /// Bytes read but not yet handled, starting with the ConnectionBind.
     buf: BytesMut,
@@ -162,6 +164,11 @@ impl Streams {
         if let Some(slot) = all.get_mut(i) {
             *slot = settings;
         }
+    }
+
+    /// The connection caps (shared by every stream listener).
+    fn any_limits(&self) -> Option<Arc<ConnLimits>> {
+        self.settings.borrow().iter().flatten().next().map(|s| s.limits.clone())
     }
 
     fn settings(&self, id: ListenerId) -> Option<Rc<StreamSettings>> {
@@ -321,7 +328,7 @@ pub async fn receive_handoffs(shared: Shared, streams: Rc<Streams>, mut rx: Hand
                 settings,
                 h.guard,
                 Resumed {
-                    fd: None,
+                    fd: h.fd,
                     outbound: None,
                 },
             ));
@@ -418,11 +425,14 @@ async fn serve(
             let mut wr = wr;
             let _ = wr.shutdown().await;
         }
-        ReadEnd::Bound(connection, leftover) => pipe(shared, connection, rd.unsplit(wr), leftover, guard).await,
+        ReadEnd::Bound(connection, leftover) => {
+            pipe(shared, connection, rd.unsplit(wr), out.handover_fd(), leftover, guard).await
+        }
         ReadEnd::Handoff(owner, buf) => {
             if let Some(sender) = streams.handoff.get(owner) {
                 let _ = sender.send(Handoff {
                     io: rd.unsplit(wr),
+                    fd: out.handover_fd(),
                     key,
                     buf,
                     guard,
@@ -434,21 +444,116 @@ async fn serve(
 
 /// An RFC 6062 data connection joined to its peer connection: bytes both
 /// ways until either side closes or the allocation goes.
-async fn pipe(shared: Shared, connection: u32, mut client: BoxedStream, leftover: BytesMut, _guard: ConnGuard) {
+/// Pipes an RFC 6062 data connection taken over from the running process
+/// to its peer connection (already in the worker's table).
+pub fn adopt_pipe(
+    shared: &Shared,
+    streams: &Rc<Streams>,
+    connection: u32,
+    client: std::net::TcpStream,
+) -> io::Result<()> {
+    client.set_nonblocking(true)?;
+    let client = TcpStream::from_std(client)?;
+    let ip = client.peer_addr()?.ip();
+    let limits = streams
+        .any_limits()
+        .ok_or_else(|| io::Error::other("no stream listener for a data connection"))?;
+    let Some(guard) = limits.admit(ip) else {
+        metrics::counter!("turnstile_connections_refused_total", "reason" => "limit").increment(1);
+        return Ok(());
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+    tokio::task::spawn_local(pipe(
+        shared.clone(),
+        connection,
+        Box::pin(client),
+        Some(fd),
+        BytesMut::new(),
+        guard,
+    ));
+    Ok(())
+}
+
+/// `client_fd`: the data connection's socket when it is plain TCP (a live
+/// upgrade can then hand the pair over).
+pub(crate) async fn pipe(
+    shared: Shared,
+    connection: u32,
+    client: BoxedStream,
+    client_fd: Option<std::os::fd::RawFd>,
+    leftover: BytesMut,
+    _guard: ConnGuard,
+) {
     let peer = shared.borrow_mut().tcp_peers.get_mut(&connection).and_then(|p| {
         let close = p.close.clone();
         p.stream.take().map(|s| (s, close))
     });
+    let mut handed_over = false;
     if let Some((mut peer, close)) = peer
         && peer.write_all(&leftover).await.is_ok()
     {
+        let state = Rc::new(crate::io::executor::Pipe {
+            client_fd,
+            peer_fd: std::os::fd::AsRawFd::as_raw_fd(&peer),
+            parking: Default::default(),
+        });
+        shared.borrow_mut().pipes.insert(connection, state.clone());
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let (mut prd, mut pwr) = peer.split();
+        let both = async {
+            let (a, b) = tokio::join!(
+                pump(&mut crd, &mut pwr, &state.parking),
+                pump(&mut prd, &mut cwr, &state.parking)
+            );
+            a || b
+        };
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut client, &mut peer) => {}
+            moved = both => handed_over = moved,
             _ = close.notified() => {}
         }
+        shared.borrow_mut().pipes.remove(&connection);
     }
-    shared.borrow_mut().tcp_peers.remove(&connection);
-    feed(&shared, Input::TcpConnectionClosed { connection });
+    // Handed over: the new process serves both sockets; this one only
+    // closes its descriptors (no shutdown) and the core forgot the pair.
+    if !handed_over {
+        shared.borrow_mut().tcp_peers.remove(&connection);
+        feed(&shared, Input::TcpConnectionClosed { connection });
+    }
+}
+
+/// One direction of a pipe: read, write it all, again; at end of stream
+/// the far side's write half is shut (as copy_bidirectional does). A live
+/// upgrade pauses it between chunks, so no bytes are in flight inside this
+/// process. Returns whether the pipe was handed over.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+    parking: &crate::io::stream_queue::Parking,
+) -> bool {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => r,
+            () = parking.requested() => {
+                parking.pause();
+                if parking.verdict().await {
+                    return true;
+                }
+                continue;
+            }
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                let _ = wr.shutdown().await;
+                return false;
+            }
+            Ok(n) => {
+                if wr.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// Reads the PROXY v2 header; `None` means "use the connection's address".

@@ -21,21 +21,77 @@ pub struct StreamOut {
     /// A plain TCP connection's socket, which a live upgrade can hand over
     /// (`None` for TLS, whose session state cannot move).
     handover_fd: Option<RawFd>,
-    park: Cell<Park>,
-    /// Wakes the reader when a park is asked for or decided.
-    park_wake: Notify,
+    parking: Parking,
     /// The writer is in the middle of writing (a park would cut a message).
     writing: Cell<bool>,
 }
 
 /// Where a connection stands in a live upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Park {
+    #[default]
     None,
     /// The worker asked the connection to stop reading and writing.
     Requested,
     /// Decided: handed over (`true`) or kept (`false`).
     Decided(bool),
+}
+
+/// A connection's part in a live upgrade: asked to park, then told whether
+/// it was handed over. Its tasks wait on it between messages; an RFC 6062
+/// pipe's two directions count themselves paused.
+#[derive(Debug, Default)]
+pub struct Parking {
+    state: Cell<Park>,
+    wake: Notify,
+    paused: Cell<u8>,
+}
+
+impl Parking {
+    pub fn request(&self) {
+        self.state.set(Park::Requested);
+        self.paused.set(0);
+        self.wake.notify_waiters();
+    }
+
+    pub async fn requested(&self) {
+        loop {
+            if self.state.get() == Park::Requested {
+                return;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.state.get() == Park::Requested
+    }
+
+    /// The verdict, for whoever waits on it (nothing if no park was asked).
+    pub fn decide(&self, handed_over: bool) {
+        if self.state.get() != Park::None {
+            self.state.set(Park::Decided(handed_over));
+            self.wake.notify_waiters();
+        }
+    }
+
+    pub async fn verdict(&self) -> bool {
+        loop {
+            if let Park::Decided(v) = self.state.get() {
+                return v;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// One more of a pipe's directions holds still.
+    pub fn pause(&self) {
+        self.paused.set(self.paused.get().saturating_add(1));
+    }
+
+    pub fn paused(&self) -> u8 {
+        self.paused.get()
+    }
 }
 
 impl StreamOut {
@@ -48,8 +104,7 @@ impl StreamOut {
             ended: Notify::new(),
             end_reason: Cell::new(None),
             handover_fd: None,
-            park: Cell::new(Park::None),
-            park_wake: Notify::new(),
+            parking: Parking::default(),
             writing: Cell::new(false),
         }
     }
@@ -67,42 +122,27 @@ impl StreamOut {
     /// A live upgrade asks the connection to park: its reader stops after
     /// the messages it holds, its writer before the next write.
     pub fn request_park(&self) {
-        self.park.set(Park::Requested);
-        self.park_wake.notify_one();
+        self.parking.request();
         self.notify.notify_one();
     }
 
     /// Waits until a park is asked for.
     pub async fn park_requested(&self) {
-        loop {
-            if self.park.get() == Park::Requested {
-                return;
-            }
-            self.park_wake.notified().await;
-        }
+        self.parking.requested().await
     }
 
     pub fn is_parking(&self) -> bool {
-        self.park.get() == Park::Requested
+        self.parking.is_requested()
     }
 
     /// The upgrade's verdict for a parked (or parking) connection.
     pub fn decide(&self, handed_over: bool) {
-        if self.park.get() != Park::None {
-            self.park.set(Park::Decided(handed_over));
-            self.park_wake.notify_one();
-        }
+        self.parking.decide(handed_over)
     }
 
     /// Waits for the verdict; `true` when the connection was handed over.
     pub async fn verdict(&self) -> bool {
-        loop {
-            if let Park::Decided(v) = self.park.get() {
-                self.park.set(Park::None);
-                return v;
-            }
-            self.park_wake.notified().await;
-        }
+        self.parking.verdict().await
     }
 
     pub fn set_writing(&self, writing: bool) {

@@ -74,6 +74,10 @@ pub struct WorkerState {
     pub relays: Vec<(u32, usize)>,
     /// Plain TCP client connections, parked between messages.
     pub streams: Vec<StreamEntry>,
+    /// RFC 6062 TCP relays' listening sockets by relay id.
+    pub tcp_relays: Vec<(u32, usize)>,
+    /// RFC 6062 peer connections: id, peer socket, data connection socket.
+    pub peers: Vec<(u32, usize, Option<usize>)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -256,6 +260,8 @@ mod tests {
                 core: vec![9; 200_000],
                 relays: (0..600).map(|i| (i as u32, i)).collect(),
                 streams: vec![],
+                tcp_relays: vec![],
+                peers: vec![],
             }],
         };
         let sender = std::thread::spawn(move || {

@@ -1,9 +1,10 @@
 //! Live upgrade: the running process starts the binary at its own path
 //! (by then the new version) with the same arguments, hands it every
-//! listener, every UDP relay socket and its workers' state, and lets go
-//! once the new process has restored everything. TCP and TLS client
-//! connections (and their allocations) stay with the running process,
-//! which serves them as in a drain and then exits.
+//! listener, every UDP relay socket, every plain TCP client connection and
+//! RFC 6062 relay and connection, and its workers' state, and lets go once
+//! the new process has restored everything. TLS connections (and what
+//! else cannot move) stay with the running process, which serves them as
+//! in a drain and then exits.
 //!
 //! Safety: until the commit the running process only holds still; if the
 //! new binary does not start, refuses the state or is not ready within
@@ -202,6 +203,16 @@ fn hand_over(
                     outbound: s.outbound,
                 })
                 .collect(),
+            tcp_relays: e
+                .tcp_relays
+                .into_iter()
+                .map(|(id, fd)| (id.0, fds.borrowed(fd)))
+                .collect(),
+            peers: e
+                .peers
+                .into_iter()
+                .map(|p| (p.connection, fds.borrowed(p.peer), p.client.map(|c| fds.borrowed(c))))
+                .collect(),
         });
     }
     let manifest = Manifest {
@@ -344,7 +355,23 @@ fn restore(manifest: Manifest, fds: Vec<OwnedFd>) -> io::Result<(Inheritance, In
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        states.push(crate::io::WorkerInheritance { core, relays, streams });
+        let tcp_relays = s
+            .tcp_relays
+            .into_iter()
+            .map(|(id, i)| take(i).map(|fd| (RelayId(id), fd)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let peers = s
+            .peers
+            .into_iter()
+            .map(|(connection, peer, client)| Ok((connection, take(peer)?, client.map(&mut take).transpose()?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        states.push(crate::io::WorkerInheritance {
+            core,
+            relays,
+            streams,
+            tcp_relays,
+            peers,
+        });
     }
     Ok((
         Inheritance {

@@ -62,6 +62,9 @@ pub struct AllocationState {
     pub traffic: [u64; 4],
     pub tcp: bool,
     pub shaper: Option<[BucketState; 2]>,
+    /// RFC 6062 peer connections: id, peer, and for one still waiting for
+    /// its data connection the ConnectionBind deadline (`None`: bound).
+    pub connections: Vec<(u32, SocketAddr, Option<i64>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,8 +197,8 @@ impl Server {
         let allocations = self
             .allocations
             .iter()
-            .filter(|(_, a)| include(&a.key) && !a.tcp)
-            .map(|(_, a)| AllocationState {
+            .filter(|(id, a)| include(&a.key) && self.movable(*id, a))
+            .map(|(id, a)| AllocationState {
                 listener: a.key.listener.0,
                 client: a.key.client,
                 username: a.username.clone(),
@@ -225,6 +228,18 @@ impl Server {
                 ],
                 tcp: a.tcp,
                 shaper: a.shaper.as_deref().map(|[p, c]| [r.bucket(*p), r.bucket(*c)]),
+                connections: self
+                    .tcp_connections
+                    .iter()
+                    .filter(|(_, c)| c.alloc == id)
+                    .map(|(cid, c)| {
+                        let deadline = match c.state {
+                            TcpConnectionState::AwaitingBind { deadline } => Some(r.ms(deadline)),
+                            _ => None,
+                        };
+                        (*cid, c.peer, deadline)
+                    })
+                    .collect(),
             })
             .collect();
         let ports = self.ports.each_ref().map(|p| {
@@ -330,6 +345,28 @@ impl Server {
             };
             let id = self.allocations.insert(allocation);
             relays.extend(ids.into_iter().map(|i| (i, Some(id))));
+            for (cid, peer, deadline) in &s.connections {
+                let state = match deadline {
+                    Some(ms) => TcpConnectionState::AwaitingBind {
+                        deadline: r.instant(*ms),
+                    },
+                    None => TcpConnectionState::Bound,
+                };
+                if let TcpConnectionState::AwaitingBind { deadline } = state {
+                    self.schedule_connection(*cid, deadline);
+                }
+                self.tcp_connections.insert(
+                    *cid,
+                    TcpConnection {
+                        alloc: id,
+                        peer: *peer,
+                        state,
+                    },
+                );
+            }
+            if let Some(a) = self.allocations.get_mut(id) {
+                a.connections = s.connections.len();
+            }
             self.by_client.insert(key, id);
             self.schedule_allocation(id, next);
             self.outputs.push_back(created);
@@ -364,7 +401,7 @@ impl Server {
         let ids: Vec<usize> = self
             .allocations
             .iter()
-            .filter(|(_, a)| include(&a.key) && !a.tcp)
+            .filter(|(id, a)| include(&a.key) && self.movable(*id, a))
             .map(|(id, _)| id)
             .collect();
         for &id in &ids {
@@ -375,12 +412,38 @@ impl Server {
     }
 
     /// Whether a client's state can move to another process: anything but
-    /// an RFC 6062 TCP allocation, whose peer connections stay where they are.
+    /// an RFC 6062 allocation with a Connect under way (the connection being
+    /// made belongs to this process's driver).
     pub fn can_hand_over(&self, key: &ClientKey) -> bool {
         self.by_client
             .get(key)
-            .and_then(|id| self.allocations.get(*id))
-            .is_none_or(|a| !a.tcp)
+            .and_then(|id| self.allocations.get(*id).map(|a| self.movable(*id, a)))
+            .unwrap_or(true)
+    }
+
+    fn movable(&self, id: usize, a: &Allocation) -> bool {
+        !a.tcp
+            || !self
+                .tcp_connections
+                .values()
+                .any(|c| c.alloc == id && matches!(c.state, TcpConnectionState::Connecting { .. }))
+    }
+
+    /// Whether an RFC 6062 peer connection exists.
+    pub fn knows_connection(&self, connection: u32) -> bool {
+        self.tcp_connections.contains_key(&connection)
+    }
+
+    /// The RFC 6062 peer connections of the allocation of `key`.
+    pub fn connections_of(&self, key: &ClientKey) -> Vec<u32> {
+        let Some(id) = self.by_client.get(key).copied() else {
+            return Vec::new();
+        };
+        self.tcp_connections
+            .iter()
+            .filter(|(_, c)| c.alloc == id)
+            .map(|(cid, _)| *cid)
+            .collect()
     }
 }
 
@@ -438,7 +501,7 @@ fn restore_allocation(s: &AllocationState, key: ClientKey, r: Rebase, bandwidth:
         },
         created: r.instant(s.created_ms),
         tcp: s.tcp,
-        // RFC 6062 peer connections are not handed over.
+        // Counted as the connections are restored.
         connections: 0,
         scheduled: None,
         swept: s.swept_ms.map(|t| r.instant(t)),
