@@ -403,19 +403,41 @@ fn a_user_the_new_configuration_removed_is_revoked_as_a_reload_would() {
     );
 }
 
+/// A TCP allocation for alice on the stream listener, with one peer
+/// connection made and waiting for its data connection.
+fn tcp_allocation_with_a_waiting_peer(h: &mut Harness) -> (testing::Creds, u32) {
+    h.key.listener = ListenerId(1);
+    let c = h.creds("alice", "secret");
+    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
+    assert_eq!(testing::code(&h.exchange(&req)), 0);
+    let (_, _, waiting) = h.connect(&c, testing::sa("8.8.8.8:443"));
+    h.tcp_connected(waiting, true).unwrap();
+    (c, waiting)
+}
+
+/// A fresh core at `snapshot`'s moment with it restored, its driver
+/// holding the handed-over relays and these peer connections.
+fn restored(h: &Harness, snapshot: Snapshot, connections: &[u32]) -> Harness {
+    let now = h.now;
+    let mut fresh = Harness::new();
+    fresh.now = now;
+    fresh.base = h.base;
+    let relays = fresh
+        .server
+        .restore(snapshot, now.instant, now.unix * 1000, Some, false)
+        .unwrap();
+    fresh.open_relays.extend(relays);
+    fresh.tcp_connections.extend(connections.iter().copied());
+    fresh.drain();
+    fresh
+}
+
 #[test]
 fn rfc6062_connections_cross_with_their_state_and_a_connect_under_way_keeps_its_allocation() {
     use turnstile::testing::sa;
     let mut h = Harness::new();
-    // A TCP allocation on the stream listener, with one peer connection
-    // connected and waiting for its data connection.
-    h.key.listener = ListenerId(1);
+    let (c, waiting) = tcp_allocation_with_a_waiting_peer(&mut h);
     let control = h.key;
-    let c = h.creds("alice", "secret");
-    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
-    assert_eq!(testing::code(&h.exchange(&req)), 0);
-    let (_, _, waiting) = h.connect(&c, sa("8.8.8.8:443"));
-    h.tcp_connected(waiting, true).unwrap();
     // A second client's allocation has a Connect under way: it cannot move.
     h.key.client.set_port(41000);
     let busy = h.key;
@@ -436,16 +458,7 @@ fn rfc6062_connections_cross_with_their_state_and_a_connect_under_way_keeps_its_
     );
     assert_eq!(snapshot.allocations[0].connections.len(), 1);
     let snapshot = Snapshot::from_bytes(&snapshot.to_bytes()).unwrap();
-    let mut fresh = Harness::new();
-    fresh.now = now;
-    fresh.base = h.base;
-    let relays = fresh
-        .server
-        .restore(snapshot, now.instant, now.unix * 1000, Some, false)
-        .unwrap();
-    fresh.open_relays.extend(relays);
-    fresh.tcp_connections.insert(waiting);
-    fresh.drain();
+    let mut fresh = restored(&h, snapshot, &[waiting]);
     assert!(fresh.server.knows_connection(waiting));
     // The data connection binds on the new core…
     fresh.key = ClientKey {
@@ -473,26 +486,12 @@ fn rfc6062_connections_cross_with_their_state_and_a_connect_under_way_keeps_its_
 #[test]
 fn an_unbound_peer_connection_keeps_its_bind_deadline_across() {
     use turnstile::proto::server::CONNECTION_BIND_TIMEOUT;
-    use turnstile::testing::sa;
     let mut h = Harness::new();
-    h.key.listener = ListenerId(1);
-    let c = h.creds("alice", "secret");
-    let req = h.signed(Method::ALLOCATE, &c, |w| w.requested_transport(6).unwrap());
-    assert_eq!(testing::code(&h.exchange(&req)), 0);
-    let (_, _, waiting) = h.connect(&c, sa("8.8.8.8:443"));
-    h.tcp_connected(waiting, true).unwrap();
+    let (_, waiting) = tcp_allocation_with_a_waiting_peer(&mut h);
     h.advance(20);
     let now = h.now;
     let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
-    let mut fresh = Harness::new();
-    fresh.now = now;
-    let relays = fresh
-        .server
-        .restore(snapshot, now.instant, now.unix * 1000, Some, false)
-        .unwrap();
-    fresh.open_relays.extend(relays);
-    fresh.tcp_connections.insert(waiting);
-    fresh.drain();
+    let mut fresh = restored(&h, snapshot, &[waiting]);
     fresh.commands.clear();
     // 30 s from its connection: 10 s are left after the 20 spent.
     fresh.advance(CONNECTION_BIND_TIMEOUT.as_secs() - 21);

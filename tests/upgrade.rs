@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::uclient::{EchoPeer, parse_report};
+use common::uclient::EchoPeer;
 use common::{TestServer, cert, loopback_config, write_cert};
 use turnstile::proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
@@ -195,28 +195,24 @@ fn a_new_binary_that_fails_leaves_the_old_process_serving() {
     assert_ne!(server.pid_file(), Some(old));
 }
 
+/// coturn's client as alice, relaying to `peer` through the UDP listener.
 fn uclient(server: &TestServer, peer: &EchoPeer, flags: &[&str]) -> common::uclient::Report {
-    uclient_at(server.udp[0], peer, flags)
-}
-
-fn uclient_at(addr: SocketAddr, peer: &EchoPeer, flags: &[&str]) -> common::uclient::Report {
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "turnutils_uclient",
-            "-u",
-            "alice",
-            "-w",
-            "secret",
-            "-e",
-            "127.0.0.1",
-        ])
-        .args(["-r", &peer.port.to_string(), "-p", &addr.port().to_string()])
-        .args(flags)
-        .arg(addr.ip().to_string())
-        .output()
-        .expect("turnutils_uclient (Debian package coturn)");
-    parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    let (port, peer_port) = (server.udp[0].port().to_string(), peer.port.to_string());
+    let mut args = vec![
+        "-u",
+        "alice",
+        "-w",
+        "secret",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-p",
+        &port,
+    ];
+    args.extend_from_slice(flags);
+    args.push("127.0.0.1");
+    common::uclient::run(&args)
 }
 
 #[test]
@@ -224,38 +220,34 @@ fn coturn_clients_over_udp_and_tcp_keep_flowing_across_an_upgrade() {
     let mut server = TestServer::start_copy(&config(""));
     let old = server.pid();
     let peer = EchoPeer::start();
-    let tcp_port = server.tcp[0].port();
-    let udp = server.udp[0];
-    let peer_port = peer.port;
+    let (udp_port, tcp_port, peer_port) = (
+        server.udp[0].port().to_string(),
+        server.tcp[0].port().to_string(),
+        peer.port.to_string(),
+    );
     // Four seconds of messages each (400 at 10 ms), both started before the upgrade.
-    let run = move |tcp: bool| {
-        let port = if tcp { tcp_port } else { udp.port() };
-        let mut args = vec!["-n", "400", "-z", "10", "-m", "2", "-l", "120"];
+    let run = |port: &str, tcp: bool| {
+        let mut args = vec![
+            "-u",
+            "alice",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port,
+            "-p",
+            port,
+        ];
+        args.extend(["-n", "400", "-z", "10", "-m", "2", "-l", "120"]);
         if tcp {
             args.push("-t");
         }
-        std::thread::spawn(move || {
-            let out = Command::new("timeout")
-                .args([
-                    "60",
-                    "turnutils_uclient",
-                    "-u",
-                    "alice",
-                    "-w",
-                    "secret",
-                    "-e",
-                    "127.0.0.1",
-                ])
-                .args(["-r", &peer_port.to_string(), "-p", &port.to_string()])
-                .args(&args)
-                .arg("127.0.0.1")
-                .output()
-                .unwrap();
-            parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-        })
+        args.push("127.0.0.1");
+        common::uclient::spawn(&args)
     };
-    let over_udp = run(false);
-    let over_tcp = run(true);
+    let over_udp = run(&udp_port, false);
+    let over_tcp = run(&tcp_port, true);
     assert!(
         wait_until(Duration::from_secs(10), || gauge(
             &server,
@@ -377,19 +369,28 @@ fn a_tls_connection_stays_with_the_old_process_until_it_closes() {
 fn rfc6062_tcp_allocations_and_their_connections_move_across_an_upgrade() {
     let mut server = TestServer::start_copy(&config(""));
     let old = server.pid();
-    let port = server.tcp[0].port();
+    let port = server.tcp[0].port().to_string();
     // -T: TCP allocations; the clients Connect to each other's relayed
     // addresses, peer and data connections piped (RFC 6062). 400 messages
     // at 10 ms: the upgrade comes in the middle.
-    let run = std::thread::spawn(move || {
-        let out = Command::new("timeout")
-            .args(["60", "turnutils_uclient", "-T", "-u", "alice", "-w", "secret"])
-            .args(["-z", "10", "-n", "400", "-l", "120", "-m", "4"])
-            .args(["-p", &port.to_string(), "127.0.0.1"])
-            .output()
-            .unwrap();
-        parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-    });
+    let run = common::uclient::spawn(&[
+        "-T",
+        "-u",
+        "alice",
+        "-w",
+        "secret",
+        "-z",
+        "10",
+        "-n",
+        "400",
+        "-l",
+        "120",
+        "-m",
+        "4",
+        "-p",
+        &port,
+        "127.0.0.1",
+    ]);
     assert!(
         wait_until(Duration::from_secs(10), || gauge(
             &server,

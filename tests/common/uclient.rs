@@ -65,3 +65,21 @@ pub fn parse_report(output: String) -> Report {
         output,
     }
 }
+
+/// Runs turnutils_uclient with these arguments (for at most 60 s) and
+/// reads its report.
+pub fn run(args: &[&str]) -> Report {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("turnutils_uclient")
+        .args(args)
+        .output()
+        .expect("turnutils_uclient (Debian package coturn) must be installed");
+    parse_report(String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Like [`run`], in a thread of its own, to act on the server meanwhile.
+pub fn spawn(args: &[&str]) -> std::thread::JoinHandle<Report> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    std::thread::spawn(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+}
