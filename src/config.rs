@@ -70,6 +70,33 @@ pub struct Config {
     /// The process: PID file, live upgrade.
     #[serde(default)]
     pub server: ServerProcess,
+    /// STUN beyond Binding: RFC 5780 NAT behaviour discovery.
+    #[serde(default)]
+    pub stun: Stun,
+}
+
+/// `[stun]`: RFC 5780 NAT behaviour discovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stun {
+    /// Answer CHANGE-REQUEST and RESPONSE-PORT, and tell clients the other
+    /// address (OTHER-ADDRESS, RESPONSE-ORIGIN). Off: such requests get 420.
+    #[serde(default)]
+    pub rfc5780: bool,
+    /// A second local address of this host, of the UDP listeners' family.
+    #[serde(default)]
+    pub alternate_address: Option<IpAddr>,
+    /// The second port; absent: each UDP listener's port + 1.
+    #[serde(default)]
+    pub alternate_port: Option<u16>,
+}
+
+/// What an RFC 5780 listen entry the configuration derives is to its UDP
+/// listener: the socket on the other address, the other port, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alternate {
+    /// The configured UDP listener it belongs to.
+    pub of: SocketAddr,
 }
 
 /// `[server]`: the process itself.
@@ -230,6 +257,9 @@ pub struct Listen {
     /// the client address from it (behind HAProxy or an SNI router).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Not from the file: set on the UDP listeners `[stun] rfc5780` adds.
+    #[serde(skip)]
+    pub alternate: Option<Alternate>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -607,9 +637,63 @@ impl Limits {
 impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         config.validate().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        config.add_alternates();
         Ok(config)
+    }
+
+    /// RFC 5780: for each UDP listener A:P, the sockets that answer a
+    /// CHANGE-REQUEST — B:P (other address), A:P' (other port) and B:P'
+    /// (both) — as listen entries of their own, after the configured ones.
+    fn add_alternates(&mut self) {
+        let (true, Some(other)) = (self.stun.rfc5780, self.stun.alternate_address) else {
+            return;
+        };
+        for a in self.nat_primaries() {
+            let port = self.alternate_port(a);
+            for address in [
+                SocketAddr::new(other, a.port()),
+                SocketAddr::new(a.ip(), port),
+                SocketAddr::new(other, port),
+            ] {
+                // A socket the file already lists serves both ways.
+                if self
+                    .listen
+                    .iter()
+                    .any(|l| l.transport == Transport::Udp && l.address == address)
+                {
+                    continue;
+                }
+                self.listen.push(Listen {
+                    transport: Transport::Udp,
+                    address,
+                    autodetect: false,
+                    proxy_protocol: false,
+                    alternate: Some(Alternate { of: a }),
+                });
+            }
+        }
+    }
+
+    /// The UDP listeners RFC 5780 answers for (with `[stun] rfc5780`): the
+    /// configured ones not on the alternate address.
+    pub fn nat_primaries(&self) -> Vec<SocketAddr> {
+        let (true, Some(other)) = (self.stun.rfc5780, self.stun.alternate_address) else {
+            return Vec::new();
+        };
+        self.listen
+            .iter()
+            .filter(|l| l.transport == Transport::Udp && l.alternate.is_none() && l.address.ip() != other)
+            .map(|l| l.address)
+            .collect()
+    }
+
+    /// The RFC 5780 alternate port of a UDP listener.
+    pub fn alternate_port(&self, listener: SocketAddr) -> u16 {
+        self.stun
+            .alternate_port
+            .unwrap_or_else(|| listener.port().wrapping_add(1))
     }
 
     /// Settings that are valid but probably not what the operator meant;
@@ -735,6 +819,35 @@ impl Config {
         {
             return Err("admin.token must be at least 16 characters".into());
         }
+        if self.stun.rfc5780 {
+            let Some(other) = self.stun.alternate_address else {
+                return Err("stun.rfc5780 needs stun.alternate_address: a second address of this host".into());
+            };
+            // Listeners on the alternate address itself are the pair's other half.
+            for l in self
+                .listen
+                .iter()
+                .filter(|l| l.transport == Transport::Udp && l.address.ip() != other)
+            {
+                let a = l.address;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return Err(format!(
+                        "stun.rfc5780: the udp listener {a} needs a specific address and port (responses name the address they come from)"
+                    ));
+                }
+                if a.is_ipv4() != other.is_ipv4() {
+                    return Err(format!(
+                        "stun.alternate_address {other} must be another address of the udp listener {a}'s family"
+                    ));
+                }
+                let port = self.alternate_port(a);
+                if port == 0 || port == a.port() {
+                    return Err(format!(
+                        "stun.alternate_port: the udp listener {a} needs a second port (its port + 1 by default)"
+                    ));
+                }
+            }
+        }
         if !(1..=300).contains(&self.server.upgrade_timeout) {
             return Err("server.upgrade_timeout must be 1 to 300 seconds".into());
         }
@@ -760,6 +873,45 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc5780_adds_the_other_address_and_port_and_needs_what_it_names() {
+        let base = "realm = \"r\"\n[[listen]]\ntransport = \"udp\"\naddress = \"192.0.2.1:3478\"\n";
+        let c = Config::from_toml(
+            &format!("{base}[stun]\nrfc5780 = true\nalternate_address = \"192.0.2.2\"\n"),
+            "t",
+        )
+        .unwrap();
+        let udp: Vec<String> = c.listen.iter().map(|l| l.address.to_string()).collect();
+        assert_eq!(
+            udp,
+            ["192.0.2.1:3478", "192.0.2.2:3478", "192.0.2.1:3479", "192.0.2.2:3479"]
+        );
+        assert!(c.listen[1..].iter().all(|l| l.alternate.is_some()));
+        // A socket the file lists already is not added twice.
+        let both = format!(
+            "{base}[[listen]]\ntransport = \"udp\"\naddress = \"192.0.2.2:3478\"\n[stun]\nrfc5780 = true\nalternate_address = \"192.0.2.2\"\nalternate_port = 3480\n"
+        );
+        let c = Config::from_toml(&both, "t").unwrap();
+        assert_eq!(c.listen.len(), 4);
+        assert!(c.listen.iter().any(|l| l.address.to_string() == "192.0.2.2:3480"));
+        // Off: nothing added.
+        let c = Config::from_toml(&format!("{base}[stun]\nalternate_address = \"192.0.2.2\"\n"), "t").unwrap();
+        assert_eq!(c.listen.len(), 1);
+        for (bad, says) in [
+            ("[stun]\nrfc5780 = true\n", "alternate_address"),
+            (
+                "[stun]\nrfc5780 = true\nalternate_address = \"2001:db8::1\"\n",
+                "family",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("{base}{bad}"), "t").unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        let any = "realm = \"r\"\n[[listen]]\ntransport = \"udp\"\naddress = \"0.0.0.0:3478\"\n[stun]\nrfc5780 = true\nalternate_address = \"192.0.2.2\"\n";
+        let e = Config::from_toml(any, "t").unwrap_err().to_string();
+        assert!(e.contains("specific address"), "{e}");
+    }
 
     #[test]
     fn demo_config_is_valid_and_loopback() {

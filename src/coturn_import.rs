@@ -38,10 +38,9 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "log-file" | "syslog" | "simple-log" | "new-log-timestamp" | "no-stdout-log" | "log-binding" => {
             "turnstile logs to stderr (journald under systemd)"
         }
-        "pidfile" => "systemd tracks the process; no pid file is written",
         "no-dtls" | "dtls-listening-port" => "turnstile has no DTLS listener (browsers do not use TURN over DTLS)",
-        "no-rfc5780" | "rfc5780" | "response-origin-only-with-rfc5780" | "no-stun-backward-compatibility" => {
-            "turnstile answers plain RFC 8489 Binding; RFC 5780 NAT behaviour discovery and RFC 3489 are not offered"
+        "no-stun-backward-compatibility" => {
+            "turnstile answers RFC 8489 Binding; RFC 3489 (no magic cookie) is not offered"
         }
         "mobility" => "RFC 8016 mobility is not offered",
         "no-multicast-peers" => "multicast peers are always refused",
@@ -54,7 +53,7 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "no-tlsv1_2" | "ca-file" => {
             "TLS versions and ciphers are rustls's secure defaults (TLS 1.2 and 1.3)"
         }
-        "alt-listening-port" | "alt-tls-listening-port" => "alternative ports are for RFC 5780, not offered",
+        "alt-tls-listening-port" => "RFC 5780 runs over UDP only here; the TLS alternative port is not needed",
         "aux-server" | "udp-self-balance" => "load balancing across auxiliary ports is not offered",
         "verbose" | "Verbose" => return None, // carried as the log level
         _ => "unknown to the importer",
@@ -130,6 +129,26 @@ pub fn import(text: &str) -> Imported {
         if tls {
             listen("tls", ip, tls_port);
         }
+    }
+    // coturn offers RFC 5780 when it listens on two addresses of a family.
+    let pair = ips.iter().find(|a| !a.is_unspecified()).and_then(|a| {
+        ips.iter()
+            .find(|b| *b != a && b.is_ipv4() == a.is_ipv4())
+            .map(|b| (*a, *b))
+    });
+    if let (Some((_, b)), false, false) = (pair, has("no-rfc5780"), has("no-udp")) {
+        out.push_str(&format!(
+            "
+[stun]
+rfc5780 = true
+alternate_address = \"{b}\"\n"
+        ));
+        if let Some(p) = one("alt-listening-port") {
+            out.push_str(&format!("alternate_port = {p}\n"));
+        }
+    }
+    if let Some(p) = one("pidfile") {
+        out.push_str(&format!("\n[server]\npid_file = {}\n", quote(&p)));
     }
     if let (true, Some(c), Some(k)) = (tls, &cert, &pkey) {
         out.push_str(&format!(
@@ -282,6 +301,11 @@ pub fn import(text: &str) -> Imported {
         "listening-port",
         "tls-listening-port",
         "listening-ip",
+        "no-rfc5780",
+        "rfc5780",
+        "response-origin-only-with-rfc5780",
+        "alt-listening-port",
+        "pidfile",
         "relay-ip",
         "external-ip",
         "min-port",
@@ -424,5 +448,19 @@ verbose
         let c = Config::from_toml(&i.toml, "imported").unwrap();
         assert_eq!(c.listen.len(), 1);
         assert_eq!(c.peers.allow.len(), 2);
+    }
+
+    #[test]
+    fn two_listening_addresses_carry_rfc5780_as_coturn_offers_it() {
+        let i = import("realm=x\nlistening-ip=192.0.2.1\nlistening-ip=192.0.2.2\nalt-listening-port=3480\n");
+        let c = Config::from_toml(&i.toml, "imported").unwrap();
+        assert!(c.stun.rfc5780, "{}", i.toml);
+        assert_eq!(c.stun.alternate_address, Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(c.stun.alternate_port, Some(3480));
+        assert!(!i.notes.iter().any(|n| n.contains("5780")), "{:?}", i.notes);
+        let i = import("realm=x\nlistening-ip=192.0.2.1\nlistening-ip=192.0.2.2\nno-rfc5780\npidfile=/run/t.pid\n");
+        let c = Config::from_toml(&i.toml, "imported").unwrap();
+        assert!(!c.stun.rfc5780);
+        assert_eq!(c.server.pid_file, Some("/run/t.pid".into()), "{}", i.toml);
     }
 }

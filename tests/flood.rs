@@ -329,3 +329,92 @@ fn a_spoofed_flood_from_one_source_gets_less_than_it_sends() {
     assert!(back > 0, "the budget answers some");
     assert!(ratio <= 1.0, "{ratio:.3} bytes out per byte in");
 }
+
+/// With RFC 5780 on, Binding requests can ask for answers from the other
+/// address and port and to another port of the sender: the same per-source
+/// budget bounds them. A flood from 200 ports of 127.0.0.2, each request
+/// asking for both changes and its answer at one listening port.
+#[test]
+fn an_rfc5780_binding_flood_is_not_amplified() {
+    let _one = exclusive();
+    let port = loop {
+        let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < u16::MAX
+            && ["127.0.0.1", "127.0.0.2"]
+                .iter()
+                .all(|ip| UdpSocket::bind((*ip, p + 1)).is_ok())
+        {
+            break p;
+        }
+    };
+    let server = TestServer::start(&format!(
+        r#"realm = "test.local"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:{port}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[relay]
+address = "127.0.0.1"
+ports = "61800-61999"
+
+[auth]
+users = {{ alice = "secret" }}
+
+[stun]
+rfc5780 = true
+alternate_address = "127.0.0.2"
+"#
+    ));
+    let target = server.udp[0];
+    let answers = UdpSocket::bind("127.0.0.2:0").unwrap();
+    answers.set_nonblocking(true).unwrap();
+    let answer_port = answers.local_addr().unwrap().port();
+    let sockets: Vec<UdpSocket> = (0..200)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let (mut sent, mut packets, mut back) = (0u64, 0u64, 0u64);
+    let mut buf = [0u8; 128];
+    let mut answer = [0u8; 1500];
+    let begin = Instant::now();
+    let mut i: u32 = 0;
+    while begin.elapsed() < Duration::from_secs(2) {
+        if u128::from(i) * 1_000_000 > begin.elapsed().as_micros() * 50_000 {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let mut tid = [0u8; 12];
+        tid[..4].copy_from_slice(&i.to_be_bytes());
+        let n = {
+            let mut w = MessageWriter::new(&mut buf, Class::Request, Method::BINDING, TransactionId(tid)).unwrap();
+            w.change_request(true, true).unwrap();
+            w.response_port(answer_port).unwrap();
+            w.finish()
+        };
+        if sockets[i as usize % sockets.len()].send_to(&buf[..n], target).is_ok() {
+            sent += n as u64;
+            packets += 1;
+        }
+        while let Ok(m) = answers.recv(&mut answer) {
+            back += m as u64;
+        }
+        i = i.wrapping_add(1);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(m) = answers.recv(&mut answer) {
+        back += m as u64;
+    }
+    let ratio = back as f64 / sent.max(1) as f64;
+    eprintln!("rfc5780 flood: {packets} Bindings ({sent} bytes), {back} bytes answered, out/in = {ratio:.4}");
+    assert!(packets > 10_000, "the flood ran ({packets} packets)");
+    assert!(back > 0, "some answers came (the budget's burst)");
+    assert!(ratio <= 1.0, "amplification: {ratio:.3} bytes out per byte in");
+    assert!(server.wait_counter("turnstile_unauthenticated_responses_suppressed_total", 1.0));
+}

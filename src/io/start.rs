@@ -720,6 +720,7 @@ pub fn start_with(
         None => Vec::new(),
     };
     let upgrading = !states.is_empty();
+    let nat = nat_discovery(config, &listening);
     let (restored_tx, restored_rx) = std::sync::mpsc::channel();
     let mut gates = Vec::new();
     let credentials = credentials(config, &nonce_secret, &StoreContents::default())?;
@@ -796,6 +797,7 @@ pub fn start_with(
             coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
             offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
             statuses: status_tx.clone(),
+            nat: nat.clone(),
             inherited: if upgrading {
                 let state = states
                     .get_mut(index)
@@ -858,6 +860,59 @@ pub fn start_with(
         draining: std::sync::atomic::AtomicBool::new(false),
         statuses: std::sync::Mutex::new(status_rx),
     })
+}
+
+/// RFC 5780: for each UDP listener A:P that offers it, the group of four
+/// sockets A:P, B:P, A:P', B:P' (B the alternate address, P' the alternate
+/// port), each with the sockets that answer its CHANGE-REQUESTs.
+fn nat_discovery(
+    config: &Config,
+    listening: &[Option<Listening>],
+) -> Vec<(ListenerId, crate::proto::server::NatDiscovery)> {
+    let Some(other) = config.stun.alternate_address else {
+        return Vec::new();
+    };
+    let id_of = |addr: SocketAddr| {
+        listening.iter().enumerate().find_map(|(i, l)| {
+            let (listen, bound, _) = l.as_ref()?;
+            (listen.transport == Transport::Udp && *bound == addr).then_some((ListenerId(i as u16), addr))
+        })
+    };
+    let mut out = Vec::new();
+    for a in config.nat_primaries() {
+        let p2 = config.alternate_port(a);
+        let group = [
+            a,
+            SocketAddr::new(other, a.port()),
+            SocketAddr::new(a.ip(), p2),
+            SocketAddr::new(other, p2),
+        ];
+        let Some(members) = group.iter().map(|g| id_of(*g)).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        for &(id, local) in &members {
+            let find = |ip_same: bool, port_same: bool| {
+                members
+                    .iter()
+                    .find(|(_, m)| (m.ip() == local.ip()) == ip_same && (m.port() == local.port()) == port_same)
+                    .copied()
+            };
+            if let (Some(change_ip), Some(change_port), Some(change_both)) =
+                (find(false, true), find(true, false), find(false, false))
+            {
+                out.push((
+                    id,
+                    crate::proto::server::NatDiscovery {
+                        local,
+                        change_ip,
+                        change_port,
+                        change_both,
+                    },
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Loads and attaches the fast path when `[xdp]` asks for it.

@@ -84,6 +84,8 @@ pub struct WorkerSetup {
     pub offload: Option<Offload>,
     /// Allocation statuses for the fleet store, with `[store]`.
     pub statuses: Option<crate::io::executor::StatusSender>,
+    /// RFC 5780 set-up of the UDP listeners that offer it, by listener id.
+    pub nat: Vec<(crate::proto::server::ListenerId, crate::proto::server::NatDiscovery)>,
     /// In a process started by a live upgrade: the running process's state
     /// for this worker, and the gate it waits at before serving.
     pub inherited: Option<(crate::io::handover::Inherited, StartGate)>,
@@ -151,6 +153,9 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
         }
         for s in setup.streams {
             add_stream_listener(&worker, &streams, s)?;
+        }
+        for (id, d) in setup.nat {
+            worker.borrow_mut().server.set_nat_discovery(id, d);
         }
         if let Some((inherited, gate)) = setup.inherited {
             let adopted = crate::io::handover::adopt(&worker, &streams, inherited);

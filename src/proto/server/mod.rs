@@ -47,6 +47,7 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 
 pub use allocation::{Allocation, ClientKey, ListenerId, Relay, RelayId};
+pub use binding::NatDiscovery;
 pub use credentials::{AuthFailure, Credentials, IntegritySuite};
 pub use outcome::{ClientOutcome, DropReason, PeerOutcome};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
@@ -317,6 +318,8 @@ pub struct Server {
     listeners: Vec<ListenerKind>,
     /// What each listener is called in logs and the admin API: udp, tcp, tls.
     listener_names: Vec<&'static str>,
+    /// RFC 5780 set-up of each UDP listener that offers it.
+    nat: Vec<Option<binding::NatDiscovery>>,
     /// Rate limit of the authentication-failure log lines.
     auth_log: AuthLog,
     ports: [RelayPorts; 2],
@@ -378,6 +381,7 @@ impl Server {
             quotas,
             listeners: Vec::new(),
             listener_names: Vec::new(),
+            nat: Vec::new(),
             auth_log: AuthLog::default(),
             ports,
             allocations: Slab::new(),
@@ -406,6 +410,18 @@ impl Server {
         self.listeners.push(kind);
         self.listener_names.push(name);
         ListenerId((self.listeners.len() - 1) as u16)
+    }
+
+    /// RFC 5780: Binding requests on this UDP listener may ask for answers
+    /// from the other address or port ([`binding::NatDiscovery`]).
+    pub fn set_nat_discovery(&mut self, listener: ListenerId, d: binding::NatDiscovery) {
+        let i = usize::from(listener.0);
+        if self.nat.len() <= i {
+            self.nat.resize(i + 1, None);
+        }
+        if let Some(slot) = self.nat.get_mut(i) {
+            *slot = Some(d);
+        }
     }
 
     /// The client transport of a 5-tuple, as logs name it.
@@ -616,7 +632,7 @@ impl Server {
         }
         let method = msg.method();
         if method == Method::BINDING {
-            return write_or_drop(binding::success(&msg, key.client, self.config.software.as_deref(), out).ok());
+            return self.binding(now.instant, key, &msg, out);
         }
         if !matches!(
             method,
@@ -722,6 +738,62 @@ impl Server {
             out,
             |_| Ok(()),
         ))
+    }
+
+    /// A Binding request; with RFC 5780 on its listener, perhaps answered
+    /// from another socket or to another port of the client.
+    fn binding(&mut self, now: Instant, key: ClientKey, msg: &Message<'_>, out: &mut [u8]) -> ClientOutcome {
+        let software = self.config.software.as_deref();
+        let nat = self.nat.get(usize::from(key.listener.0)).copied().flatten();
+        let Some(nat) = nat.filter(|_| !self.is_stream(&key)) else {
+            // Not offered here (off, or over TCP/TLS): a server without RFC
+            // 5780 does not understand its attributes (RFC 8489 §7.3.1).
+            let asked = binding::Discovery::requested(msg);
+            if !asked.is_empty() {
+                self.stats.count_error(420);
+                return write_or_drop(error_response(msg, 420, "Unknown Attribute", None, out, |w| {
+                    w.unknown_attributes(&asked)
+                }));
+            }
+            return write_or_drop(binding::success(msg, key.client, software, out).ok());
+        };
+        let Ok(d) = binding::Discovery::of(msg) else {
+            self.stats.count_error(400);
+            return write_or_drop(error_response(msg, 400, "Bad Request", None, out, |_| Ok(())));
+        };
+        let (from, origin) = match (d.change_ip, d.change_port) {
+            (false, false) => (key.listener, nat.local),
+            (true, false) => nat.change_ip,
+            (false, true) => nat.change_port,
+            (true, true) => nat.change_both,
+        };
+        let to = SocketAddr::new(key.client.ip(), d.response_port.unwrap_or(key.client.port()));
+        let len = match binding::discovery_success(msg, key.client, origin, nat.change_both.1, d.padding, software, out)
+        {
+            Ok(len) => len,
+            Err(_) => return ClientOutcome::Drop(DropReason::NotTurn),
+        };
+        if (from, to) == (key.listener, key.client) {
+            return ClientOutcome::Reply { len };
+        }
+        // From another socket or to another port: the answer goes out as a
+        // transmission, paid from the same per-source budget as a reply.
+        self.stats.count_response(Method::BINDING, 0);
+        self.stats.unauthenticated_bytes_in += msg.as_bytes().len() as u64;
+        if !self.budgets.take(key.client.ip(), len, now) {
+            self.stats.responses_suppressed += 1;
+            return ClientOutcome::Drop(DropReason::RateLimited);
+        }
+        self.stats.unauthenticated_bytes_out += len as u64;
+        let bytes = out.get(..len).unwrap_or_default().to_vec();
+        self.outputs.push_back(Output::Transmit {
+            key: ClientKey {
+                listener: from,
+                client: to,
+            },
+            bytes,
+        });
+        ClientOutcome::Consumed
     }
 
     fn handle_indication(&mut self, now: Instant, key: &ClientKey, msg: &Message<'_>) -> ClientOutcome {
