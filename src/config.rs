@@ -359,6 +359,11 @@ pub struct Auth {
     /// taken out). Off: they live on until they expire, as in coturn.
     #[serde(default)]
     pub revoke_on_reload: bool,
+    /// RFC 8016 mobility: a client that asks gets a ticket with its
+    /// allocation, and keeps the allocation (and its relayed address) when
+    /// its own address changes. Off: such requests get 405.
+    #[serde(default)]
+    pub mobility: bool,
 }
 
 fn default_nonce_lifetime() -> u64 {
@@ -372,6 +377,7 @@ impl Default for Auth {
             secrets: Vec::new(),
             nonce_lifetime: default_nonce_lifetime(),
             revoke_on_reload: false,
+            mobility: false,
         }
     }
 }

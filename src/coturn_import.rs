@@ -42,7 +42,6 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "no-stun-backward-compatibility" => {
             "turnstile answers RFC 8489 Binding; RFC 3489 (no magic cookie) is not offered"
         }
-        "mobility" => "RFC 8016 mobility is not offered",
         "no-multicast-peers" => "multicast peers are always refused",
         "server-name" => "the realm names the server",
         "userdb" | "psql-userdb" | "mysql-userdb" | "mongo-userdb" | "redis-userdb" | "redis-statsdb" => {
@@ -243,6 +242,9 @@ alternate_address = \"{b}\"\n"
     {
         out.push_str(&format!("nonce_lifetime = {n}\n"));
     }
+    if has("mobility") {
+        out.push_str("mobility = true\n");
+    }
 
     // Peers.
     let mut allow: Vec<String> = Vec::new();
@@ -306,6 +308,7 @@ alternate_address = \"{b}\"\n"
         "response-origin-only-with-rfc5780",
         "alt-listening-port",
         "pidfile",
+        "mobility",
         "relay-ip",
         "external-ip",
         "min-port",
@@ -458,9 +461,12 @@ verbose
         assert_eq!(c.stun.alternate_address, Some("192.0.2.2".parse().unwrap()));
         assert_eq!(c.stun.alternate_port, Some(3480));
         assert!(!i.notes.iter().any(|n| n.contains("5780")), "{:?}", i.notes);
-        let i = import("realm=x\nlistening-ip=192.0.2.1\nlistening-ip=192.0.2.2\nno-rfc5780\npidfile=/run/t.pid\n");
+        let i = import(
+            "realm=x\nlistening-ip=192.0.2.1\nlistening-ip=192.0.2.2\nno-rfc5780\npidfile=/run/t.pid\nmobility\n",
+        );
         let c = Config::from_toml(&i.toml, "imported").unwrap();
         assert!(!c.stun.rfc5780);
+        assert!(c.auth.mobility, "{}", i.toml);
         assert_eq!(c.server.pid_file, Some("/run/t.pid".into()), "{}", i.toml);
     }
 }

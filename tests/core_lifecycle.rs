@@ -229,6 +229,7 @@ fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
             max_connections: 64,
             tcp_relay: true,
             idle_timeout: Duration::from_secs(30),
+            mobility: false,
         },
         rates: [Rate::OFF; 3],
     });

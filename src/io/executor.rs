@@ -150,6 +150,8 @@ pub struct Worker {
     pub(crate) parked: FxHashMap<ClientKey, Parked>,
     /// RFC 6062 data connections piped to their peer connections.
     pub(crate) pipes: FxHashMap<u32, Rc<Pipe>>,
+    /// Every worker's queue of RFC 8016 lend requests (index = worker).
+    pub(crate) lenders: Vec<crate::io::handover::LendSender>,
     /// The task serving each listener, by listener id (to stop it on removal).
     pub(crate) listener_tasks: Vec<Option<tokio::task::AbortHandle>>,
     pub(crate) relays: FxHashMap<RelayId, RelaySocket>,
@@ -197,6 +199,7 @@ impl Worker {
             streams: FxHashMap::default(),
             parked: FxHashMap::default(),
             pipes: FxHashMap::default(),
+            lenders: Vec::new(),
             listener_tasks: Vec::new(),
             relays: FxHashMap::default(),
             relay_poll,
@@ -289,6 +292,17 @@ pub fn handle_client(
         ClientOutcome::Drop(DropReason::RateLimited | DropReason::BandwidthLimit) => Handled::Done,
         ClientOutcome::Drop(reason) => {
             count_drop(reason);
+            Handled::Done
+        }
+        // RFC 8016: the allocation is another worker's; fetch it, then retry.
+        ClientOutcome::AllocationElsewhere { worker, mobility } => {
+            tokio::task::spawn_local(crate::io::handover::fetch_and_retry(
+                shared.clone(),
+                worker,
+                mobility,
+                key,
+                packet.to_vec(),
+            ));
             Handled::Done
         }
     };

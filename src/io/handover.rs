@@ -15,7 +15,7 @@
 //! takes the relay sockets into the worker's relay poll, before the
 //! worker serves anything.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -318,22 +318,9 @@ pub fn adopt(shared: &Shared, streams: &Rc<Streams>, inherited: Inherited) -> st
     let kept: FxHashSet<RelayId> = kept.into_iter().collect();
     for (id, fd) in inherited.relays {
         // A relay the new core left out (its listener is gone) closes here.
-        if !kept.contains(&id) {
-            continue;
+        if kept.contains(&id) {
+            take_relay_socket(w, id, fd)?;
         }
-        let socket = std::net::UdpSocket::from(fd);
-        socket.set_nonblocking(true)?;
-        let bound = socket.local_addr()?;
-        w.relay_poll.add(socket.as_raw_fd(), id)?;
-        w.relays.insert(
-            id,
-            RelaySocket {
-                udp: Some(Rc::new(socket)),
-                bound,
-                close: None,
-                tcp_fd: None,
-            },
-        );
     }
     // RFC 6062: TCP relays accept again, peer connections wait for their
     // data connections or are piped to them again (below).
@@ -379,4 +366,97 @@ pub fn adopt(shared: &Shared, streams: &Rc<Streams>, inherited: Inherited) -> st
         }
     }
     Ok(count)
+}
+
+/// Serves a UDP relay socket that came from elsewhere under relay id `id`.
+fn take_relay_socket(w: &mut Worker, id: RelayId, fd: OwnedFd) -> std::io::Result<()> {
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(true)?;
+    let bound = socket.local_addr()?;
+    w.relay_poll.add(socket.as_raw_fd(), id)?;
+    w.relays.insert(
+        id,
+        RelaySocket {
+            udp: Some(Rc::new(socket)),
+            bound,
+            close: None,
+            tcp_fd: None,
+        },
+    );
+    Ok(())
+}
+
+/// RFC 8016 between workers: one asks another for the allocation a
+/// mobility ticket names (the client's new 5-tuple reached it).
+pub struct LendRequest {
+    pub mobility: u64,
+    pub reply: tokio::sync::oneshot::Sender<Option<Lent>>,
+}
+
+/// An allocation given up by one worker for another, with its sockets.
+pub struct Lent {
+    pub core: Snapshot,
+    pub relays: Vec<(RelayId, OwnedFd)>,
+}
+
+pub type LendSender = tokio::sync::mpsc::UnboundedSender<LendRequest>;
+pub type LendReceiver = tokio::sync::mpsc::UnboundedReceiver<LendRequest>;
+
+/// Gives other workers the allocations their clients' tickets name.
+pub async fn serve_lends(shared: Shared, mut requests: LendReceiver) {
+    while let Some(req) = requests.recv().await {
+        let lent = {
+            let mut guard = shared.borrow_mut();
+            let w = &mut *guard;
+            let clock = now();
+            w.server.lend(req.mobility, clock.instant, unix_ms()).map(|core| {
+                // Duplicates first: the outputs close this worker's sockets.
+                let relays = core
+                    .allocations
+                    .iter()
+                    .flat_map(|a| a.relays.iter().flatten().map(|r| RelayId(r.id)))
+                    .filter_map(|id| {
+                        let socket = w.relays.get(&id)?.udp.as_ref()?;
+                        Some((id, socket.as_fd().try_clone_to_owned().ok()?))
+                    })
+                    .collect();
+                run_outputs(w, clock);
+                Lent { core, relays }
+            })
+        };
+        let _ = req.reply.send(lent);
+    }
+}
+
+/// A Refresh whose ticket names another worker's allocation: fetches the
+/// allocation, then hands the core the same request again.
+pub async fn fetch_and_retry(shared: Shared, owner: usize, mobility: u64, key: ClientKey, packet: Vec<u8>) {
+    let Some(lender) = shared.borrow().lenders.get(owner).cloned() else {
+        return;
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if lender.send(LendRequest { mobility, reply }).is_err() {
+        return;
+    }
+    let Ok(Some(lent)) = answer.await else {
+        // Spent or gone meanwhile (a retransmission raced the first).
+        crate::io::executor::count_drop(crate::proto::server::DropReason::NoAllocation);
+        return;
+    };
+    {
+        let mut guard = shared.borrow_mut();
+        let w = &mut *guard;
+        let clock = now();
+        let pairs = w.server.adopt(lent.core, clock.instant, unix_ms());
+        let mut sockets: FxHashMap<RelayId, OwnedFd> = lent.relays.into_iter().collect();
+        for (theirs, ours) in pairs {
+            if let Some(fd) = sockets.remove(&theirs)
+                && let Err(e) = take_relay_socket(w, ours, fd)
+            {
+                tracing::warn!("a moved allocation's relay socket: {e}");
+            }
+        }
+        run_outputs(w, clock);
+    }
+    crate::io::executor::handle_client(&shared, now(), key, &packet, None);
 }

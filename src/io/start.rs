@@ -183,6 +183,7 @@ impl Started {
                         max_connections: config.limits.connections_per_allocation,
                         tcp_relay: config.relay.tcp,
                         idle_timeout: Duration::from_secs(config.limits.idle_timeout),
+                        mobility: config.auth.mobility,
                     },
                     rates: [
                         config.limits.unauthenticated(self.controls.len()),
@@ -755,6 +756,9 @@ pub fn start_with(
     let (handoff_senders, mut handoff_receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
     handoff_receivers.reverse();
+    let (lenders, mut lend_receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+    lend_receivers.reverse();
     let mut controls = Vec::new();
     for (index, (udp, streams)) in per_worker.into_iter().zip(per_worker_streams).enumerate() {
         // Each worker hands out its own slice of the relay port range.
@@ -779,6 +783,7 @@ pub fn start_with(
             allocation_bandwidth: config.limits.allocation_bandwidth(),
             worker_bandwidth: config.limits.worker_bandwidth(workers),
             idle_timeout: Duration::from_secs(config.limits.idle_timeout),
+            mobility: config.auth.mobility,
         };
         let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
         let handoff_receiver = handoff_receivers
@@ -797,6 +802,8 @@ pub fn start_with(
             coalesce_wakeups: Duration::from_micros(u64::from(config.performance.coalesce_wakeups_us)),
             offload: offload_for(fast_path.as_ref(), index, workers, &own)?,
             statuses: status_tx.clone(),
+            lenders: lenders.clone(),
+            lend_requests: lend_receivers.pop().ok_or_else(|| io::Error::other("worker count"))?,
             nat: nat.clone(),
             inherited: if upgrading {
                 let state = states

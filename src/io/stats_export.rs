@@ -150,6 +150,12 @@ impl StatsExporter {
             now.allocations_deleted,
             last.allocations_deleted,
         );
+        add(
+            "turnstile_allocations_moved_total",
+            &[],
+            now.allocations_moved,
+            last.allocations_moved,
+        );
         add("turnstile_icmp_relayed_total", &[], now.icmp_relayed, last.icmp_relayed);
         for (i, quota) in ["user", "ip", "total"].iter().enumerate() {
             add(

@@ -84,6 +84,9 @@ pub struct WorkerSetup {
     pub offload: Option<Offload>,
     /// Allocation statuses for the fleet store, with `[store]`.
     pub statuses: Option<crate::io::executor::StatusSender>,
+    /// Every worker's queue of RFC 8016 lend requests, and this worker's own.
+    pub lenders: Vec<crate::io::handover::LendSender>,
+    pub lend_requests: crate::io::handover::LendReceiver,
     /// RFC 5780 set-up of the UDP listeners that offer it, by listener id.
     pub nat: Vec<(crate::proto::server::ListenerId, crate::proto::server::NatDiscovery)>,
     /// In a process started by a live upgrade: the running process's state
@@ -147,6 +150,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             w.offload = Some(mirror);
         }
         worker.borrow_mut().statuses = setup.statuses;
+        worker.borrow_mut().lenders = setup.lenders;
         let streams = Rc::new(Streams::new(setup.index, setup.handoff_senders));
         for socket in setup.udp {
             add_udp_listener(&worker, &streams, socket)?;
@@ -182,6 +186,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
             streams.clone(),
             setup.handoff_receiver,
         ));
+        tokio::task::spawn_local(crate::io::handover::serve_lends(worker.clone(), setup.lend_requests));
         tokio::task::spawn_local(controls(worker.clone(), streams, setup.control));
         // The worker lives as long as the process; listeners come and go with reloads.
         std::future::pending::<()>().await;

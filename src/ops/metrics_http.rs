@@ -27,6 +27,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Allocations ended by the client (Refresh 0, connection closed), the operator or a revocation.",
     ),
     (
+        "turnstile_allocations_moved_total",
+        "counter",
+        "RFC 8016: allocations their client took to a new address with its mobility ticket.",
+    ),
+    (
         "turnstile_allocations_expired_total",
         "counter",
         "Allocations that expired without a refresh.",

@@ -8,6 +8,7 @@ pub(super) fn write_allocate_body(
     a: &Allocation,
     lifetime: u32,
     family_error: Option<AddressFamily>,
+    ticket: Option<&[u8]>,
 ) -> Result<(), BufferTooSmall> {
     for r in a.relays.iter().flatten() {
         w.xor_relayed_address(&r.advertised)?;
@@ -19,6 +20,9 @@ pub(super) fn write_allocate_body(
     w.xor_mapped_address(&a.key.client)?;
     if let Some(f) = family_error {
         w.address_error_code(f, 440, "Address Family not Supported")?;
+    }
+    if let Some(t) = ticket {
+        w.mobility_ticket(t)?;
     }
     Ok(())
 }
@@ -79,6 +83,13 @@ impl Server {
             Ok(None) | Err(_) => return Err(BAD_REQUEST),
         }
         let tcp = msg.requested_transport().ok().flatten() == Some(transport::TCP);
+        // RFC 8016: an empty MOBILITY-TICKET asks for one.
+        let mobility = match msg.find(kind::MOBILITY_TICKET) {
+            None => false,
+            Some(_) if !self.config.mobility => return Err(Refusal::MobilityForbidden),
+            Some([]) => true,
+            Some(_) => return Err(BAD_REQUEST),
+        };
         let attr = |k| msg.get(k).map_err(|_| BAD_REQUEST);
         let even_port = match attr(kind::EVEN_PORT)? {
             Some(Attribute::EvenPort { reserve }) => Some(reserve),
@@ -204,6 +215,7 @@ impl Server {
             fixed_port: fixed_port.is_some(),
             dont_fragment,
             tcp,
+            mobility,
             attempts: 1,
             results: [None, None],
         });
@@ -356,6 +368,7 @@ impl Server {
             _ => None,
         };
         let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));
+        let mobility = p.mobility.then(|| self.new_mobility_id());
         let id = self.allocations.insert(Allocation {
             key: p.key,
             username: p.username.clone(),
@@ -377,7 +390,11 @@ impl Server {
             swept: None,
             shaper: (!self.config.allocation_bandwidth.is_off())
                 .then(|| Box::new([TokenBucket::full(self.config.allocation_bandwidth, now.instant); 2])),
+            mobility,
         });
+        if let Some(m) = mobility {
+            self.by_mobility.insert(m, id);
+        }
         for r in relays.iter().flatten() {
             if let Some(slot) = self.relays.get_mut(r.id.0 as usize) {
                 *slot = Some(id);
@@ -408,7 +425,8 @@ impl Server {
         let software = self.config.software.as_deref();
         let a = self.allocations.get(id)?;
         let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, p.tid).ok()?;
-        write_allocate_body(&mut w, a, p.lifetime, family_error).ok()?;
+        let ticket = self.ticket_of(id);
+        write_allocate_body(&mut w, a, p.lifetime, family_error, ticket.as_ref().map(|t| &t[..])).ok()?;
         finish_success(w, Some(signing), p.fingerprint, software)
     }
 
@@ -424,7 +442,8 @@ impl Server {
         let a = self.allocations.get(id)?;
         let remaining = a.expires.saturating_duration_since(now.instant).as_secs() as u32;
         let mut w = MessageWriter::new(out, Class::Success, Method::ALLOCATE, *msg.transaction_id()).ok()?;
-        write_allocate_body(&mut w, a, remaining, None).ok()?;
+        let ticket = self.ticket_of(id);
+        write_allocate_body(&mut w, a, remaining, None, ticket.as_ref().map(|t| &t[..])).ok()?;
         finish_success(w, Some(signing), msg.has_fingerprint(), self.config.software.as_deref())
     }
 
@@ -455,6 +474,9 @@ impl Server {
         let Some(a) = self.allocations.try_remove(id) else {
             return;
         };
+        if let Some(m) = a.mobility {
+            self.by_mobility.remove(&m);
+        }
         self.outputs.push_back(Output::AllocationEnded {
             key: a.key,
             reason: why,
@@ -554,8 +576,14 @@ impl Server {
             lifetime
         };
         let software = self.config.software.as_deref();
+        // RFC 8016: a mobility allocation's refreshes carry its ticket.
+        let ticket = if lifetime > 0 { self.ticket_of(id) } else { None };
         Ok(write_or_drop(success_response(msg, signing, software, out, |w| {
-            w.lifetime(lifetime)
+            w.lifetime(lifetime)?;
+            match &ticket {
+                Some(t) => w.mobility_ticket(t),
+                None => Ok(()),
+            }
         })))
     }
 }

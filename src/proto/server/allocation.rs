@@ -109,6 +109,9 @@ pub struct Allocation {
     pub(crate) swept: Option<Instant>,
     /// Bandwidth buckets (to peer, to client) when `max_bps` is set.
     pub shaper: Option<Box<[crate::proto::server::TokenBucket; 2]>>,
+    /// RFC 8016: the id its current MOBILITY-TICKET names, when the client
+    /// asked for mobility.
+    pub mobility: Option<u64>,
 }
 
 pub(crate) const fn family_index(f: AddressFamily) -> usize {

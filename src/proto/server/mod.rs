@@ -23,6 +23,7 @@ mod allocate;
 pub mod allocation;
 pub mod binding;
 pub mod credentials;
+mod mobility;
 mod outcome;
 pub mod peer_policy;
 mod permissions;
@@ -138,6 +139,8 @@ pub struct ServerConfig {
     /// a message this often; with one, a started message must finish
     /// within it.
     pub idle_timeout: Duration,
+    /// RFC 8016 mobility: allocations move to a new 5-tuple with their ticket.
+    pub mobility: bool,
 }
 
 impl Default for ServerConfig {
@@ -162,6 +165,7 @@ impl Default for ServerConfig {
             allocation_bandwidth: Rate::OFF,
             worker_bandwidth: Rate::OFF,
             idle_timeout: Duration::from_secs(30),
+            mobility: false,
         }
     }
 }
@@ -248,6 +252,8 @@ pub struct AllocationLimits {
     pub tcp_relay: bool,
     /// See [`ServerConfig::idle_timeout`].
     pub idle_timeout: Duration,
+    /// See [`ServerConfig::mobility`].
+    pub mobility: bool,
 }
 
 /// Authentication-failure log lines per second per worker.
@@ -303,6 +309,8 @@ struct PendingAllocate {
     dont_fragment: bool,
     /// RFC 6062 TCP relay.
     tcp: bool,
+    /// RFC 8016: the client asked for a mobility ticket.
+    mobility: bool,
     attempts: u8,
     /// The driver's answers for this round's sockets.
     results: [Option<BindResult>; 2],
@@ -338,6 +346,12 @@ pub struct Server {
     pending_by_client: FxHashMap<ClientKey, usize>,
     tcp_connections: FxHashMap<u32, TcpConnection>,
     next_connection: u32,
+    /// RFC 8016: allocations by the id their mobility ticket names.
+    by_mobility: FxHashMap<u64, usize>,
+    /// Seals mobility tickets and draws their ids (from the port seed, so
+    /// every worker checks any worker's ticket).
+    mobility_key: crate::proto::stun::HmacSha256,
+    mobility_counter: u64,
     /// Set while draining, with the alternate server if there is one.
     draining: Option<Option<SocketAddr>>,
     /// The fleet's least loaded other node: where a full or draining node
@@ -374,6 +388,9 @@ impl Server {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(config.port_seed.get(8..16).unwrap_or(&[0; 8]));
         let budgets = SourceBudgets::new(config.unauthenticated, u64::from_le_bytes(seed));
+        let mut ticket_seed = config.port_seed;
+        ticket_seed[31] ^= 0x8f;
+        let mobility_key = crate::proto::stun::integrity::hmac_sha256(&ticket_seed);
         Server {
             config,
             credentials,
@@ -395,6 +412,9 @@ impl Server {
             pending_by_client: FxHashMap::default(),
             tcp_connections: FxHashMap::default(),
             next_connection: 0,
+            by_mobility: FxHashMap::default(),
+            mobility_key,
+            mobility_counter: 0,
             draining: None,
             fleet_alternate: None,
             stats: Stats::default(),
@@ -448,6 +468,7 @@ impl Server {
         self.config.max_connections = limits.max_connections;
         self.config.tcp_relay = limits.tcp_relay;
         self.config.idle_timeout = limits.idle_timeout;
+        self.config.mobility = limits.mobility;
         let [unauthenticated, allocation_bandwidth, worker_bandwidth] = r.rates;
         self.config.unauthenticated = unauthenticated;
         self.budgets.set_rate(unauthenticated);
@@ -683,6 +704,10 @@ impl Server {
         let result = match method {
             Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
             Method::CONNECTION_BIND => self.connection_bind(key, alloc_id, &msg, authed.username, signing, out),
+            // RFC 8016: a Refresh from a new 5-tuple with its allocation's ticket.
+            Method::REFRESH if alloc_id.is_none() && msg.find(kind::MOBILITY_TICKET).is_some() => {
+                self.mobility_refresh(now, key, &msg, authed.username, signing, out)
+            }
             _ => {
                 let Some(id) = alloc_id else {
                     return self.refuse(&msg, Refusal::AllocationMismatch, signing, out);

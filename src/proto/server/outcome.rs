@@ -24,6 +24,11 @@ pub enum ClientOutcome {
     Consumed,
     /// Refused without an answer; count it under this reason.
     Drop(DropReason),
+    /// RFC 8016: a Refresh carries the mobility ticket of an allocation
+    /// that worker `worker` holds. The driver brings that allocation here
+    /// ([`Server::lend`] there, [`Server::adopt`] here) and hands the core
+    /// the same packet again.
+    AllocationElsewhere { worker: usize, mobility: u64 },
 }
 
 /// What to do with one datagram from a peer.

@@ -26,6 +26,7 @@ pub(super) enum Refusal {
     TooManyPermissions,
     TooManyChannels,
     TooManyConnections,
+    MobilityForbidden,
 }
 
 impl Refusal {
@@ -50,6 +51,7 @@ impl Refusal {
             Refusal::TooManyPermissions => 508,
             Refusal::TooManyChannels => 508,
             Refusal::TooManyConnections => 508,
+            Refusal::MobilityForbidden => 405,
         }
     }
 
@@ -74,6 +76,7 @@ impl Refusal {
             Refusal::TooManyPermissions => "Insufficient Capacity",
             Refusal::TooManyChannels => "Insufficient Capacity",
             Refusal::TooManyConnections => "Insufficient Capacity",
+            Refusal::MobilityForbidden => "Mobility Forbidden",
         }
     }
 
@@ -98,6 +101,7 @@ impl Refusal {
             Refusal::TooManyPermissions => "too_many_permissions",
             Refusal::TooManyChannels => "too_many_channels",
             Refusal::TooManyConnections => "too_many_connections",
+            Refusal::MobilityForbidden => "mobility_forbidden",
         }
     }
 }

@@ -80,6 +80,9 @@ pub enum EndReason {
     Revoked,
     /// A live upgrade handed it to the new process, which serves it on.
     HandedOver,
+    /// RFC 8016: its client took it to another 5-tuple (reported for the
+    /// old one; the allocation goes on under the new).
+    Moved,
 }
 
 impl EndReason {
@@ -91,6 +94,7 @@ impl EndReason {
             EndReason::Operator => "operator",
             EndReason::Revoked => "revoked",
             EndReason::HandedOver => "handed_over",
+            EndReason::Moved => "moved",
         }
     }
 

@@ -17,8 +17,8 @@ use super::*;
 use crate::proto::auth::PasswordAlgorithm;
 
 /// The format version; a new process refuses any other (and the running
-/// one then keeps serving).
-pub const VERSION: u32 = 1;
+/// one then keeps serving). 2: allocations carry their RFC 8016 ticket id.
+pub const VERSION: u32 = 2;
 
 /// One worker's handed-over state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,8 @@ pub struct Snapshot {
     /// This worker's bandwidth buckets (to peers, to clients).
     pub worker_bandwidth: Option<[BucketState; 2]>,
     pub next_connection: u32,
+    /// The transaction-id counter of the indications the server sends.
+    pub indications_sent: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +67,8 @@ pub struct AllocationState {
     /// RFC 6062 peer connections: id, peer, and for one still waiting for
     /// its data connection the ConnectionBind deadline (`None`: bound).
     pub connections: Vec<(u32, SocketAddr, Option<i64>)>,
+    /// RFC 8016: the id its mobility ticket names.
+    pub mobility: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +132,7 @@ impl Snapshot {
             budgets: Vec::new(),
             worker_bandwidth: None,
             next_connection: 0,
+            indications_sent: 0,
         }
     }
 
@@ -149,13 +154,22 @@ impl Snapshot {
 
 /// Instants to and from milliseconds around a reference instant.
 #[derive(Clone, Copy)]
-struct Rebase {
+pub(super) struct Rebase {
     at: Instant,
     /// Milliseconds to subtract from every offset (time spent in transit).
     elapsed: i64,
 }
 
 impl Rebase {
+    /// Re-bases a snapshot taken at wall clock `taken_unix_ms` on `at` (wall
+    /// clock `unix_ms`).
+    pub(super) fn new(at: Instant, unix_ms: u64, taken_unix_ms: u64) -> Rebase {
+        Rebase {
+            at,
+            elapsed: i64::try_from(unix_ms.saturating_sub(taken_unix_ms)).unwrap_or(i64::MAX),
+        }
+    }
+
     fn ms(self, t: Instant) -> i64 {
         if t >= self.at {
             i64::try_from((t - self.at).as_millis()).unwrap_or(i64::MAX)
@@ -240,6 +254,7 @@ impl Server {
                         (*cid, c.peer, deadline)
                     })
                     .collect(),
+                mobility: a.mobility,
             })
             .collect();
         let ports = self.ports.each_ref().map(|p| {
@@ -257,6 +272,7 @@ impl Server {
             budgets: self.budgets.entries().map(|(ip, b)| (ip, r.bucket(b))).collect(),
             worker_bandwidth: self.worker_bandwidth.map(|[p, c]| [r.bucket(p), r.bucket(c)]),
             next_connection: self.next_connection,
+            indications_sent: self.stats.indications_sent,
         }
     }
 
@@ -343,7 +359,11 @@ impl Server {
                 relays: allocation.relays.map(|x| x.map(|x| (x.id, x.bound))),
                 expires,
             };
+            let mobility = allocation.mobility;
             let id = self.allocations.insert(allocation);
+            if let Some(m) = mobility {
+                self.by_mobility.insert(m, id);
+            }
             relays.extend(ids.into_iter().map(|i| (i, Some(id))));
             for (cid, peer, deadline) in &s.connections {
                 let state = match deadline {
@@ -386,6 +406,7 @@ impl Server {
             self.worker_bandwidth = snapshot.worker_bandwidth.map(|[p, c]| [r.unbucket(p), r.unbucket(c)]);
         }
         self.next_connection = snapshot.next_connection;
+        self.stats.indications_sent = snapshot.indications_sent;
         if revoke_unverifiable {
             self.revoke_unverifiable();
         }
@@ -447,7 +468,12 @@ impl Server {
     }
 }
 
-fn restore_allocation(s: &AllocationState, key: ClientKey, r: Rebase, bandwidth: Rate) -> Option<Allocation> {
+pub(super) fn restore_allocation(
+    s: &AllocationState,
+    key: ClientKey,
+    r: Rebase,
+    bandwidth: Rate,
+) -> Option<Allocation> {
     let algorithm = if s.password_algorithm == PasswordAlgorithm::Sha256.number() {
         PasswordAlgorithm::Sha256
     } else {
@@ -503,6 +529,7 @@ fn restore_allocation(s: &AllocationState, key: ClientKey, r: Rebase, bandwidth:
         tcp: s.tcp,
         // Counted as the connections are restored.
         connections: 0,
+        mobility: s.mobility,
         scheduled: None,
         swept: s.swept_ms.map(|t| r.instant(t)),
         shaper: match (s.shaper, bandwidth.is_off()) {

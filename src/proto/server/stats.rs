@@ -19,6 +19,8 @@ pub struct Stats {
     pub allocations_created: u64,
     pub allocations_expired: u64,
     pub allocations_deleted: u64,
+    /// RFC 8016: allocations a client took to a new 5-tuple with its ticket.
+    pub allocations_moved: u64,
     pub indications_sent: u64,
     pub icmp_relayed: u64,
     /// Error responses by code class: 400, 401, 403, 420, 437, 438, 440–443, 486, 508, other.
