@@ -337,38 +337,8 @@ fn a_spoofed_flood_from_one_source_gets_less_than_it_sends() {
 #[test]
 fn an_rfc5780_binding_flood_is_not_amplified() {
     let _one = exclusive();
-    let port = loop {
-        let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p < u16::MAX
-            && ["127.0.0.1", "127.0.0.2"]
-                .iter()
-                .all(|ip| UdpSocket::bind((*ip, p + 1)).is_ok())
-        {
-            break p;
-        }
-    };
-    let server = TestServer::start(&format!(
-        r#"realm = "test.local"
-
-[[listen]]
-transport = "udp"
-address = "127.0.0.1:{port}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[relay]
-address = "127.0.0.1"
-ports = "61800-61999"
-
-[auth]
-users = {{ alice = "secret" }}
-
-[stun]
-rfc5780 = true
-alternate_address = "127.0.0.2"
-"#
-    ));
+    let port = common::free_port_pair();
+    let server = TestServer::start(&common::rfc5780_config(port, true));
     let target = server.udp[0];
     let answers = UdpSocket::bind("127.0.0.2:0").unwrap();
     answers.set_nonblocking(true).unwrap();

@@ -6,55 +6,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestServer, loopback_config, udp_client};
+use common::{TestServer, free_port_pair as free_pair, loopback_config, rfc5780_config as config, udp_client};
 use turnstile::proto::stun::{Attribute, Class, Message, MessageWriter, Method, TransactionId, kind};
-
-/// A port P with P and P + 1 free on 127.0.0.1 and 127.0.0.2.
-fn free_pair() -> u16 {
-    for _ in 0..50 {
-        let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p == u16::MAX {
-            continue;
-        }
-        let free = ["127.0.0.1", "127.0.0.2"]
-            .iter()
-            .all(|ip| [p, p + 1].iter().all(|port| UdpSocket::bind((*ip, *port)).is_ok()));
-        if free {
-            return p;
-        }
-    }
-    panic!("no free port pair");
-}
-
-fn config(port: u16, rfc5780: bool) -> String {
-    format!(
-        r#"realm = "test.local"
-workers = 2
-
-[[listen]]
-transport = "udp"
-address = "127.0.0.1:{port}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[relay]
-address = "127.0.0.1"
-ports = "62000-62999"
-
-[auth]
-users = {{ alice = "secret" }}
-
-[stun]
-rfc5780 = {rfc5780}
-alternate_address = "127.0.0.2"
-"#
-    )
-}
 
 fn binding(tid: u8, change: Option<(bool, bool)>) -> Vec<u8> {
     let mut buf = [0u8; 128];

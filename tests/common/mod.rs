@@ -396,3 +396,49 @@ pub fn udp_client() -> UdpSocket {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
+
+/// A port P with P and P + 1 free on 127.0.0.1 and 127.0.0.2: RFC 5780's
+/// four sockets (A:P, B:P, A:P+1, B:P+1).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let p = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p == u16::MAX {
+            continue;
+        }
+        let free = ["127.0.0.1", "127.0.0.2"]
+            .iter()
+            .all(|ip| [p, p + 1].iter().all(|port| UdpSocket::bind((*ip, *port)).is_ok()));
+        if free {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+/// A configuration with a UDP listener on 127.0.0.1:`port`, metrics, and
+/// `[stun] rfc5780` (alternate address 127.0.0.2) on or off.
+pub fn rfc5780_config(port: u16, on: bool) -> String {
+    format!(
+        r#"realm = "test.local"
+workers = 2
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:{port}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[relay]
+address = "127.0.0.1"
+ports = "62000-62199"
+
+[auth]
+users = {{ alice = "secret" }}
+
+[stun]
+rfc5780 = {on}
+alternate_address = "127.0.0.2"
+"#
+    )
+}
