@@ -234,30 +234,13 @@ impl Server {
                 let here = RelayId(self.relays.insert(None) as u32);
                 pairs.push((relay.id, here));
                 relay.id = here;
-                if let Some(p) = self.ports.get_mut(usize::from(relay.bound.is_ipv6())) {
-                    p.take_specific(relay.bound.port());
-                }
             }
-            self.quotas.restore(&a.username, key.client.ip());
-            let (expires, mobility) = (a.expires, a.mobility);
-            let next = a
-                .permissions
-                .iter()
-                .map(|p| p.expires)
-                .chain(a.channels.iter().map(|c| c.expires).filter(|e| *e > at))
-                .fold(expires, Instant::min);
-            let id = self.allocations.insert(a);
+            let id = self.take_in(a, at);
             for (_, here) in &pairs {
                 if let Some(slot) = self.relays.get_mut(here.0 as usize) {
                     *slot = Some(id);
                 }
             }
-            if let Some(m) = mobility {
-                self.by_mobility.insert(m, id);
-            }
-            self.by_client.insert(key, id);
-            self.schedule_allocation(id, next);
-            self.announce(id, at);
             moved.extend(pairs);
         }
         moved

@@ -321,49 +321,7 @@ impl Server {
             if self.by_client.contains_key(&key) || ids.iter().any(|i| relays.iter().any(|(j, _)| j == i)) {
                 continue;
             }
-            let user = allocation.username.clone();
-            let expires = allocation.expires;
-            let next = allocation
-                .permissions
-                .iter()
-                .map(|p| p.expires)
-                .chain(allocation.channels.iter().map(|c| c.expires).filter(|e| *e > at))
-                .fold(expires, Instant::min);
-            for relay in allocation.relays.iter().flatten() {
-                if let Some(p) = self.ports.get_mut(usize::from(relay.bound.is_ipv6())) {
-                    p.take_specific(relay.bound.port());
-                }
-            }
-            self.quotas.restore(&user, key.client.ip());
-            let events: Vec<Output> = allocation
-                .permissions
-                .iter()
-                .map(|p| Output::PermissionInstalled {
-                    key,
-                    peer: p.ip,
-                    expires: p.expires,
-                })
-                .chain(allocation.channels.iter().filter(|c| c.expires > at).filter_map(|c| {
-                    allocation.relay_for(&c.peer).map(|relay| Output::ChannelBound {
-                        key,
-                        relay: relay.id,
-                        channel: c.number,
-                        peer: c.peer,
-                        expires: c.expires,
-                    })
-                }))
-                .collect();
-            let created = Output::AllocationCreated {
-                key,
-                user,
-                relays: allocation.relays.map(|x| x.map(|x| (x.id, x.bound))),
-                expires,
-            };
-            let mobility = allocation.mobility;
-            let id = self.allocations.insert(allocation);
-            if let Some(m) = mobility {
-                self.by_mobility.insert(m, id);
-            }
+            let id = self.take_in(allocation, at);
             relays.extend(ids.into_iter().map(|i| (i, Some(id))));
             for (cid, peer, deadline) in &s.connections {
                 let state = match deadline {
@@ -387,10 +345,6 @@ impl Server {
             if let Some(a) = self.allocations.get_mut(id) {
                 a.connections = s.connections.len();
             }
-            self.by_client.insert(key, id);
-            self.schedule_allocation(id, next);
-            self.outputs.push_back(created);
-            self.outputs.extend(events);
         }
         let restored = relays.iter().map(|(i, _)| RelayId(*i as u32)).collect();
         self.relays = relays.into_iter().collect();
@@ -412,6 +366,34 @@ impl Server {
         }
         self.withdraw_refused_peers();
         Ok(restored)
+    }
+
+    /// Takes in an allocation that existed elsewhere (another process, or
+    /// another worker): its ports held, its quota counted, its deadlines
+    /// scheduled, and reported created with its permissions and channels.
+    /// The caller points its relay ids at it.
+    pub(super) fn take_in(&mut self, allocation: Allocation, at: Instant) -> usize {
+        let next = allocation
+            .permissions
+            .iter()
+            .map(|p| p.expires)
+            .chain(allocation.channels.iter().map(|c| c.expires).filter(|e| *e > at))
+            .fold(allocation.expires, Instant::min);
+        for relay in allocation.relays.iter().flatten() {
+            if let Some(p) = self.ports.get_mut(usize::from(relay.bound.is_ipv6())) {
+                p.take_specific(relay.bound.port());
+            }
+        }
+        self.quotas.restore(&allocation.username, allocation.key.client.ip());
+        let (key, mobility) = (allocation.key, allocation.mobility);
+        let id = self.allocations.insert(allocation);
+        if let Some(m) = mobility {
+            self.by_mobility.insert(m, id);
+        }
+        self.by_client.insert(key, id);
+        self.schedule_allocation(id, next);
+        self.announce(id, at);
+        id
     }
 
     /// After a hand-over: forgets the allocations handed over (their relay
