@@ -335,13 +335,20 @@ fn a_snapshot_of_another_version_is_refused_by_name() {
     ));
 }
 
-#[test]
-fn time_spent_in_the_hand_over_counts_against_every_lifetime() {
+/// A core with one allocation of `user`'s, and its snapshot.
+fn one_allocation(user: &str, password: &str) -> (Harness, Snapshot) {
     let mut h = Harness::new();
-    let c = h.creds("alice", "secret");
+    let c = h.creds(user, password);
     h.allocate(&c);
     let now = h.now;
     let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
+    (h, snapshot)
+}
+
+#[test]
+fn time_spent_in_the_hand_over_counts_against_every_lifetime() {
+    let (h, snapshot) = one_allocation("alice", "secret");
+    let now = h.now;
     // The new process restores it 100 s of wall clock later.
     let mut fresh = Harness::new();
     fresh.now = now;
@@ -364,11 +371,8 @@ fn time_spent_in_the_hand_over_counts_against_every_lifetime() {
 
 #[test]
 fn an_allocation_whose_listener_is_gone_is_left_out_with_its_relay() {
-    let mut h = Harness::new();
-    let c = h.creds("alice", "secret");
-    h.allocate(&c);
+    let (h, snapshot) = one_allocation("alice", "secret");
     let now = h.now;
-    let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
     let mut fresh = Harness::new();
     let restored = fresh
         .server
@@ -380,11 +384,8 @@ fn an_allocation_whose_listener_is_gone_is_left_out_with_its_relay() {
 
 #[test]
 fn a_user_the_new_configuration_removed_is_revoked_as_a_reload_would() {
-    let mut h = Harness::new();
-    let c = h.creds("bob", "hunter2");
-    h.allocate(&c);
+    let (h, snapshot) = one_allocation("bob", "hunter2");
     let now = h.now;
-    let snapshot = h.server.export(now.instant, now.unix * 1000, |_| true);
     let creds =
         turnstile::proto::server::Credentials::new(testing::REALM, [("alice", "secret")], &[], &[9; 32], 600).unwrap();
     let mut fresh = Harness::with_credentials(testing::config(), creds, testing::policy(&[]), Quotas::new(10, 0));

@@ -80,6 +80,23 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Once `series` reaches `at_least` (the clients are under way) and a
+/// moment later, `turnstile upgrade`; the old process must then go, having
+/// kept nothing.
+fn upgrade_under_way(server: &mut TestServer, series: &str, at_least: f64) {
+    assert!(
+        wait_until(Duration::from_secs(10), || gauge(server, series) >= at_least),
+        "the clients did not start ({series})"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let out = upgrade(server);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(5), || !server.first_running()),
+        "the old process kept connections"
+    );
+}
+
 /// Replaces the server's binary the way a package upgrade does: a new
 /// file renamed over the old path.
 fn install(server: &TestServer, contents: &[u8]) {
@@ -248,21 +265,8 @@ fn coturn_clients_over_udp_and_tcp_keep_flowing_across_an_upgrade() {
     };
     let over_udp = run(&udp_port, false);
     let over_tcp = run(&tcp_port, true);
-    assert!(
-        wait_until(Duration::from_secs(10), || gauge(
-            &server,
-            "turnstile_allocations_active"
-        ) >= 4.0),
-        "uclient did not allocate"
-    );
-    std::thread::sleep(Duration::from_millis(800));
-    let out = upgrade(&server);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The TCP connections moved too: nothing is left to keep the old process.
-    assert!(
-        wait_until(Duration::from_secs(5), || !server.first_running()),
-        "the old process kept connections"
-    );
+    // The TCP connections move too: nothing is left to keep the old process.
+    upgrade_under_way(&mut server, "turnstile_allocations_active", 4.0);
     let (udp_report, tcp_report) = (over_udp.join().unwrap(), over_tcp.join().unwrap());
     for (name, r) in [("udp", &udp_report), ("tcp", &tcp_report)] {
         assert!(r.sent >= 800, "{name}: {}", r.output);
@@ -391,22 +395,9 @@ fn rfc6062_tcp_allocations_and_their_connections_move_across_an_upgrade() {
         &port,
         "127.0.0.1",
     ]);
-    assert!(
-        wait_until(Duration::from_secs(10), || gauge(
-            &server,
-            "turnstile_tcp_relay_connections"
-        ) >= 4.0),
-        "uclient did not connect its peers"
-    );
-    std::thread::sleep(Duration::from_millis(800));
-    let out = upgrade(&server);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Control, peer and data connections all moved: the old process has
+    // Control, peer and data connections all move: the old process has
     // nothing left and goes.
-    assert!(
-        wait_until(Duration::from_secs(5), || !server.first_running()),
-        "the old process kept connections"
-    );
+    upgrade_under_way(&mut server, "turnstile_tcp_relay_connections", 4.0);
     let r = run.join().unwrap();
     assert!(r.sent >= 1600, "{}", r.output);
     assert_eq!(r.lost, Some(0), "{}", r.output);
