@@ -564,17 +564,9 @@ fn tcp(addr: SocketAddr) -> Box<dyn Conn> {
 }
 
 fn tls(addr: SocketAddr, cert_der: &[u8]) -> Box<dyn Conn> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = common::tls_client_config(cert_der);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
     let s = TcpStream::connect(addr).unwrap();
     let t = s.try_clone().unwrap();
     Box::new(Stream(

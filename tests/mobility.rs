@@ -90,27 +90,11 @@ fn an_allocation_follows_its_client_across_new_addresses_and_workers() {
 fn turnutils_uclient_with_mobility_relays_without_loss() {
     let server = TestServer::start(&config());
     let peer = EchoPeer::start();
-    let (port, peer_port) = (server.udp[0].port().to_string(), peer.port.to_string());
-    let r = common::uclient::run(&[
-        "-M",
-        "-u",
-        "alice",
-        "-w",
-        "secret",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-        "-p",
-        &port,
-        "-n",
-        "200",
-        "-m",
-        "4",
-        "-l",
-        "120",
-        "127.0.0.1",
-    ]);
+    let r = common::uclient::run_args(&common::uclient::as_alice(
+        server.udp[0].port(),
+        peer.port,
+        &["-M", "-n", "200", "-m", "4", "-l", "120"],
+    ));
     assert!(r.sent >= 800, "{}", r.output);
     assert_eq!(r.lost, Some(0), "{}", r.output);
 }

@@ -10,7 +10,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::uclient::EchoPeer;
@@ -214,22 +213,7 @@ fn a_new_binary_that_fails_leaves_the_old_process_serving() {
 
 /// coturn's client as alice, relaying to `peer` through the UDP listener.
 fn uclient(server: &TestServer, peer: &EchoPeer, flags: &[&str]) -> common::uclient::Report {
-    let (port, peer_port) = (server.udp[0].port().to_string(), peer.port.to_string());
-    let mut args = vec![
-        "-u",
-        "alice",
-        "-w",
-        "secret",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-        "-p",
-        &port,
-    ];
-    args.extend_from_slice(flags);
-    args.push("127.0.0.1");
-    common::uclient::run(&args)
+    common::uclient::run_args(&common::uclient::as_alice(server.udp[0].port(), peer.port, flags))
 }
 
 #[test]
@@ -237,34 +221,18 @@ fn coturn_clients_over_udp_and_tcp_keep_flowing_across_an_upgrade() {
     let mut server = TestServer::start_copy(&config(""));
     let old = server.pid();
     let peer = EchoPeer::start();
-    let (udp_port, tcp_port, peer_port) = (
-        server.udp[0].port().to_string(),
-        server.tcp[0].port().to_string(),
-        peer.port.to_string(),
-    );
+    let (udp_port, tcp_port) = (server.udp[0].port(), server.tcp[0].port());
     // Four seconds of messages each (400 at 10 ms), both started before the upgrade.
-    let run = |port: &str, tcp: bool| {
-        let mut args = vec![
-            "-u",
-            "alice",
-            "-w",
-            "secret",
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port,
-            "-p",
-            port,
-        ];
-        args.extend(["-n", "400", "-z", "10", "-m", "2", "-l", "120"]);
+    let run = |port: u16, tcp: bool| {
+        let mut flags = vec!["-n", "400", "-z", "10", "-m", "2", "-l", "120"];
         if tcp {
-            args.push("-t");
+            flags.push("-t");
         }
-        args.push("127.0.0.1");
-        common::uclient::spawn(&args)
+        let args = common::uclient::as_alice(port, peer.port, &flags);
+        std::thread::spawn(move || common::uclient::run_args(&args))
     };
-    let over_udp = run(&udp_port, false);
-    let over_tcp = run(&tcp_port, true);
+    let over_udp = run(udp_port, false);
+    let over_tcp = run(tcp_port, true);
     // The TCP connections move too: nothing is left to keep the old process.
     upgrade_under_way(&mut server, "turnstile_allocations_active", 4.0);
     let (udp_report, tcp_report) = (over_udp.join().unwrap(), over_tcp.join().unwrap());
@@ -299,17 +267,9 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 fn tls(addr: SocketAddr, trusted: &[u8]) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(trusted.to_vec()))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = common::tls_client_config(trusted);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     rustls::StreamOwned::new(conn, tcp)

@@ -442,3 +442,18 @@ alternate_address = "127.0.0.2"
 "#
     )
 }
+
+/// A rustls client configuration that trusts the test certificate `der`.
+pub fn tls_client_config(der: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
+        .unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    std::sync::Arc::new(config)
+}

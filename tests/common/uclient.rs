@@ -83,3 +83,22 @@ pub fn spawn(args: &[&str]) -> std::thread::JoinHandle<Report> {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     std::thread::spawn(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
 }
+
+/// coturn's client as alice (password "secret") through the server's
+/// `port` on 127.0.0.1 to the echo peer on 127.0.0.1:`peer_port`, with
+/// these further flags.
+pub fn as_alice(port: u16, peer_port: u16, flags: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["-u", "alice", "-w", "secret", "-e", "127.0.0.1", "-r"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    args.extend([peer_port.to_string(), "-p".into(), port.to_string()]);
+    args.extend(flags.iter().map(|f| (*f).to_owned()));
+    args.push("127.0.0.1".into());
+    args
+}
+
+/// [`run`] with owned arguments (as [`as_alice`] makes them).
+pub fn run_args(args: &[String]) -> Report {
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
