@@ -16,8 +16,17 @@ pub const DEMO_CONFIG: &str = include_str!("../etc/demo.toml");
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// REALM sent in 401 responses and used in long-term keys.
+    /// `realm = "name"`, or `[[realm]]` tables for several.
+    #[serde(rename = "realm")]
+    realm_entry: RealmEntry,
+    /// The default realm's name: REALM in 401 responses to requests no
+    /// other realm claims, and in its users' long-term keys.
+    #[serde(skip)]
     pub realm: String,
+    /// The `[[realm]]` tables, the default realm (the first) included;
+    /// empty for `realm = "name"`.
+    #[serde(skip)]
+    pub realms: Vec<RealmTable>,
     /// Worker threads; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
@@ -73,6 +82,88 @@ pub struct Config {
     /// STUN beyond Binding: RFC 5780 NAT behaviour discovery.
     #[serde(default)]
     pub stun: Stun,
+}
+
+/// `realm = "name"`, or `[[realm]]` tables.
+#[derive(Debug, Clone)]
+enum RealmEntry {
+    Name(String),
+    Tables(Vec<RealmTable>),
+}
+
+/// By hand rather than `untagged`, so that a mistake inside a `[[realm]]`
+/// table is reported as itself (unknown key, wrong type) with its place.
+impl<'de> Deserialize<'de> for RealmEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = RealmEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a realm name (realm = \"example.org\") or [[realm]] tables")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RealmEntry, E> {
+                Ok(RealmEntry::Name(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RealmEntry, A::Error> {
+                Vec::<RealmTable>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(RealmEntry::Tables)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+/// One `[[realm]]`: a tenant with its own users, secrets, quotas,
+/// bandwidth and peers. What it leaves out comes from the top-level
+/// sections (`[limits]`, `[peers]`), except users and secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealmTable {
+    /// REALM of its 401 responses and its users' long-term keys.
+    pub name: String,
+    /// Static long-term users: name = password.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// REST shared secrets.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Web origins whose ORIGIN attribute selects this realm on any
+    /// listener, e.g. "https://app.example".
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// Allocations per username in this realm (absent: `limits.user_quota`).
+    #[serde(default)]
+    pub user_quota: Option<u32>,
+    /// Allocations this realm may hold in all (absent or 0: only
+    /// `limits.total_quota`, which counts every realm, applies).
+    #[serde(default)]
+    pub total_quota: Option<u32>,
+    /// Bits per second one allocation may relay, each direction (absent:
+    /// `limits.max_bps`; 0: unlimited).
+    #[serde(default)]
+    pub max_bps: Option<u64>,
+    /// Peers allowed and denied in addition to `[peers]`.
+    #[serde(default)]
+    pub peers: Peers,
+}
+
+impl RealmTable {
+    /// Its quotas as the core counts them.
+    pub fn quota_limits(&self, limits: &Limits) -> crate::proto::server::QuotaLimits {
+        crate::proto::server::QuotaLimits {
+            per_user: self.user_quota.unwrap_or(limits.user_quota),
+            total: self.total_quota.unwrap_or(0),
+            per_ip: 0,
+        }
+    }
+
+    /// Per-allocation bandwidth.
+    pub fn allocation_bandwidth(&self, limits: &Limits) -> crate::proto::server::Rate {
+        match self.max_bps.unwrap_or(limits.max_bps) {
+            0 => crate::proto::server::Rate::OFF,
+            bps => crate::proto::server::Rate::from_bits_per_second(bps),
+        }
+    }
 }
 
 /// `[stun]`: RFC 5780 NAT behaviour discovery.
@@ -257,6 +348,10 @@ pub struct Listen {
     /// the client address from it (behind HAProxy or an SNI router).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The realm of the clients it serves (a `[[realm]]` name); absent:
+    /// the default realm. A known ORIGIN attribute still selects its own.
+    #[serde(default)]
+    pub realm: Option<String>,
     /// Not from the file: set on the UDP listeners `[stun] rfc5780` adds.
     #[serde(skip)]
     pub alternate: Option<Alternate>,
@@ -382,7 +477,7 @@ impl Default for Auth {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peers {
     /// Ranges allowed although denied by default (allow wins over deny).
@@ -644,6 +739,13 @@ impl Config {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        match &config.realm_entry {
+            RealmEntry::Name(name) => config.realm.clone_from(name),
+            RealmEntry::Tables(tables) => {
+                config.realm = tables.first().map(|t| t.name.clone()).unwrap_or_default();
+                config.realms.clone_from(tables);
+            }
+        }
         config.validate().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         config.add_alternates();
         Ok(config)
@@ -671,11 +773,17 @@ impl Config {
                 {
                     continue;
                 }
+                let realm = self
+                    .listen
+                    .iter()
+                    .find(|l| l.transport == Transport::Udp && l.address == a)
+                    .and_then(|l| l.realm.clone());
                 self.listen.push(Listen {
                     transport: Transport::Udp,
                     address,
                     autodetect: false,
                     proxy_protocol: false,
+                    realm,
                     alternate: Some(Alternate { of: a }),
                 });
             }
@@ -751,8 +859,12 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         if self.realm.is_empty() {
-            return Err("realm must not be empty".into());
+            return Err(match self.realm_entry {
+                RealmEntry::Tables(_) => "[[realm]]: the first one (the default realm) needs a name".into(),
+                RealmEntry::Name(_) => "realm must not be empty".into(),
+            });
         }
+        self.validate_realms()?;
         check_log_level(&self.log.level)?;
         if self.performance.coalesce_wakeups_us > 10_000 {
             return Err("performance.coalesce_wakeups_us must be at most 10000 (10 ms)".into());
@@ -864,6 +976,94 @@ impl Config {
             return Err("limits.max_lifetime must be at least 600 seconds (RFC 8656 default lifetime)".into());
         }
         Ok(())
+    }
+
+    /// `[[realm]]` names unique and set, origins well-formed and claimed
+    /// once, listeners naming configured realms, passwords usable.
+    fn validate_realms(&self) -> Result<(), String> {
+        let mut origins: Vec<String> = Vec::new();
+        for (i, r) in self.realms.iter().enumerate() {
+            if r.name.is_empty() || r.name.len() > 762 {
+                return Err(format!("realm #{}: name must be 1 to 762 bytes", i + 1));
+            }
+            if self.realms.iter().take(i).any(|o| o.name == r.name) {
+                return Err(format!("realm {:?} is configured twice", r.name));
+            }
+            for (user, password) in &r.users {
+                crate::proto::auth::prepare_password(password).map_err(|_| {
+                    format!(
+                        "realm {:?}: users.{user}: the password holds prohibited characters",
+                        r.name
+                    )
+                })?;
+            }
+            for o in &r.origins {
+                let n = crate::proto::server::realm::normalize_origin(o);
+                let Some((scheme, host)) = n.split_once("://") else {
+                    return Err(format!(
+                        "realm {:?}: origin {o:?} is not scheme://host[:port] (e.g. \"https://app.example\")",
+                        r.name
+                    ));
+                };
+                if scheme.is_empty() || host.is_empty() || host.contains('/') {
+                    return Err(format!(
+                        "realm {:?}: origin {o:?} is not scheme://host[:port] (e.g. \"https://app.example\")",
+                        r.name
+                    ));
+                }
+                if origins.contains(&n) {
+                    return Err(format!("origin {o:?} selects two realms"));
+                }
+                origins.push(n);
+            }
+        }
+        for l in &self.listen {
+            if let Some(name) = &l.realm
+                && !self.realms.iter().any(|r| &r.name == name)
+            {
+                return Err(format!(
+                    "listen {}: realm {name:?} is not configured (add a [[realm]] with that name)",
+                    l.address
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each realm's name, users, secrets, origins, quotas, bandwidth and
+    /// extra peers, the default first: the `[[realm]]` tables, or one realm
+    /// from `realm = "name"`. The top-level `[auth]` users and secrets are
+    /// the default realm's.
+    pub fn realm_tables(&self) -> Vec<RealmTable> {
+        let mut tables = if self.realms.is_empty() {
+            vec![RealmTable {
+                name: self.realm.clone(),
+                users: BTreeMap::new(),
+                secrets: Vec::new(),
+                origins: Vec::new(),
+                user_quota: None,
+                total_quota: None,
+                max_bps: None,
+                peers: Peers::default(),
+            }]
+        } else {
+            self.realms.clone()
+        };
+        if let Some(default) = tables.first_mut() {
+            for (u, p) in &self.auth.users {
+                default.users.entry(u.clone()).or_insert_with(|| p.clone());
+            }
+            let mut secrets = self.auth.secrets.clone();
+            secrets.extend(
+                default
+                    .secrets
+                    .iter()
+                    .filter(|s| !self.auth.secrets.contains(s))
+                    .cloned(),
+            );
+            default.secrets = secrets;
+        }
+        tables
     }
 
     /// How many workers to start.
@@ -1036,5 +1236,59 @@ max_lifetime = 3600
             .unwrap_err()
             .0;
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    const LISTEN: &str = "[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:3478\"\n";
+
+    #[test]
+    fn realm_tables_give_the_default_realm_first_with_the_top_level_users() {
+        let text = format!(
+            "[[realm]]\nname = \"a.example\"\nusers = {{ alice = \"one\" }}\n\
+             [[realm]]\nname = \"b.example\"\nusers = {{ alice = \"two\" }}\nsecrets = [\"s\"]\n\
+             origins = [\"https://b.example\"]\nuser_quota = 2\ntotal_quota = 9\nmax_bps = 8000\n\
+             [realm.peers]\nallow = [\"10.0.0.0/8\"]\n\
+             {LISTEN}realm = \"b.example\"\n[auth]\nusers = {{ carol = \"three\" }}\nsecrets = [\"top\"]\n"
+        );
+        let c = Config::from_toml(&text, "f").unwrap();
+        assert_eq!(c.realm, "a.example");
+        let t = c.realm_tables();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].users.len(), 2, "[auth] users are the default realm's");
+        assert_eq!(t[0].secrets, vec!["top".to_owned()]);
+        assert_eq!(t[1].users.get("alice").map(String::as_str), Some("two"));
+        assert_eq!(t[1].quota_limits(&c.limits).per_user, 2);
+        assert_eq!(t[1].quota_limits(&c.limits).total, 9);
+        assert_eq!(t[1].allocation_bandwidth(&c.limits).bytes_per_second, 1000);
+        assert_eq!(t[0].allocation_bandwidth(&c.limits), crate::proto::server::Rate::OFF);
+        assert_eq!(c.listen[0].realm.as_deref(), Some("b.example"));
+        // The single-realm form still reads, as one realm.
+        let c = Config::from_toml(&format!("realm = \"x\"\n{LISTEN}"), "f").unwrap();
+        assert_eq!(c.realm_tables().len(), 1);
+        assert_eq!(c.realm_tables()[0].name, "x");
+    }
+
+    #[test]
+    fn realm_mistakes_are_refused_by_name() {
+        let bad = |extra: &str| {
+            Config::from_toml(&format!("[[realm]]\nname = \"a\"\n{extra}{LISTEN}"), "f.toml")
+                .unwrap_err()
+                .0
+        };
+        let e = bad("users = 5\n");
+        assert!(e.contains("f.toml") && e.contains("users"), "{e}");
+        let e = bad("bogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+        let e = bad("[[realm]]\nname = \"a\"\n");
+        assert!(e.contains("twice"), "{e}");
+        let e = bad("origins = [\"app.example\"]\n");
+        assert!(e.contains("scheme://host"), "{e}");
+        let e = bad("origins = [\"https://x\"]\n[[realm]]\nname = \"b\"\norigins = [\"HTTPS://X/\"]\n");
+        assert!(e.contains("two realms"), "{e}");
+        let e = Config::from_toml(&format!("realm = \"a\"\n{LISTEN}realm = \"nope\"\n"), "f")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("\"nope\" is not configured"), "{e}");
+        let e = bad("[[realm]]\nname = \"\"\n");
+        assert!(e.contains("name"), "{e}");
     }
 }

@@ -557,6 +557,9 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
             // Ready: listeners up, not draining, room for another allocation.
             let handler = move |req: turnstile::ops::http::Request| {
                 let ready = ready.load(std::sync::atomic::Ordering::Relaxed) && quotas.has_capacity();
+                if req.path == "/metrics" {
+                    turnstile::ops::metrics_http::export_realms(&quotas);
+                }
                 turnstile::ops::metrics_http::handle(&handle, &req, ready)
             };
             side_tasks.push(tokio::task::spawn_local(turnstile::ops::http::serve(listener, handler)).abort_handle());

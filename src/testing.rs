@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::proto::auth::{LongTermKey, PasswordAlgorithm};
 use crate::proto::server::{
     BindResult, ClientKey, ClientOutcome, Credentials, DropReason, Input, ListenerId, ListenerKind, Now, Output,
-    OwnRelays, PeerPolicy, Quotas, RelayAddress, RelayId, Server, ServerConfig,
+    OwnRelays, PeerPolicy, Quotas, Realms, RelayAddress, RelayId, Server, ServerConfig,
 };
 use crate::proto::stun::{Class, Message, MessageWriter, Method, TransactionId, integrity};
 
@@ -108,7 +108,16 @@ impl Harness {
     /// A harness around a core with these credentials; listener 0 is UDP,
     /// listener 1 TCP, and the client is `self.key` (on listener 0).
     pub fn with_credentials(config: ServerConfig, creds: Credentials, policy: PeerPolicy, quotas: Quotas) -> Harness {
-        let mut server = Server::new(config, Arc::new(creds), policy, Arc::new(quotas));
+        Harness::around(Server::new(config, Arc::new(creds), policy, Arc::new(quotas)))
+    }
+
+    /// A harness around a core serving several realms (listeners as in
+    /// [`Harness::with_credentials`]).
+    pub fn with_realms(config: ServerConfig, realms: Realms, quotas: Arc<Quotas>) -> Harness {
+        Harness::around(Server::with_realms(config, Arc::new(realms), quotas))
+    }
+
+    fn around(mut server: Server) -> Harness {
         server.add_listener(ListenerKind::Udp, "udp");
         server.add_listener(ListenerKind::Stream, "tcp");
         let base = Instant::now();
@@ -314,6 +323,25 @@ impl Harness {
             f(w);
             w.username(&c.user).unwrap();
             w.realm(REALM).unwrap();
+            w.nonce(&c.nonce).unwrap();
+            w.message_integrity(c.key.hmac_sha1()).unwrap();
+            w.fingerprint().unwrap();
+        })
+    }
+
+    /// Like [`Harness::signed`], in `realm` (`c.key` derived for it).
+    pub fn signed_in(
+        &mut self,
+        method: Method,
+        realm: &str,
+        c: &Creds,
+        f: impl FnOnce(&mut MessageWriter<'_>),
+    ) -> Vec<u8> {
+        let tid = self.tid();
+        build(Class::Request, method, tid, |w| {
+            f(w);
+            w.username(&c.user).unwrap();
+            w.realm(realm).unwrap();
             w.nonce(&c.nonce).unwrap();
             w.message_integrity(c.key.hmac_sha1()).unwrap();
             w.fingerprint().unwrap();

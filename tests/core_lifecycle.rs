@@ -205,7 +205,7 @@ fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
     use std::sync::Arc;
     use std::time::Duration;
     use turnstile::proto::server::{
-        AllocationLimits, ClientOutcome, DropReason, OwnRelays, PeerPolicy, Rate, Reconfiguration,
+        AllocationLimits, ClientOutcome, DropReason, OwnRelays, PeerPolicy, Rate, Realm, Realms, Reconfiguration,
     };
 
     let mut h = Harness::new();
@@ -219,9 +219,12 @@ fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
 
     let deny = PeerPolicy::new(vec![], vec!["8.8.4.4/32".parse().unwrap()], OwnRelays::default());
     h.server.reconfigure(Reconfiguration {
-        credentials: Arc::new(credentials()),
+        realms: Arc::new(Realms::single(Realm {
+            credentials: Arc::new(credentials()),
+            policy: deny,
+            allocation_bandwidth: Rate::OFF,
+        })),
         revoke: false,
-        policy: deny,
         limits: AllocationLimits {
             max_lifetime: 3600,
             max_permissions: 8,
@@ -231,7 +234,7 @@ fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
             idle_timeout: Duration::from_secs(30),
             mobility: false,
         },
-        rates: [Rate::OFF; 3],
+        rates: [Rate::OFF; 2],
     });
     h.drain();
     let key = h.key;

@@ -13,7 +13,7 @@ use crate::io::handover::{Inherited, WorkerExport};
 use crate::proto::channel_data::ChannelRange;
 use crate::proto::server::snapshot::Snapshot;
 use crate::proto::server::{
-    Credentials, ListenerId, OwnRelays, PeerPolicy, Quotas, RelayAddress, RelayId, Server, ServerConfig,
+    Credentials, ListenerId, OwnRelays, PeerPolicy, Quotas, Realm, Realms, RelayAddress, RelayId, Server, ServerConfig,
 };
 
 /// What `start` bound, for logs and for the iceServers hint.
@@ -166,16 +166,19 @@ impl Started {
     /// Sends every worker the settings of `config` and the store, and waits
     /// until each applied them.
     fn apply(&self, config: &Config, store: &StoreContents) -> io::Result<()> {
-        let credentials = credentials(config, &self.nonce_secret, store)?;
-        let policy = peer_policy(config, self.services());
+        let services = self.services();
+        let realms = {
+            let listening = self.listening.lock().map_err(|_| io::Error::other("poisoned"))?;
+            realms(config, &self.nonce_secret, store, &services, &listening)?
+        };
         self.quotas.set_limits(config.limits.quota_limits());
+        self.quotas.set_realms(&config.realm, realm_quotas(config));
         let (applied, acks) = std::sync::mpsc::channel();
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Reload {
                 settings: crate::proto::server::Reconfiguration {
-                    credentials: credentials.clone(),
+                    realms: realms.clone(),
                     revoke: config.auth.revoke_on_reload,
-                    policy: policy.clone(),
                     limits: crate::proto::server::AllocationLimits {
                         max_lifetime: config.limits.max_lifetime,
                         max_permissions: config.limits.permissions_per_allocation,
@@ -187,7 +190,6 @@ impl Started {
                     },
                     rates: [
                         config.limits.unauthenticated(self.controls.len()),
-                        config.limits.allocation_bandwidth(),
                         config.limits.worker_bandwidth(self.controls.len()),
                     ],
                 },
@@ -261,7 +263,9 @@ impl Started {
         }
         let workers = self.controls.len();
         for listen in &config.listen {
-            if listening.iter().flatten().any(|(l, _, _)| same(l, listen)) {
+            if let Some((kept, _, _)) = listening.iter_mut().flatten().find(|(l, _, _)| same(l, listen)) {
+                // Its realm may have changed; the realm table says so.
+                kept.realm.clone_from(&listen.realm);
                 continue;
             }
             if listen.transport == Transport::Udp {
@@ -414,30 +418,80 @@ impl Started {
     }
 }
 
-/// Builds the shared parts of the core from the configuration.
-pub fn credentials(config: &Config, nonce_secret: &[u8; 32], store: &StoreContents) -> io::Result<Arc<Credentials>> {
-    let users = config.auth.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
-    let mut secrets = config.auth.secrets.clone();
-    secrets.extend(
-        store
-            .secrets
-            .iter()
-            .filter(|s| !config.auth.secrets.contains(s))
-            .cloned(),
-    );
-    Credentials::new(&config.realm, users, &secrets, nonce_secret, config.auth.nonce_lifetime)
-        .map(|c| {
-            Arc::new(
-                c.with_md5_users(store.users.iter().cloned())
-                    .with_revoked(store.revoked.iter().cloned()),
-            )
-        })
-        .map_err(|e| io::Error::other(format!("auth.users.{}: password cannot be prepared", e.0)))
+/// Every realm's credentials, peer policy and bandwidth per allocation,
+/// and the realm of each listener (by listener id) and origin. The fleet
+/// store's users, secrets and revocations are the default realm's.
+pub fn realms(
+    config: &Config,
+    nonce_secret: &[u8; 32],
+    store: &StoreContents,
+    services: &[SocketAddr],
+    listening: &[Option<Listening>],
+) -> io::Result<Arc<Realms>> {
+    let base = peer_policy(config, services.to_vec());
+    let mut built = Vec::new();
+    for (i, table) in config.realm_tables().into_iter().enumerate() {
+        let users = table.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
+        let mut secrets = table.secrets.clone();
+        if i == 0 {
+            secrets.extend(store.secrets.iter().filter(|s| !table.secrets.contains(s)).cloned());
+        }
+        let credentials = Credentials::new(&table.name, users, &secrets, nonce_secret, config.auth.nonce_lifetime)
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "realm {:?}: users.{}: password cannot be prepared",
+                    table.name, e.0
+                ))
+            })?;
+        let credentials = if i == 0 {
+            credentials
+                .with_md5_users(store.users.iter().cloned())
+                .with_revoked(store.revoked.iter().cloned())
+        } else {
+            credentials
+        };
+        let policy = if table.peers == crate::config::Peers::default() {
+            base.clone()
+        } else {
+            peer_policy_with(config, &table.peers, services.to_vec())
+        };
+        built.push(Realm {
+            credentials: Arc::new(credentials),
+            policy,
+            allocation_bandwidth: table.allocation_bandwidth(&config.limits),
+        });
+    }
+    let mut built = built.into_iter();
+    let default = built.next().ok_or_else(|| io::Error::other("no realm configured"))?;
+    let listeners: Vec<Option<&str>> = listening
+        .iter()
+        .map(|slot| slot.as_ref().and_then(|(l, _, _)| l.realm.as_deref()))
+        .collect();
+    let origins: Vec<(&str, &str)> = config
+        .realms
+        .iter()
+        .flat_map(|r| r.origins.iter().map(|o| (o.as_str(), r.name.as_str())))
+        .collect();
+    Ok(Arc::new(Realms::new(default, built.collect(), &listeners, &origins)))
+}
+
+/// Each realm's quotas, for the shared counts.
+fn realm_quotas(config: &Config) -> Vec<(String, crate::proto::server::QuotaLimits)> {
+    config
+        .realms
+        .iter()
+        .map(|r| (r.name.clone(), r.quota_limits(&config.limits)))
+        .collect()
 }
 
 /// The peer policy, with the relay addresses as "own" addresses and the
 /// listeners and metrics endpoint as the server's own services.
 pub fn peer_policy(config: &Config, services: Vec<SocketAddr>) -> PeerPolicy {
+    peer_policy_with(config, &crate::config::Peers::default(), services)
+}
+
+/// The same, with a realm's own allow and deny ranges added to `[peers]`.
+fn peer_policy_with(config: &Config, extra: &crate::config::Peers, services: Vec<SocketAddr>) -> PeerPolicy {
     let r = &config.relay;
     let addresses: Vec<IpAddr> = [
         Some(r.address),
@@ -448,9 +502,13 @@ pub fn peer_policy(config: &Config, services: Vec<SocketAddr>) -> PeerPolicy {
     .into_iter()
     .flatten()
     .collect();
+    let mut allow = config.peers.allow.clone();
+    allow.extend(extra.allow.iter().copied());
+    let mut deny = config.peers.deny.clone();
+    deny.extend(extra.deny.iter().copied());
     PeerPolicy::new(
-        config.peers.allow.clone(),
-        config.peers.deny.clone(),
+        allow,
+        deny,
         OwnRelays {
             addresses,
             port_low: r.ports.low,
@@ -724,13 +782,13 @@ pub fn start_with(
     let nat = nat_discovery(config, &listening);
     let (restored_tx, restored_rx) = std::sync::mpsc::channel();
     let mut gates = Vec::new();
-    let credentials = credentials(config, &nonce_secret, &StoreContents::default())?;
     let mut services = udp_bound.clone();
     services.extend_from_slice(&tcp_bound);
     services.extend_from_slice(&tls_bound);
     services.extend_from_slice(extra_services);
-    let policy = peer_policy(config, services.clone());
+    let realms = realms(config, &nonce_secret, &StoreContents::default(), &services, &listening)?;
     let quotas = Arc::new(Quotas::with_limits(config.limits.quota_limits()));
+    quotas.set_realms(&config.realm, realm_quotas(config));
     let r = &config.relay;
     let relay_v4 = Some(RelayAddress {
         bind: r.address,
@@ -785,7 +843,7 @@ pub fn start_with(
             idle_timeout: Duration::from_secs(config.limits.idle_timeout),
             mobility: config.auth.mobility,
         };
-        let server = Server::new(server_config, credentials.clone(), policy.clone(), quotas.clone());
+        let server = Server::with_realms(server_config, realms.clone(), quotas.clone());
         let handoff_receiver = handoff_receivers
             .pop()
             .ok_or_else(|| io::Error::other("worker count"))?;

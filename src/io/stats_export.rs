@@ -157,7 +157,7 @@ impl StatsExporter {
             last.allocations_moved,
         );
         add("turnstile_icmp_relayed_total", &[], now.icmp_relayed, last.icmp_relayed);
-        for (i, quota) in ["user", "ip", "total"].iter().enumerate() {
+        for (i, quota) in ["user", "ip", "total", "realm"].iter().enumerate() {
             add(
                 "turnstile_quota_refusals_total",
                 &[("quota", quota)],

@@ -200,6 +200,7 @@ pub fn allocation_json(a: &crate::proto::server::AllocationInfo, node: &str) -> 
     json!({
         "node": node,
         "user": a.user,
+        "realm": a.realm,
         "client": a.client.to_string(),
         "transport": a.transport,
         "relay": a.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -94,9 +94,24 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ),
     ("turnstile_permissions_active", "gauge", "Live permissions, by worker."),
     (
+        "turnstile_realm_allocations",
+        "gauge",
+        "Allocations held, by realm (the configured realms only).",
+    ),
+    (
+        "turnstile_realm_allocations_granted_total",
+        "counter",
+        "Allocations granted, by realm.",
+    ),
+    (
+        "turnstile_realm_quota_refusals_total",
+        "counter",
+        "Allocations refused for a quota, by realm.",
+    ),
+    (
         "turnstile_quota_refusals_total",
         "counter",
-        "Allocations refused for quota: user, ip or total.",
+        "Allocations refused for quota: user, ip, total, or realm (a realm's own total_quota).",
     ),
     ("turnstile_relay_sockets", "gauge", "Relay sockets open, by worker."),
     (
@@ -263,6 +278,17 @@ pub fn render_sorted(text: &str) -> String {
 
 /// Answers a scrape, or a health check: `/healthz` (the process answers)
 /// and `/readyz` (listeners up and not draining).
+/// Sets the per-realm series from the shared allocation counts, just
+/// before a scrape renders them (the counts are exact there, and realm
+/// names come from the configuration, never from the network).
+pub fn export_realms(quotas: &crate::proto::server::Quotas) {
+    for (realm, c) in quotas.realms() {
+        metrics::gauge!("turnstile_realm_allocations", "realm" => realm.clone()).set(f64::from(c.allocations));
+        metrics::counter!("turnstile_realm_allocations_granted_total", "realm" => realm.clone()).absolute(c.granted);
+        metrics::counter!("turnstile_realm_quota_refusals_total", "realm" => realm).absolute(c.refused);
+    }
+}
+
 pub fn handle(handle: &PrometheusHandle, req: &Request, ready: bool) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/healthz") => Response::text(200, "ok\n"),

@@ -41,6 +41,7 @@ impl Server {
             .iter()
             .map(|(_, a)| AllocationInfo {
                 user: a.username.clone(),
+                realm: self.realms.get(a.realm).name().to_owned(),
                 client: a.key.client,
                 transport: self.transport_name(&a.key),
                 relays: a.relays.iter().flatten().map(|r| r.advertised).collect(),
@@ -61,11 +62,16 @@ impl Server {
     /// the current credentials (a user removed or given a new password, a
     /// REST secret taken out of the list); returns how many.
     pub(super) fn revoke_unverifiable(&mut self) -> usize {
-        let creds = Arc::clone(&self.credentials);
+        let realms = Arc::clone(&self.realms);
         let ids: Vec<usize> = self
             .allocations
             .iter()
-            .filter(|(_, a)| !creds.still_verifies(&a.username, a.algorithm, &a.credential))
+            .filter(|(_, a)| {
+                !realms
+                    .get(a.realm)
+                    .credentials
+                    .still_verifies(&a.username, a.algorithm, &a.credential)
+            })
             .map(|(id, _)| id)
             .collect();
         for &id in &ids {
@@ -75,12 +81,56 @@ impl Server {
         ids.len()
     }
 
+    /// Before a reload replaces the realm table with `new`: the
+    /// allocations of a realm it no longer holds end (the tenant is gone,
+    /// and nothing could authenticate their requests). Returns how many.
+    pub(super) fn end_removed_realms(&mut self, new: &Realms) -> usize {
+        let gone: Vec<usize> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| new.index_of(self.realms.get(a.realm).name()).is_none())
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &gone {
+            if let Some(a) = self.allocations.get(id) {
+                tracing::info!(
+                    user = %a.username,
+                    realm = self.realms.get(a.realm).name(),
+                    "allocation ends: its realm was removed from the configuration"
+                );
+            }
+            self.stats.allocations_deleted += 1;
+            self.remove_allocation(id, EndReason::Revoked);
+        }
+        gone.len()
+    }
+
+    /// After a reload replaced the realm table (`old` the one before): each
+    /// allocation and pending Allocate finds its realm again by name
+    /// (indexes may have moved), and allocations take their realm's
+    /// bandwidth.
+    pub(super) fn rehome(&mut self, old: &Realms) {
+        let realms = &self.realms;
+        let find = |i: RealmIndex| realms.index_of(old.get(i).name()).unwrap_or(0);
+        for (_, a) in &mut self.allocations {
+            a.realm = find(a.realm);
+            let bandwidth = realms.get(a.realm).allocation_bandwidth;
+            if bandwidth != a.bandwidth {
+                a.bandwidth = bandwidth;
+                a.shaper = None;
+            }
+        }
+        for (_, p) in &mut self.pending {
+            p.realm = find(p.realm);
+        }
+    }
+
     /// After a reload changed the peer policy: permissions and channels to
     /// peers it now refuses end at once (reported as expired), so no path —
     /// this core's or a fast path mirroring it — relays to them any longer.
     pub(super) fn withdraw_refused_peers(&mut self) {
-        let policy = &self.policy;
         for (_, a) in &mut self.allocations {
+            let policy = &self.realms.get(a.realm).policy;
             let key = a.key;
             let relays = a.relays;
             let outputs = &mut self.outputs;

@@ -49,6 +49,7 @@ impl Server {
         key: ClientKey,
         msg: &Message<'_>,
         authed: credentials::Authenticated<'_>,
+        realm: RealmIndex,
         out: &mut [u8],
     ) -> RequestResult {
         if self.pending_by_client.contains_key(&key) {
@@ -153,17 +154,20 @@ impl Server {
             }
         }
 
-        if let Err(q) = self.quotas.acquire(authed.username, key.client.ip()) {
+        let realms = Arc::clone(&self.realms);
+        let realm_name = realms.get(realm).name();
+        if let Err(q) = self.quotas.acquire(realm_name, authed.username, key.client.ip()) {
             self.stats.count_quota_refusal(q);
             tracing::info!(
                 client = %key.client,
                 user = %authed.username,
+                realm = realm_name,
                 quota = q.label(),
                 "allocation refused: quota reached"
             );
             // The total quota counts the whole fleet: no other node has room either.
             return Err(match q {
-                QuotaRefusal::User => Refusal::UserQuota,
+                QuotaRefusal::User | QuotaRefusal::Realm => Refusal::UserQuota,
                 QuotaRefusal::Address => Refusal::IpQuota,
                 QuotaRefusal::Total => Refusal::TotalQuota,
             });
@@ -183,7 +187,7 @@ impl Server {
                 (_, None) => None,
             };
             let (Some(port), Some(bind)) = (port, self.relay_config(family)) else {
-                self.abandon(&sockets, authed.username, key.client.ip());
+                self.abandon(&sockets, realm, authed.username, key.client.ip());
                 // This node is full: another node of the fleet may have room.
                 return match self.fleet_alternate {
                     Some(server) => Ok(self.try_alternate(msg, &authed, server, out)),
@@ -200,6 +204,7 @@ impl Server {
             key,
             tid: *msg.transaction_id(),
             username: authed.username.to_owned(),
+            realm,
             credential: authed.key.clone(),
             algorithm: authed.algorithm,
             suite: authed.suite,
@@ -233,14 +238,20 @@ impl Server {
     }
 
     /// Gives back ports, relay ids and the quota taken for an Allocate that failed.
-    pub(super) fn abandon(&mut self, sockets: &[Option<(RelayId, SocketAddr)>; 2], username: &str, ip: IpAddr) {
+    pub(super) fn abandon(
+        &mut self,
+        sockets: &[Option<(RelayId, SocketAddr)>; 2],
+        realm: RealmIndex,
+        username: &str,
+        ip: IpAddr,
+    ) {
         for (s, ports) in sockets.iter().zip(self.ports.iter_mut()) {
             if let Some((rid, addr)) = s {
                 ports.release(addr.port());
                 self.relays.try_remove(rid.0 as usize);
             }
         }
-        self.quotas.release(username, ip);
+        self.quotas.release(self.realms.get(realm).name(), username, ip);
     }
 
     /// The driver's answer for one relay socket of a pending Allocate. Once
@@ -321,7 +332,7 @@ impl Server {
                     self.outputs.push_back(Output::CloseRelay(*rid));
                 }
             }
-            self.abandon(&p.sockets, &p.username, p.key.client.ip());
+            self.abandon(&p.sockets, p.realm, &p.username, p.key.client.ip());
             let r = Refusal::NoRelayPort;
             self.stats.count_refusal(r.code(), r.label());
             return error_for(p.tid, Method::ALLOCATE, r, Some(signing), p.fingerprint, out);
@@ -369,6 +380,7 @@ impl Server {
         };
         let expires = now.instant + Duration::from_secs(u64::from(p.lifetime));
         let mobility = p.mobility.then(|| self.new_mobility_id());
+        let bandwidth = self.realms.get(p.realm).allocation_bandwidth;
         let id = self.allocations.insert(Allocation {
             key: p.key,
             username: p.username.clone(),
@@ -388,8 +400,9 @@ impl Server {
             connections: 0,
             scheduled: None,
             swept: None,
-            shaper: (!self.config.allocation_bandwidth.is_off())
-                .then(|| Box::new([TokenBucket::full(self.config.allocation_bandwidth, now.instant); 2])),
+            shaper: (!bandwidth.is_off()).then(|| Box::new([TokenBucket::full(bandwidth, now.instant); 2])),
+            bandwidth,
+            realm: p.realm,
             mobility,
         });
         if let Some(m) = mobility {
@@ -531,7 +544,8 @@ impl Server {
             }
             self.outputs.push_back(Output::CloseRelay(r.id));
         }
-        self.quotas.release(&a.username, a.key.client.ip());
+        self.quotas
+            .release(self.realms.get(a.realm).name(), &a.username, a.key.client.ip());
     }
 
     pub(super) fn refresh(

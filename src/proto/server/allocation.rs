@@ -109,6 +109,10 @@ pub struct Allocation {
     pub(crate) swept: Option<Instant>,
     /// Bandwidth buckets (to peer, to client) when `max_bps` is set.
     pub shaper: Option<Box<[crate::proto::server::TokenBucket; 2]>>,
+    /// Its realm's `max_bps` (each direction), kept here for the hot path.
+    pub bandwidth: crate::proto::server::Rate,
+    /// The realm that created it; its requests authenticate there.
+    pub realm: crate::proto::server::realm::RealmIndex,
     /// RFC 8016: the id its current MOBILITY-TICKET names, when the client
     /// asked for mobility.
     pub mobility: Option<u64>,

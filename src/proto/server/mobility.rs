@@ -104,7 +104,7 @@ impl Server {
         now: Now,
         key: ClientKey,
         msg: &Message<'_>,
-        username: &str,
+        (realm, username): (RealmIndex, &str),
         signing: Signing<'_>,
         out: &mut [u8],
     ) -> RequestResult {
@@ -127,6 +127,11 @@ impl Server {
             }
             return Err(Refusal::AllocationMismatch);
         };
+        if self.allocations.get(id).is_some_and(|a| a.realm != realm) {
+            // The same user name in another realm is another user.
+            tracing::info!(client = %key.client, user = username, "mobility refused: the ticket is another realm's");
+            return Err(Refusal::WrongCredentials);
+        }
         if self.is_stream(&key) != self.allocations.get(id).is_some_and(|a| self.is_stream(&a.key)) {
             // Its relaying is framed for the transport it was made on.
             return Err(Refusal::BadRequest);
@@ -218,7 +223,9 @@ impl Server {
     pub fn adopt(&mut self, lent: snapshot::Snapshot, at: Instant, unix_ms: u64) -> Vec<(RelayId, RelayId)> {
         let r = snapshot::Rebase::new(at, unix_ms, lent.taken_unix_ms);
         let mut moved = Vec::new();
+        let mut realms = lent.realms.into_iter();
         for s in lent.allocations {
+            let realm = realms.next().unwrap_or_default();
             let key = ClientKey {
                 listener: ListenerId(s.listener),
                 client: s.client,
@@ -226,7 +233,7 @@ impl Server {
             if self.by_client.contains_key(&key) || s.tcp {
                 continue;
             }
-            let Some(mut a) = snapshot::restore_allocation(&s, key, r, self.config.allocation_bandwidth) else {
+            let Some(mut a) = snapshot::restore_allocation(&s, &realm, key, r, &self.realms) else {
                 continue;
             };
             let mut pairs = Vec::new();

@@ -30,6 +30,7 @@ mod permissions;
 pub mod ports;
 pub mod quota;
 pub mod rate;
+pub mod realm;
 mod relay_path;
 mod responses;
 mod seam;
@@ -54,6 +55,7 @@ pub use outcome::{ClientOutcome, DropReason, PeerOutcome};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
 pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
+pub use realm::{Realm, RealmIndex, Realms};
 pub use seam::{BindResult, EndReason, Input, Output};
 pub use stats::{Gauges, REQUEST_METHODS, RESPONSE_CODES, Stats};
 pub use tcp_relay::CONNECT_TIMEOUT;
@@ -131,7 +133,9 @@ pub struct ServerConfig {
     /// Per-source budget for answers to unauthenticated requests over UDP
     /// (Binding, 401, errors before authentication): this worker's share.
     pub unauthenticated: Rate,
-    /// Relayed bytes per allocation, each direction.
+    /// Relayed bytes per allocation, each direction: the default realm's,
+    /// when the server is made with [`Server::new`] (a realm table carries
+    /// each realm's own).
     pub allocation_bandwidth: Rate,
     /// Relayed bytes through this worker, each direction.
     pub worker_bandwidth: Rate,
@@ -170,18 +174,11 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
-    /// Whether relayed packets pass through bandwidth buckets at all.
-    #[inline]
-    pub fn limits_bandwidth(&self) -> bool {
-        !self.allocation_bandwidth.is_off() || !self.worker_bandwidth.is_off()
-    }
-}
-
 /// One allocation as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocationInfo {
     pub user: String,
+    pub realm: String,
     pub client: SocketAddr,
     /// "udp" or "stream" (TCP/TLS) to the client.
     pub transport: &'static str,
@@ -229,14 +226,14 @@ enum TcpConnectionState {
 /// What a configuration reload changes in a running core.
 #[derive(Debug, Clone)]
 pub struct Reconfiguration {
-    pub credentials: Arc<Credentials>,
+    /// Each realm's credentials, peer policy and bandwidth per allocation,
+    /// and how requests find their realm.
+    pub realms: Arc<Realms>,
     /// End the allocations the new credentials no longer verify.
     pub revoke: bool,
-    pub policy: PeerPolicy,
     pub limits: AllocationLimits,
-    /// Unauthenticated answer budget per source, bandwidth per allocation,
-    /// bandwidth of this worker.
-    pub rates: [Rate; 3],
+    /// Unauthenticated answer budget per source, bandwidth of this worker.
+    pub rates: [Rate; 2],
 }
 
 /// Per-allocation limits that a configuration reload may change.
@@ -290,6 +287,7 @@ struct PendingAllocate {
     key: ClientKey,
     tid: TransactionId,
     username: String,
+    realm: RealmIndex,
     credential: LongTermKey,
     algorithm: crate::proto::auth::PasswordAlgorithm,
     suite: IntegritySuite,
@@ -320,8 +318,10 @@ struct PendingAllocate {
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
-    credentials: Arc<Credentials>,
-    policy: PeerPolicy,
+    realms: Arc<Realms>,
+    /// Whether relayed packets pass through bandwidth buckets at all, and
+    /// this worker's share of `bps_capacity`.
+    shaping: relay_path::Shaping,
     quotas: Arc<Quotas>,
     listeners: Vec<ListenerKind>,
     /// What each listener is called in logs and the admin API: udp, tcp, tls.
@@ -377,7 +377,19 @@ struct Signing<'k> {
 }
 
 impl Server {
+    /// A server of one realm: `credentials` and `policy`, with the
+    /// configuration's bandwidth per allocation.
     pub fn new(config: ServerConfig, credentials: Arc<Credentials>, policy: PeerPolicy, quotas: Arc<Quotas>) -> Server {
+        let realms = Realms::single(Realm {
+            credentials,
+            policy,
+            allocation_bandwidth: config.allocation_bandwidth,
+        });
+        Server::with_realms(config, Arc::new(realms), quotas)
+    }
+
+    /// A server of several realms.
+    pub fn with_realms(config: ServerConfig, realms: Arc<Realms>, quotas: Arc<Quotas>) -> Server {
         let (low, high) = config.ports;
         let mut seed6 = config.port_seed;
         seed6[0] ^= 0x5a;
@@ -392,9 +404,9 @@ impl Server {
         ticket_seed[31] ^= 0x8f;
         let mobility_key = crate::proto::stun::integrity::hmac_sha256(&ticket_seed);
         Server {
+            shaping: relay_path::Shaping::of(&realms, config.worker_bandwidth),
             config,
-            credentials,
-            policy,
+            realms,
             quotas,
             listeners: Vec::new(),
             listener_names: Vec::new(),
@@ -457,9 +469,12 @@ impl Server {
     /// and state). With `revoke`, allocations whose credential no longer
     /// verifies end; returns how many.
     pub fn reconfigure(&mut self, r: Reconfiguration) -> usize {
-        self.credentials = r.credentials;
-        let revoked = if r.revoke { self.revoke_unverifiable() } else { 0 };
-        self.policy = r.policy;
+        let mut revoked = self.end_removed_realms(&r.realms);
+        let old = std::mem::replace(&mut self.realms, r.realms);
+        self.rehome(&old);
+        if r.revoke {
+            revoked += self.revoke_unverifiable();
+        }
         self.withdraw_refused_peers();
         let limits = r.limits;
         self.config.max_lifetime = limits.max_lifetime;
@@ -469,11 +484,12 @@ impl Server {
         self.config.tcp_relay = limits.tcp_relay;
         self.config.idle_timeout = limits.idle_timeout;
         self.config.mobility = limits.mobility;
-        let [unauthenticated, allocation_bandwidth, worker_bandwidth] = r.rates;
+        let [unauthenticated, worker_bandwidth] = r.rates;
         self.config.unauthenticated = unauthenticated;
         self.budgets.set_rate(unauthenticated);
-        self.config.allocation_bandwidth = allocation_bandwidth;
+        self.config.allocation_bandwidth = self.realms.default_realm().allocation_bandwidth;
         self.config.worker_bandwidth = worker_bandwidth;
+        self.shaping = relay_path::Shaping::of(&self.realms, worker_bandwidth);
         if worker_bandwidth.is_off() {
             self.worker_bandwidth = None;
         }
@@ -490,7 +506,7 @@ impl Server {
     /// Whether relayed packets pass through bandwidth buckets (a fast path
     /// that cannot keep them exact must leave such packets to the core).
     pub fn limits_bandwidth(&self) -> bool {
-        self.config.limits_bandwidth()
+        self.shaping.on
     }
 
     pub fn stats(&self) -> &Stats {
@@ -673,8 +689,15 @@ impl Server {
         let known = alloc_id
             .and_then(|i| self.allocations.get(i))
             .map(|a| (a.username.as_str(), &a.credential, a.algorithm));
+        // An allocation's requests stay in its realm; a new client's realm
+        // comes from its ORIGIN or its listener.
+        let realm = match alloc_id.and_then(|i| self.allocations.get(i)) {
+            Some(a) => a.realm,
+            None => self.realms.select(key.listener.0, &msg),
+        };
         // A handle of our own, so the result may borrow from it while `self` changes.
-        let creds = Arc::clone(&self.credentials);
+        let realms = Arc::clone(&self.realms);
+        let creds = &realms.get(realm).credentials;
         let scope = crate::proto::auth::NonceScope {
             client: key.client,
             listener: key.listener.0,
@@ -702,11 +725,13 @@ impl Server {
         };
 
         let result = match method {
-            Method::ALLOCATE => self.allocate(now, key, &msg, authed, out),
-            Method::CONNECTION_BIND => self.connection_bind(key, alloc_id, &msg, authed.username, signing, out),
+            Method::ALLOCATE => self.allocate(now, key, &msg, authed, realm, out),
+            Method::CONNECTION_BIND => {
+                self.connection_bind(key, alloc_id, &msg, (realm, authed.username), signing, out)
+            }
             // RFC 8016: a Refresh from a new 5-tuple with its allocation's ticket.
             Method::REFRESH if alloc_id.is_none() && msg.find(kind::MOBILITY_TICKET).is_some() => {
-                self.mobility_refresh(now, key, &msg, authed.username, signing, out)
+                self.mobility_refresh(now, key, &msg, (realm, authed.username), signing, out)
             }
             _ => {
                 let Some(id) = alloc_id else {

@@ -28,7 +28,12 @@ impl Server {
             if alloc.relay_for(&peer).is_none() {
                 return Err(Refusal::FamilyMismatch);
             }
-            counted(&mut self.stats, &peer, self.policy.check_permission(peer.ip())).map_err(|_| Refusal::Forbidden)?;
+            counted(
+                &mut self.stats,
+                &peer,
+                self.realms.get(alloc.realm).policy.check_permission(peer.ip()),
+            )
+            .map_err(|_| Refusal::Forbidden)?;
             peers.push(peer);
         }
         if peers.is_empty() {
@@ -82,7 +87,8 @@ impl Server {
             return Err(BAD_REQUEST);
         };
         // A channel to the server's own address must also name a relay port.
-        counted(&mut self.stats, peer, self.policy.check(peer)).map_err(|_| Refusal::Forbidden)?;
+        let realm = self.allocations.get(id).map_or(0, |a| a.realm);
+        counted(&mut self.stats, peer, self.realms.get(realm).policy.check(peer)).map_err(|_| Refusal::Forbidden)?;
         let (max_channels, max_permissions) = (self.config.max_channels, self.config.max_permissions);
         let a = self.allocations.get_mut(id).ok_or(BAD_REQUEST)?;
         match a.bind_channel(number, *peer, now, max_channels) {

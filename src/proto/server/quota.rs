@@ -15,6 +15,8 @@ pub enum QuotaRefusal {
     Address,
     /// The server has `total_quota` allocations already (508).
     Total,
+    /// The realm has its own `total_quota` allocations already (486).
+    Realm,
 }
 
 impl QuotaRefusal {
@@ -23,6 +25,7 @@ impl QuotaRefusal {
             QuotaRefusal::User => "user",
             QuotaRefusal::Address => "ip",
             QuotaRefusal::Total => "total",
+            QuotaRefusal::Realm => "realm",
         }
     }
 }
@@ -38,19 +41,44 @@ pub struct QuotaLimits {
     pub per_ip: u32,
 }
 
+/// Allocation counts of one realm, for its quotas and its metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RealmCounts {
+    /// Allocations it holds now (on this node).
+    pub allocations: u32,
+    /// Allocations granted since the start.
+    pub granted: u64,
+    /// Allocations refused for a quota since the start.
+    pub refused: u64,
+}
+
 #[derive(Debug, Default)]
 struct Counts {
-    per_user: HashMap<String, u32>,
+    /// By (realm, user).
+    per_user: HashMap<(String, String), u32>,
     per_ip: HashMap<IpAddr, u32>,
+    per_realm: HashMap<String, RealmCounts>,
     total: u32,
 }
 
 #[derive(Debug, Default)]
+struct Settings {
+    /// The server's: `per_user` for realms without their own, `total` and
+    /// `per_ip` across all realms.
+    server: QuotaLimits,
+    /// The default realm's name: the fleet's user counts are its users'.
+    default_realm: String,
+    /// Realms with quotas of their own: `per_user`, and `total` within the realm.
+    realms: HashMap<String, QuotaLimits>,
+}
+
+/// Allocation counts and quotas of every realm, shared by the workers.
+#[derive(Debug, Default)]
 pub struct Quotas {
-    limits: Mutex<QuotaLimits>,
+    settings: Mutex<Settings>,
     counts: Mutex<Counts>,
-    /// What the other nodes of a fleet hold, per user and in total (from
-    /// the fleet store; empty for a node alone).
+    /// What the other nodes of a fleet hold, per user of the default realm
+    /// and in total (from the fleet store; empty for a node alone).
     remote: Mutex<(HashMap<String, u32>, u32)>,
 }
 
@@ -65,42 +93,84 @@ impl Quotas {
     }
 
     pub fn with_limits(limits: QuotaLimits) -> Quotas {
-        Quotas {
-            limits: Mutex::new(limits),
-            counts: Mutex::new(Counts::default()),
-            remote: Mutex::new((HashMap::new(), 0)),
-        }
+        let q = Quotas::default();
+        q.set_limits(limits);
+        q
     }
 
     /// New limits (configuration reload); existing allocations are kept.
     pub fn set_limits(&self, limits: QuotaLimits) {
-        if let Ok(mut l) = self.limits.lock() {
-            *l = limits;
+        if let Ok(mut l) = self.settings.lock() {
+            l.server = limits;
         }
     }
 
-    /// Counts one more allocation for `user` from `ip`, or refuses. The
-    /// user and total quotas count the other nodes of a fleet too.
-    pub fn acquire(&self, user: &str, ip: IpAddr) -> Result<(), QuotaRefusal> {
-        let limits = self.limits.lock().map(|l| *l).unwrap_or_default();
+    /// The realms: the default one's name, and the quotas of the others
+    /// (`per_user` and `total` of each realm; 0 means unlimited). Counts of
+    /// realms no longer named are dropped once they hold nothing.
+    pub fn set_realms(&self, default_realm: &str, realms: Vec<(String, QuotaLimits)>) {
+        let names: Vec<String> = realms.iter().map(|(n, _)| n.clone()).collect();
+        if let Ok(mut l) = self.settings.lock() {
+            default_realm.clone_into(&mut l.default_realm);
+            l.realms = realms.into_iter().collect();
+        }
+        if let Ok(mut c) = self.counts.lock() {
+            c.per_realm
+                .retain(|name, n| n.allocations > 0 || name == default_realm || names.contains(name));
+            // Every configured realm has its series from the start.
+            for name in names.into_iter().chain([default_realm.to_owned()]) {
+                c.per_realm.entry(name).or_default();
+            }
+        }
+    }
+
+    /// Counts one more allocation for `user` of `realm` from `ip`, or
+    /// refuses. The user and total quotas of the default realm count the
+    /// other nodes of a fleet too.
+    pub fn acquire(&self, realm: &str, user: &str, ip: IpAddr) -> Result<(), QuotaRefusal> {
+        let (server, own, is_default) = self
+            .settings
+            .lock()
+            .map(|l| (l.server, l.realms.get(realm).copied(), l.default_realm == realm))
+            .unwrap_or_default();
+        let per_user = own.map_or(server.per_user, |o| o.per_user);
+        let realm_total = own.map_or(0, |o| o.total);
         let (remote_user, remote_total) = self
             .remote
             .lock()
-            .map(|r| (r.0.get(user).copied().unwrap_or(0), r.1))
+            .map(|r| {
+                let user = if is_default {
+                    r.0.get(user).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                (user, r.1)
+            })
             .unwrap_or((0, 0));
         let Ok(mut c) = self.counts.lock() else { return Ok(()) };
-        if limits.total != 0 && c.total + remote_total >= limits.total {
-            return Err(QuotaRefusal::Total);
-        }
-        let n = c.per_user.get(user).copied().unwrap_or(0);
-        if limits.per_user != 0 && n + remote_user >= limits.per_user {
-            return Err(QuotaRefusal::User);
-        }
+        let key = (realm.to_owned(), user.to_owned());
+        let in_realm = c.per_realm.get(realm).map_or(0, |r| r.allocations);
+        let n = c.per_user.get(&key).copied().unwrap_or(0);
         let m = c.per_ip.get(&ip).copied().unwrap_or(0);
-        if limits.per_ip != 0 && m >= limits.per_ip {
-            return Err(QuotaRefusal::Address);
+        let refusal = if server.total != 0 && c.total + remote_total >= server.total {
+            Some(QuotaRefusal::Total)
+        } else if realm_total != 0 && in_realm >= realm_total {
+            Some(QuotaRefusal::Realm)
+        } else if per_user != 0 && n + remote_user >= per_user {
+            Some(QuotaRefusal::User)
+        } else if server.per_ip != 0 && m >= server.per_ip {
+            Some(QuotaRefusal::Address)
+        } else {
+            None
+        };
+        let r = c.per_realm.entry(realm.to_owned()).or_default();
+        if let Some(q) = refusal {
+            r.refused += 1;
+            return Err(q);
         }
-        c.per_user.insert(user.to_owned(), n + 1);
+        r.allocations += 1;
+        r.granted += 1;
+        c.per_user.insert(key, n + 1);
         c.per_ip.insert(ip, m + 1);
         c.total += 1;
         Ok(())
@@ -109,21 +179,23 @@ impl Quotas {
     /// Counts an allocation handed over by a live upgrade: it exists
     /// already, so no quota refuses it (as a reload that lowers a quota
     /// keeps the allocations above it).
-    pub fn restore(&self, user: &str, ip: IpAddr) {
+    pub fn restore(&self, realm: &str, user: &str, ip: IpAddr) {
         let Ok(mut c) = self.counts.lock() else { return };
-        *c.per_user.entry(user.to_owned()).or_insert(0) += 1;
+        *c.per_user.entry((realm.to_owned(), user.to_owned())).or_insert(0) += 1;
         *c.per_ip.entry(ip).or_insert(0) += 1;
+        c.per_realm.entry(realm.to_owned()).or_default().allocations += 1;
         c.total += 1;
     }
 
-    /// Returns one allocation of `user` from `ip`.
-    pub fn release(&self, user: &str, ip: IpAddr) {
+    /// Returns one allocation of `user` of `realm` from `ip`.
+    pub fn release(&self, realm: &str, user: &str, ip: IpAddr) {
         let Ok(mut c) = self.counts.lock() else { return };
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_user.get_mut(user) {
+        let key = (realm.to_owned(), user.to_owned());
+        if let Some(n) = c.per_user.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                c.per_user.remove(user);
+                c.per_user.remove(&key);
             }
         }
         if let Some(n) = c.per_ip.get_mut(&ip) {
@@ -131,6 +203,9 @@ impl Quotas {
             if *n == 0 {
                 c.per_ip.remove(&ip);
             }
+        }
+        if let Some(r) = c.per_realm.get_mut(realm) {
+            r.allocations = r.allocations.saturating_sub(1);
         }
     }
 
@@ -141,17 +216,43 @@ impl Quotas {
         }
     }
 
-    /// This node's allocations per user, and in total, to publish.
+    /// This node's allocations per user of the default realm, and in
+    /// total, to publish.
     pub fn local(&self) -> (Vec<(String, u32)>, u32) {
+        let default = self
+            .settings
+            .lock()
+            .map(|l| l.default_realm.clone())
+            .unwrap_or_default();
         self.counts
             .lock()
-            .map(|c| (c.per_user.iter().map(|(u, n)| (u.clone(), *n)).collect(), c.total))
+            .map(|c| {
+                let users = c
+                    .per_user
+                    .iter()
+                    .filter(|((realm, _), _)| *realm == default)
+                    .map(|((_, u), n)| (u.clone(), *n))
+                    .collect();
+                (users, c.total)
+            })
             .unwrap_or_default()
+    }
+
+    /// Each realm's counts (the configured realms, and removed ones while
+    /// they still hold allocations), by name.
+    pub fn realms(&self) -> Vec<(String, RealmCounts)> {
+        let mut v: Vec<(String, RealmCounts)> = self
+            .counts
+            .lock()
+            .map(|c| c.per_realm.iter().map(|(n, r)| (n.clone(), *r)).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Whether another allocation fits under the total quota.
     pub fn has_capacity(&self) -> bool {
-        let total_quota = self.limits.lock().map(|l| l.total).unwrap_or(0);
+        let total_quota = self.settings.lock().map(|l| l.server.total).unwrap_or(0);
         total_quota == 0 || self.total() < total_quota
     }
 

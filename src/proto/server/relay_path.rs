@@ -10,22 +10,40 @@ pub(super) const TO_PEER: usize = 0;
 /// Bandwidth bucket index: peer → client.
 pub(super) const TO_CLIENT: usize = 1;
 
+/// What the bandwidth checks need besides the allocation: whether any
+/// limit is set (most servers have none, and skip the buckets), and this
+/// worker's share of `bps_capacity`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shaping {
+    pub on: bool,
+    pub worker: Rate,
+}
+
+impl Shaping {
+    pub(super) fn of(realms: &Realms, worker: Rate) -> Shaping {
+        Shaping {
+            on: realms.limits_bandwidth() || !worker.is_off(),
+            worker,
+        }
+    }
+}
+
 /// Takes `bytes` from the allocation's and the worker's buckets for one
 /// direction; false when either is spent (the packet is dropped, and counted).
 #[inline]
 pub(super) fn within_bandwidth(
-    shaper: &mut Option<Box<[TokenBucket; 2]>>,
+    alloc: &mut Allocation,
     worker: &mut Option<[TokenBucket; 2]>,
     stats: &mut Stats,
-    config: &ServerConfig,
+    shaping: Shaping,
     direction: usize,
     bytes: usize,
     now: Instant,
 ) -> bool {
-    if !config.limits_bandwidth() {
+    if !shaping.on {
         return true;
     }
-    let passed = take_bandwidth(shaper, worker, config, direction, bytes, now);
+    let passed = take_bandwidth(alloc, worker, shaping.worker, direction, bytes, now);
     if !passed {
         stats.bandwidth_dropped_packets += 1;
         stats.bandwidth_dropped_bytes += bytes as u64;
@@ -34,16 +52,18 @@ pub(super) fn within_bandwidth(
 }
 
 pub(super) fn take_bandwidth(
-    shaper: &mut Option<Box<[TokenBucket; 2]>>,
+    alloc: &mut Allocation,
     worker: &mut Option<[TokenBucket; 2]>,
-    config: &ServerConfig,
+    total: Rate,
     direction: usize,
     bytes: usize,
     now: Instant,
 ) -> bool {
-    let per_allocation = config.allocation_bandwidth;
+    let per_allocation = alloc.bandwidth;
     if !per_allocation.is_off() {
-        let buckets = shaper.get_or_insert_with(|| Box::new([TokenBucket::full(per_allocation, now); 2]));
+        let buckets = alloc
+            .shaper
+            .get_or_insert_with(|| Box::new([TokenBucket::full(per_allocation, now); 2]));
         if buckets
             .get_mut(direction)
             .is_some_and(|b| !b.take(per_allocation, bytes, now))
@@ -51,7 +71,6 @@ pub(super) fn take_bandwidth(
             return false;
         }
     }
-    let total = config.worker_bandwidth;
     if !total.is_off() {
         let buckets = worker.get_or_insert([TokenBucket::full(total, now); 2]);
         if buckets.get_mut(direction).is_some_and(|b| !b.take(total, bytes, now)) {
@@ -89,10 +108,10 @@ impl Server {
         };
         let len = cd.data.len();
         if !within_bandwidth(
-            &mut alloc.shaper,
+            alloc,
             &mut self.worker_bandwidth,
             &mut self.stats,
-            &self.config,
+            self.shaping,
             TO_PEER,
             len,
             now,
@@ -144,7 +163,7 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return ClientOutcome::Drop(DropReason::NoPermission);
         }
-        if let Err(r) = permissions::counted(&mut self.stats, &peer, self.policy.check(&peer)) {
+        if let Err(r) = permissions::counted(&mut self.stats, &peer, self.realms.get(alloc.realm).policy.check(&peer)) {
             return ClientOutcome::Drop(DropReason::PeerRefused(r));
         }
         let start = data.offset + 4;
@@ -152,10 +171,10 @@ impl Server {
         if let Some(a) = alloc_idx.and_then(|i| self.allocations.get_mut(i)) {
             let len = data.value.len();
             if !within_bandwidth(
-                &mut a.shaper,
+                a,
                 &mut self.worker_bandwidth,
                 &mut self.stats,
-                &self.config,
+                self.shaping,
                 TO_PEER,
                 len,
                 now,
@@ -197,15 +216,15 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return PeerOutcome::Drop(DropReason::NoPermission);
         }
-        if self.config.limits_bandwidth() {
+        if self.shaping.on {
             let Some(a) = self.allocations.get_mut(alloc_idx) else {
                 return PeerOutcome::Drop(DropReason::UnknownRelay);
             };
             if !within_bandwidth(
-                &mut a.shaper,
+                a,
                 &mut self.worker_bandwidth,
                 &mut self.stats,
-                &self.config,
+                self.shaping,
                 TO_CLIENT,
                 len,
                 now,

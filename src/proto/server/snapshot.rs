@@ -17,8 +17,9 @@ use super::*;
 use crate::proto::auth::PasswordAlgorithm;
 
 /// The format version; a new process refuses any other (and the running
-/// one then keeps serving). 2: allocations carry their RFC 8016 ticket id.
-pub const VERSION: u32 = 2;
+/// one then keeps serving), except the one before, which it reads too.
+/// 2: allocations carry their RFC 8016 ticket id. 3: and their realm.
+pub const VERSION: u32 = 3;
 
 /// One worker's handed-over state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,23 @@ pub struct Snapshot {
     pub next_connection: u32,
     /// The transaction-id counter of the indications the server sends.
     pub indications_sent: u64,
+    /// Since 3: the realm of each allocation, by name, in the order of
+    /// `allocations` (kept apart so that format 2, which has none, still
+    /// reads: its allocations are the default realm's).
+    pub realms: Vec<String>,
+}
+
+/// Format 2: [`Snapshot`] without `realms`.
+#[derive(Deserialize)]
+struct SnapshotV2 {
+    version: u32,
+    taken_unix_ms: u64,
+    allocations: Vec<AllocationState>,
+    ports: [PortsState; 2],
+    budgets: Vec<(IpAddr, BucketState)>,
+    worker_bandwidth: Option<[BucketState; 2]>,
+    next_connection: u32,
+    indications_sent: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +151,7 @@ impl Snapshot {
             worker_bandwidth: None,
             next_connection: 0,
             indications_sent: 0,
+            realms: Vec::new(),
         }
     }
 
@@ -145,10 +164,26 @@ impl Snapshot {
     pub fn from_bytes(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         let (version, _) =
             postcard::take_from_bytes::<u32>(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        if version != VERSION {
-            return Err(SnapshotError::Version(version));
+        let malformed = |e: postcard::Error| SnapshotError::Malformed(e.to_string());
+        match version {
+            VERSION => postcard::from_bytes(bytes).map_err(malformed),
+            2 => {
+                let v2: SnapshotV2 = postcard::from_bytes(bytes).map_err(malformed)?;
+                debug_assert_eq!(v2.version, 2);
+                Ok(Snapshot {
+                    version: VERSION,
+                    taken_unix_ms: v2.taken_unix_ms,
+                    allocations: v2.allocations,
+                    ports: v2.ports,
+                    budgets: v2.budgets,
+                    worker_bandwidth: v2.worker_bandwidth,
+                    next_connection: v2.next_connection,
+                    indications_sent: v2.indications_sent,
+                    realms: Vec::new(),
+                })
+            }
+            v => Err(SnapshotError::Version(v)),
         }
-        postcard::from_bytes(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))
     }
 }
 
@@ -257,6 +292,12 @@ impl Server {
                 mobility: a.mobility,
             })
             .collect();
+        let realms = self
+            .allocations
+            .iter()
+            .filter(|(id, a)| include(&a.key) && self.movable(*id, a))
+            .map(|(_, a)| self.realms.get(a.realm).name().to_owned())
+            .collect();
         let ports = self.ports.each_ref().map(|p| {
             let (cursor, holds) = p.walk();
             PortsState {
@@ -273,6 +314,7 @@ impl Server {
             worker_bandwidth: self.worker_bandwidth.map(|[p, c]| [r.bucket(p), r.bucket(c)]),
             next_connection: self.next_connection,
             indications_sent: self.stats.indications_sent,
+            realms,
         }
     }
 
@@ -306,7 +348,9 @@ impl Server {
             elapsed: i64::try_from(unix_ms.saturating_sub(snapshot.taken_unix_ms)).unwrap_or(i64::MAX),
         };
         let mut relays: Vec<(usize, Option<usize>)> = Vec::new();
+        let mut realms = snapshot.realms.into_iter();
         for s in snapshot.allocations {
+            let realm = realms.next().unwrap_or_default();
             let Some(l) = listener(ListenerId(s.listener)) else {
                 continue;
             };
@@ -314,7 +358,8 @@ impl Server {
                 listener: l,
                 client: s.client,
             };
-            let Some(allocation) = restore_allocation(&s, key, r, self.config.allocation_bandwidth) else {
+            let Some(allocation) = restore_allocation(&s, &realm, key, r, &self.realms) else {
+                tracing::info!(user = %s.username, realm, "allocation not taken over: its realm is not configured");
                 continue;
             };
             let ids: Vec<usize> = allocation.relay_ids().map(|i| i.0 as usize).collect();
@@ -384,7 +429,11 @@ impl Server {
                 p.take_specific(relay.bound.port());
             }
         }
-        self.quotas.restore(&allocation.username, allocation.key.client.ip());
+        self.quotas.restore(
+            self.realms.get(allocation.realm).name(),
+            &allocation.username,
+            allocation.key.client.ip(),
+        );
         let (key, mobility) = (allocation.key, allocation.mobility);
         let id = self.allocations.insert(allocation);
         if let Some(m) = mobility {
@@ -450,12 +499,18 @@ impl Server {
     }
 }
 
+/// One allocation of a snapshot, in realm `realm` (by name; empty: the
+/// default realm). `None` when its realm is not configured here, or its
+/// key does not decode.
 pub(super) fn restore_allocation(
     s: &AllocationState,
+    realm: &str,
     key: ClientKey,
     r: Rebase,
-    bandwidth: Rate,
+    realms: &Realms,
 ) -> Option<Allocation> {
+    let realm = if realm.is_empty() { 0 } else { realms.index_of(realm)? };
+    let bandwidth = realms.get(realm).allocation_bandwidth;
     let algorithm = if s.password_algorithm == PasswordAlgorithm::Sha256.number() {
         PasswordAlgorithm::Sha256
     } else {
@@ -514,6 +569,8 @@ pub(super) fn restore_allocation(
         mobility: s.mobility,
         scheduled: None,
         swept: s.swept_ms.map(|t| r.instant(t)),
+        bandwidth,
+        realm,
         shaper: match (s.shaper, bandwidth.is_off()) {
             (_, true) => None,
             (Some([p, c]), false) => Some(Box::new([r.unbucket(p), r.unbucket(c)])),

@@ -45,7 +45,7 @@ pub struct Stats {
     pub bandwidth_dropped_packets: u64,
     pub bandwidth_dropped_bytes: u64,
     /// Allocations refused for quota: per user, per client IP address, in total.
-    pub quota_refusals: [u64; 3],
+    pub quota_refusals: [u64; 4],
     /// Requests by method: binding, allocate, refresh, create_permission,
     /// channel_bind, connect, connection_bind, other.
     pub requests: [u64; 8],
@@ -190,6 +190,7 @@ impl Stats {
             super::QuotaRefusal::User => 0,
             super::QuotaRefusal::Address => 1,
             super::QuotaRefusal::Total => 2,
+            super::QuotaRefusal::Realm => 3,
         };
         if let Some(n) = self.quota_refusals.get_mut(i) {
             *n += 1;

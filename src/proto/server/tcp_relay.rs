@@ -34,7 +34,8 @@ impl Server {
         };
         let relay = a.relay_for(&peer).ok_or(Refusal::FamilyMismatch)?.id;
         // The same rule as for UDP peers: CVE-2020-26262 came through this path.
-        permissions::counted(&mut self.stats, &peer, self.policy.check(&peer)).map_err(|_| Refusal::Forbidden)?;
+        permissions::counted(&mut self.stats, &peer, self.realms.get(a.realm).policy.check(&peer))
+            .map_err(|_| Refusal::Forbidden)?;
         if a.connections >= self.config.max_connections {
             return Err(Refusal::TooManyConnections);
         }
@@ -156,7 +157,7 @@ impl Server {
         key: ClientKey,
         alloc_id: Option<usize>,
         msg: &Message<'_>,
-        username: &str,
+        (realm, username): (RealmIndex, &str),
         signing: Signing<'_>,
         out: &mut [u8],
     ) -> RequestResult {
@@ -172,7 +173,11 @@ impl Server {
         if !matches!(c.state, TcpConnectionState::AwaitingBind { .. }) {
             return Err(BAD_REQUEST);
         }
-        if self.allocations.get(c.alloc).is_none_or(|a| a.username != username) {
+        if self
+            .allocations
+            .get(c.alloc)
+            .is_none_or(|a| a.username != username || a.realm != realm)
+        {
             return Err(Refusal::WrongCredentials);
         }
         if let Some(c) = self.tcp_connections.get_mut(&connection) {

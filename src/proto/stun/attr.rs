@@ -49,6 +49,9 @@ pub mod kind {
     pub const OTHER_ADDRESS: u16 = 0x802C;
     // RFC 8016
     pub const MOBILITY_TICKET: u16 = 0x8030;
+    // draft-ietf-tram-stun-origin (as coturn reads it): the web origin of
+    // the page that made the request; it may select a realm.
+    pub const ORIGIN: u16 = 0x802F;
     // RFC 8445 (ICE); known so that ICE connectivity checks are not answered with 420.
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
