@@ -14,6 +14,8 @@ pub struct RawClient {
     pub tcp: Option<TcpStream>,
     server: SocketAddr,
     user: String,
+    /// The realm of the server's first 401 (the one the key is for).
+    pub realm: String,
     pub key: LongTermKey,
     pub nonce: String,
     tid: u8,
@@ -38,18 +40,21 @@ impl RawClient {
     fn open(server: SocketAddr, user: &str, password: &str, tcp: Option<TcpStream>) -> RawClient {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let key = LongTermKey::derive(PasswordAlgorithm::Md5, user, "test.local", password);
         let mut c = RawClient {
             socket,
             tcp,
             server,
             user: user.to_owned(),
-            key,
+            realm: String::new(),
+            key: LongTermKey::derive(PasswordAlgorithm::Md5, user, "", password),
             nonce: String::new(),
             tid: 0,
         };
         let resp = c.request(Method::ALLOCATE, false, |w| w.requested_transport(17).unwrap());
-        c.nonce = Message::parse(&resp).unwrap().nonce().unwrap().unwrap().to_owned();
+        let m = Message::parse(&resp).unwrap();
+        c.nonce = m.nonce().unwrap().unwrap().to_owned();
+        c.realm = m.realm().unwrap().unwrap().to_owned();
+        c.key = LongTermKey::derive(PasswordAlgorithm::Md5, user, &c.realm, password);
         c
     }
 
@@ -60,7 +65,7 @@ impl RawClient {
         f(&mut w);
         if sign {
             w.username(&self.user).unwrap();
-            w.realm("test.local").unwrap();
+            w.realm(&self.realm).unwrap();
             w.nonce(&self.nonce).unwrap();
             w.message_integrity(self.key.hmac_sha1()).unwrap();
         }
