@@ -44,6 +44,9 @@ fn not_carried(key: &str) -> Option<&'static str> {
         }
         "no-multicast-peers" => "multicast peers are always refused",
         "server-name" => "the realm names the server",
+        "check-origin-consistency" => {
+            "needs no setting: an allocation stays in the realm it was made in, whatever ORIGIN later requests carry"
+        }
         "userdb" | "psql-userdb" | "mysql-userdb" | "mongo-userdb" | "redis-userdb" | "redis-statsdb" => {
             "user databases are not supported; list users in [auth] users or use REST secrets"
         }
@@ -289,6 +292,19 @@ alternate_address = \"{b}\"\n"
         }
     }
 
+    if ["userdb", "psql-userdb", "mysql-userdb", "mongo-userdb", "redis-userdb"]
+        .iter()
+        .any(|k| has(k))
+    {
+        notes.push(
+            "realms other than realm= live in coturn's database (turnadmin -r REALM, -O ORIGIN, \
+             --set-realm-option): write `realm = ...` as a [[realm]] table (the first is the default) \
+             and add one [[realm]] per database realm with its users, secrets, origins and \
+             user_quota / total_quota / max_bps (bits/s: coturn's realm max-bps times 8)"
+                .into(),
+        );
+    }
+
     if has("prometheus") {
         let port = one("prometheus-port").unwrap_or_else(|| "9641".into());
         out.push_str(&format!("\n[metrics]\nlisten = \"0.0.0.0:{port}\"\n"));
@@ -461,6 +477,15 @@ verbose
         assert_eq!(c.stun.alternate_address, Some("192.0.2.2".parse().unwrap()));
         assert_eq!(c.stun.alternate_port, Some(3480));
         assert!(!i.notes.iter().any(|n| n.contains("5780")), "{:?}", i.notes);
+        let i = import("realm=x\nuserdb=/var/lib/turn/turndb\ncheck-origin-consistency\n");
+        assert!(i.notes.iter().any(|n| n.contains("[[realm]]")), "{:?}", i.notes);
+        assert!(
+            i.notes
+                .iter()
+                .any(|n| n.starts_with("check-origin-consistency") && n.contains("stays in the realm")),
+            "{:?}",
+            i.notes
+        );
         let i = import(
             "realm=x\nlistening-ip=192.0.2.1\nlistening-ip=192.0.2.2\nno-rfc5780\npidfile=/run/t.pid\nmobility\n",
         );

@@ -566,13 +566,33 @@ fn run(config: Config, demo: bool, path: Option<PathBuf>, log: LogHandle) -> std
         }
         if let Some((listener, a)) = admin {
             let fallback = config.relay.external_address.unwrap_or(config.relay.address);
-            let api = turnstile::ops::admin::CredentialApi::new(
+            // Each realm's credentials come with the listeners serving it;
+            // a realm only an ORIGIN selects is reached on the default's.
+            let tables = config.realm_tables();
+            let default = started.listeners_of(&config.realm, true);
+            let mut api = turnstile::ops::admin::CredentialApi::new(
                 a.token.clone(),
-                config.auth.secrets.first().cloned(),
-                (&started.udp, &started.tcp, &started.tls),
+                tables.first().and_then(|t| t.secrets.first().cloned()),
+                (&default.0, &default.1, &default.2),
                 a.public_host.as_deref(),
                 fallback,
-            );
+            )
+            .default_realm(&config.realm);
+            for t in tables.iter().skip(1) {
+                let own = started.listeners_of(&t.name, false);
+                let l = if own.0.is_empty() && own.1.is_empty() && own.2.is_empty() {
+                    &default
+                } else {
+                    &own
+                };
+                api = api.with_realm(
+                    &t.name,
+                    t.secrets.first().cloned(),
+                    (&l.0, &l.1, &l.2),
+                    a.public_host.as_deref(),
+                    fallback,
+                );
+            }
             let admin = turnstile::ops::admin::AdminApi {
                 credentials: api,
                 started: started.clone(),

@@ -318,15 +318,7 @@ impl Harness {
 
     /// An authenticated request with MESSAGE-INTEGRITY (SHA-1) and FINGERPRINT.
     pub fn signed(&mut self, method: Method, c: &Creds, f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
-        let tid = self.tid();
-        build(Class::Request, method, tid, |w| {
-            f(w);
-            w.username(&c.user).unwrap();
-            w.realm(REALM).unwrap();
-            w.nonce(&c.nonce).unwrap();
-            w.message_integrity(c.key.hmac_sha1()).unwrap();
-            w.fingerprint().unwrap();
-        })
+        self.signed_in(method, REALM, c, f)
     }
 
     /// Like [`Harness::signed`], in `realm` (`c.key` derived for it).

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+
 use common::raw::{RawClient, code};
 use common::uclient::{self, EchoPeer};
 use common::{TestServer, free_port_pair};
@@ -48,6 +50,10 @@ realm = "games.example"
 
 [metrics]
 listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "admin-token-0123456789"
 
 [relay]
 address = "127.0.0.1"
@@ -178,4 +184,55 @@ fn a_realms_own_quota_an_origin_and_a_reload_that_moves_a_listener() {
     let meet_client = &mut held[4];
     let r = meet_client.request(Method::REFRESH, true, |w| w.lifetime(600).unwrap());
     assert_eq!(code(&r), 0, "an allocation keeps its realm across the reload");
+}
+
+#[test]
+fn the_credential_api_hands_out_each_realms_credentials_with_its_listeners() {
+    use turnstile::proto::auth::rest;
+    let port = free_port_pair();
+    let server = TestServer::start(&config(port, 3));
+    let token = Some("admin-token-0123456789");
+    for (realm, secret, own, other) in [
+        (None, "meet-rest-secret", port, port + 1),
+        (Some("meet.example"), "meet-rest-secret", port, port + 1),
+        (Some("games.example"), "games-rest-secret", port + 1, port),
+    ] {
+        let body = match realm {
+            Some(r) => format!("{{\"realm\": \"{r}\", \"user\": \"player\"}}"),
+            None => "{\"user\": \"player\"}".to_owned(),
+        };
+        let (status, text) = server.admin_request("POST", "/v1/ice-servers", token, &body);
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let entry = &v["iceServers"][0];
+        let username = entry["username"].as_str().unwrap();
+        assert_eq!(
+            entry["credential"].as_str().unwrap(),
+            rest::password(secret.as_bytes(), username)
+        );
+        let urls: Vec<&str> = entry["urls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert!(
+            urls.iter().any(|u| u.contains(&format!(":{own}"))),
+            "{realm:?}: {urls:?}"
+        );
+        assert!(
+            !urls.iter().any(|u| u.contains(&format!(":{other}"))),
+            "{realm:?}: {urls:?}"
+        );
+        // And the credential works there.
+        let mut c = RawClient::connect_as(
+            SocketAddr::from(([127, 0, 0, 1], own)),
+            username,
+            entry["credential"].as_str().unwrap(),
+        );
+        let r = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+        assert_eq!(code(&r), 0, "{realm:?}");
+    }
+    let (status, _) = server.admin_request("GET", "/v1/ice-servers?realm=nowhere.example", token, "");
+    assert_eq!(status, 404);
 }

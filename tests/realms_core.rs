@@ -370,3 +370,45 @@ fn a_snapshot_carries_each_allocations_realm() {
         .collect();
     assert_eq!(left, vec![REALM.to_owned()]);
 }
+
+#[test]
+fn a_format_2_snapshot_still_restores_into_the_default_realm() {
+    use turnstile::proto::server::snapshot::{Snapshot, VERSION};
+    let mut h = Harness::new();
+    let c = h.creds("alice", "secret");
+    h.allocate(&c);
+    let mut snapshot = h.server.export(h.now.instant, h.now.unix * 1000, |_| true);
+    assert_eq!(snapshot.realms, vec![REALM.to_owned()]);
+    // Format 2 is format 3 without the trailing realm names: the version
+    // (one varint byte) says 2 and the empty list's length byte goes.
+    snapshot.realms.clear();
+    let mut bytes = snapshot.to_bytes();
+    assert_eq!((bytes[0], bytes.last()), (3, Some(&0)));
+    bytes[0] = 2;
+    bytes.pop();
+    let back = Snapshot::from_bytes(&bytes).unwrap();
+    assert_eq!(back.version, VERSION);
+    assert_eq!(back.allocations.len(), 1);
+    let mut fresh = harness();
+    fresh.now = h.now;
+    let relays = fresh
+        .server
+        .restore(back, h.now.instant, h.now.unix * 1000, Some, false)
+        .unwrap();
+    assert_eq!(relays.len(), 1);
+    let realms: Vec<String> = fresh
+        .server
+        .allocations_info(h.now)
+        .into_iter()
+        .map(|a| a.realm)
+        .collect();
+    assert_eq!(realms, vec![REALM.to_owned()]);
+    // Any other version is refused by name.
+    bytes[0] = 1;
+    assert!(
+        Snapshot::from_bytes(&bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("format 1")
+    );
+}

@@ -287,6 +287,31 @@ impl Started {
         Ok(())
     }
 
+    /// The bound UDP, TCP and TLS listeners whose new clients `realm`
+    /// serves: those naming it, and for the default realm those naming
+    /// none (RFC 5780's extra sockets left out).
+    pub fn listeners_of(&self, realm: &str, default: bool) -> (Vec<SocketAddr>, Vec<SocketAddr>, Vec<SocketAddr>) {
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
+        let Ok(listening) = self.listening.lock() else {
+            return out;
+        };
+        for (l, addr, _) in listening.iter().flatten() {
+            let serves = match &l.realm {
+                Some(r) => r == realm,
+                None => default,
+            };
+            if !serves || l.alternate.is_some() {
+                continue;
+            }
+            match l.transport {
+                Transport::Udp => out.0.push(*addr),
+                Transport::Tcp => out.1.push(*addr),
+                Transport::Tls => out.2.push(*addr),
+            }
+        }
+        out
+    }
+
     /// A process started by a live upgrade: every worker starts serving.
     pub fn serve(&self) {
         if let Ok(mut gates) = self.gates.lock() {

@@ -25,9 +25,41 @@ pub struct CredentialApi {
     /// fixed-size digests compared in constant time, so neither the bytes
     /// nor the length of the token show in the time an answer takes.
     token_digest: [u8; 32],
+    /// The default realm first, then the others (`realm` in a request).
+    realms: Vec<RealmUrls>,
+}
+
+/// One realm's REST secret and the URLs of the listeners serving it.
+#[derive(Debug, Clone)]
+struct RealmUrls {
+    name: String,
     secret: Option<String>,
     stun: Vec<String>,
     turn: Vec<String>,
+}
+
+/// The stun: and turn: URLs of these (udp, tcp, tls) listeners.
+fn urls(
+    listeners: (&[SocketAddr], &[SocketAddr], &[SocketAddr]),
+    public_host: Option<&str>,
+    fallback: IpAddr,
+) -> (Vec<String>, Vec<String>) {
+    let (udp, tcp, tls) = listeners;
+    let host = |a: &SocketAddr| url_host(a, public_host, fallback);
+    let stun = udp.iter().map(|a| format!("stun:{}:{}", host(a), a.port())).collect();
+    let turn = udp
+        .iter()
+        .map(|a| format!("turn:{}:{}?transport=udp", host(a), a.port()))
+        .chain(
+            tcp.iter()
+                .map(|a| format!("turn:{}:{}?transport=tcp", host(a), a.port())),
+        )
+        .chain(
+            tls.iter()
+                .map(|a| format!("turns:{}:{}?transport=tcp", host(a), a.port())),
+        )
+        .collect();
+    (stun, turn)
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -73,27 +105,39 @@ impl CredentialApi {
         public_host: Option<&str>,
         fallback: IpAddr,
     ) -> CredentialApi {
-        let (udp, tcp, tls) = listeners;
-        let host = |a: &SocketAddr| url_host(a, public_host, fallback);
-        let stun = udp.iter().map(|a| format!("stun:{}:{}", host(a), a.port())).collect();
-        let turn = udp
-            .iter()
-            .map(|a| format!("turn:{}:{}?transport=udp", host(a), a.port()))
-            .chain(
-                tcp.iter()
-                    .map(|a| format!("turn:{}:{}?transport=tcp", host(a), a.port())),
-            )
-            .chain(
-                tls.iter()
-                    .map(|a| format!("turns:{}:{}?transport=tcp", host(a), a.port())),
-            )
-            .collect();
         CredentialApi {
             token_digest: digest(&token),
+            realms: Vec::new(),
+        }
+        .with_realm("", secret, listeners, public_host, fallback)
+    }
+
+    /// The default realm's name (a request may name it too).
+    pub fn default_realm(mut self, name: &str) -> CredentialApi {
+        if let Some(r) = self.realms.first_mut() {
+            name.clone_into(&mut r.name);
+        }
+        self
+    }
+
+    /// Another realm, asked for with `realm` in a request: credentials
+    /// from its first REST secret, URLs of the listeners serving it.
+    pub fn with_realm(
+        mut self,
+        name: &str,
+        secret: Option<String>,
+        listeners: (&[SocketAddr], &[SocketAddr], &[SocketAddr]),
+        public_host: Option<&str>,
+        fallback: IpAddr,
+    ) -> CredentialApi {
+        let (stun, turn) = urls(listeners, public_host, fallback);
+        self.realms.push(RealmUrls {
+            name: name.to_owned(),
             secret,
             stun,
             turn,
-        }
+        });
+        self
     }
 
     pub fn authorized(&self, req: &Request) -> bool {
@@ -102,9 +146,9 @@ impl CredentialApi {
             .is_some_and(|given| crate::proto::stun::integrity::ct_eq(&digest(given), &self.token_digest))
     }
 
-    /// A REST username and password valid for `ttl` seconds from now.
-    fn credential(&self, user: &str, ttl: u64) -> Option<(String, String)> {
-        let secret = self.secret.as_ref()?;
+    /// A REST username and password of `realm` valid for `ttl` seconds from now.
+    fn credential(realm: &RealmUrls, user: &str, ttl: u64) -> Option<(String, String)> {
+        let secret = realm.secret.as_ref()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -162,12 +206,30 @@ impl CredentialApi {
             (_, ["v1", "ice-servers"]) => return Response::json(405, json!({"error": "use GET or POST"}).to_string()),
             _ => return Response::json(404, json!({"error": "not found"}).to_string()),
         }
-        let Some((username, credential)) = self.credential(&user, ttl) else {
+        // `realm` picks one of several realms; none (or the first's name): the default.
+        let asked = match body.get("realm") {
+            Some(serde_json::Value::String(r)) => Some(r.clone()),
+            Some(_) => return Response::json(400, json!({"error": "realm must be a string"}).to_string()),
+            None => req.query_param("realm"),
+        };
+        let realm = match asked {
+            None => self.realms.first(),
+            Some(name) => match self.realms.iter().find(|r| r.name == name) {
+                Some(r) => Some(r),
+                None => return Response::json(404, json!({"error": "no such realm"}).to_string()),
+            },
+        };
+        let Some(realm) = realm else {
+            return Response::json(404, json!({"error": "no such realm"}).to_string());
+        };
+        let Some((username, credential)) = Self::credential(realm, &user, ttl) else {
             return Response::json(
                 503,
-                json!({"error": "no REST secret configured ([auth] secrets)"}).to_string(),
+                json!({"error": "no REST secret configured for this realm ([auth] secrets, [[realm]] secrets)"})
+                    .to_string(),
             );
         };
+        let (stun, turn) = (&realm.stun, &realm.turn);
         tracing::info!(
             admin = %peer_of(req),
             user = %username,
@@ -178,14 +240,14 @@ impl CredentialApi {
             // 201 with STUN and TURN as separate entries, like the hosted API.
             let body = json!({
                 "iceServers": [
-                    {"urls": self.stun},
-                    {"urls": self.turn, "username": username, "credential": credential},
+                    {"urls": stun},
+                    {"urls": turn, "username": username, "credential": credential},
                 ]
             });
             Response::json(201, body.to_string())
         } else {
-            let mut urls = self.stun.clone();
-            urls.extend(self.turn.iter().cloned());
+            let mut urls = stun.clone();
+            urls.extend(turn.iter().cloned());
             let body = json!({
                 "iceServers": [{"urls": urls, "username": username, "credential": credential}],
                 "ttl": ttl,
