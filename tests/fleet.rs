@@ -57,10 +57,15 @@ impl Redis {
 
     /// coturn's `turnadmin`, pointed at this Redis.
     fn turnadmin(&self, args: &[&str]) {
+        self.turnadmin_in(REALM, args);
+    }
+
+    /// The same, in `realm`.
+    fn turnadmin_in(&self, realm: &str, args: &[&str]) {
         let db = format!("ip=127.0.0.1 port={} dbname=0", self.port);
         let out = Command::new("turnadmin")
             .args(args)
-            .args(["-r", REALM, "-N", &db])
+            .args(["-r", realm, "-N", &db])
             .output()
             .expect("turnadmin (Debian package coturn)");
         assert!(
@@ -547,4 +552,85 @@ fn a_store_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
     assert_eq!(untrusted.counter("turnstile_store_up"), 0.0);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn each_realms_users_and_secrets_come_from_its_own_part_of_the_store() {
+    use turnstile::proto::auth::rest;
+    let redis = Redis::start();
+    // The same name in two realms, with two passwords; a REST secret for
+    // one realm only. All written by coturn's turnadmin.
+    redis.turnadmin(&["-a", "-u", "alice", "-p", "secret"]);
+    redis.turnadmin_in("games.example", &["-a", "-u", "alice", "-p", "arcade"]);
+    redis.turnadmin_in("games.example", &["-s", "games-fleet-secret"]);
+    let n = TestServer::start(&format!(
+        r#"workers = 2
+
+[[realm]]
+name = "{REALM}"
+
+[[realm]]
+name = "games.example"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.11:0"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.11:0"
+realm = "games.example"
+
+[relay]
+address = "127.0.0.11"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[store]
+redis = "redis://127.0.0.1:{}/0"
+"#,
+        redis.port
+    ));
+    assert!(n.wait_counter("turnstile_store_up", 1.0));
+    let (default, games) = (n.udp[0], n.udp[1]);
+    let allocate_at = |at, user: &str, password: &str| {
+        let mut c = RawClient::connect_as(at, user, password);
+        let answer = c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap());
+        (c, code(&answer))
+    };
+    wait_for("games.example's alice from the store", || {
+        allocate_at(games, "alice", "arcade").1 == 0
+    });
+    assert_eq!(allocate_at(games, "alice", "secret").1, 401);
+    assert_eq!(allocate_at(default, "alice", "arcade").1, 401);
+    let (_kept, ok) = allocate_at(default, "alice", "secret");
+    assert_eq!(ok, 0);
+    let user = format!(
+        "{}:carol",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    );
+    let password = rest::password(b"games-fleet-secret", &user);
+    let (_carol, ok) = allocate_at(games, &user, &password);
+    assert_eq!(ok, 0, "games.example's REST secret from the store");
+    assert_eq!(
+        allocate_at(default, &user, &password).1,
+        401,
+        "not the default realm's secret"
+    );
+
+    // Statuses go under each allocation's own realm.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.port)).unwrap();
+    let mut con = client.get_connection().unwrap();
+    for realm in [REALM, "games.example"] {
+        let pattern = format!("turn/realm/{realm}/user/alice/allocation/*/status");
+        wait_for(&format!("a status key in {realm}"), || {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut con).unwrap();
+            !keys.is_empty()
+        });
+    }
 }

@@ -89,6 +89,8 @@ pub enum TcpRelayTask {
 #[derive(Debug, Clone)]
 pub struct AllocationStatus {
     pub user: String,
+    /// Its realm's name.
+    pub realm: String,
     /// Unique on this node: the worker in the top byte, a counter below.
     pub id: u64,
     pub change: StatusChange,
@@ -174,9 +176,9 @@ pub struct Worker {
     /// The bindings gauge as this worker last added to it.
     pub(crate) offload_exported: f64,
     /// With a fleet store: allocation statuses for it, and each
-    /// allocation's id and user.
+    /// allocation's id, user and realm.
     pub(crate) statuses: Option<StatusSender>,
-    status_ids: FxHashMap<ClientKey, (u64, String)>,
+    status_ids: FxHashMap<ClientKey, (u64, String, String)>,
     next_status_id: u64,
 }
 
@@ -420,12 +422,19 @@ pub fn run_outputs(w: &mut Worker, now: Now) {
 fn report_status(w: &mut Worker, output: &Output, now: Now) {
     let lifetime = |expires: Instant| expires.saturating_duration_since(now.instant).as_secs();
     let status = match output {
-        Output::AllocationCreated { key, user, expires, .. } => {
+        Output::AllocationCreated {
+            key,
+            user,
+            realm,
+            expires,
+            ..
+        } => {
             w.next_status_id += 1;
             let id = ((w.index as u64) << 56) | w.next_status_id;
-            w.status_ids.insert(*key, (id, user.clone()));
+            w.status_ids.insert(*key, (id, user.clone(), realm.clone()));
             AllocationStatus {
                 user: user.clone(),
+                realm: realm.clone(),
                 id,
                 change: StatusChange::New {
                     lifetime: lifetime(*expires),
@@ -433,8 +442,9 @@ fn report_status(w: &mut Worker, output: &Output, now: Now) {
             }
         }
         Output::AllocationRefreshed { key, expires } => match w.status_ids.get(key) {
-            Some((id, user)) => AllocationStatus {
+            Some((id, user, realm)) => AllocationStatus {
                 user: user.clone(),
+                realm: realm.clone(),
                 id: *id,
                 change: StatusChange::Refreshed {
                     lifetime: lifetime(*expires),
@@ -443,8 +453,9 @@ fn report_status(w: &mut Worker, output: &Output, now: Now) {
             None => return,
         },
         Output::AllocationEnded { key, traffic, .. } => match w.status_ids.remove(key) {
-            Some((id, user)) => AllocationStatus {
+            Some((id, user, realm)) => AllocationStatus {
                 user,
+                realm,
                 id,
                 change: StatusChange::Deleted { traffic: *traffic },
             },

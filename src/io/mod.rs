@@ -33,4 +33,6 @@ pub mod udp;
 pub mod worker;
 pub mod xdp;
 
-pub use start::{Frozen, Inheritance, Started, StoreContents, WorkerInheritance, start, start_with, transport_name};
+pub use start::{
+    Frozen, Inheritance, RealmContents, Started, StoreContents, WorkerInheritance, start, start_with, transport_name,
+};

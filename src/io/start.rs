@@ -115,11 +115,22 @@ fn duplicates<'a>(sockets: impl Iterator<Item = BorrowedFd<'a>>) -> io::Result<V
 /// added to the configured ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreContents {
-    /// Name and MD5 long-term key.
+    /// The default realm's users: name and MD5 long-term key.
+    pub users: Vec<(String, [u8; 16])>,
+    /// The default realm's REST secrets.
+    pub secrets: Vec<String>,
+    /// Users refused for now (revocations), in every realm.
+    pub revoked: Vec<String>,
+    /// The users and secrets of the other configured realms.
+    pub realms: Vec<RealmContents>,
+}
+
+/// One non-default realm's part of the fleet store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RealmContents {
+    pub name: String,
     pub users: Vec<(String, [u8; 16])>,
     pub secrets: Vec<String>,
-    /// Users refused for now (revocations).
-    pub revoked: Vec<String>,
 }
 
 /// The loaded XDP program (or nothing, in a build without the feature).
@@ -285,6 +296,15 @@ impl Started {
             }
         }
         Ok(())
+    }
+
+    /// The names of the realms other than the default in the configuration
+    /// in force (the fleet store reads their users and secrets too).
+    pub fn other_realms(&self) -> Vec<String> {
+        self.applied
+            .lock()
+            .map(|a| a.0.realm_tables().into_iter().skip(1).map(|t| t.name).collect())
+            .unwrap_or_default()
     }
 
     /// The bound UDP, TCP and TLS listeners whose new clients `realm`
@@ -457,24 +477,25 @@ pub fn realms(
     let mut built = Vec::new();
     for (i, table) in config.realm_tables().into_iter().enumerate() {
         let users = table.users.iter().map(|(u, p)| (u.as_str(), p.as_str()));
+        let (stored_users, stored_secrets) = if i == 0 {
+            (&store.users[..], &store.secrets[..])
+        } else {
+            match store.realms.iter().find(|r| r.name == table.name) {
+                Some(r) => (&r.users[..], &r.secrets[..]),
+                None => (&[][..], &[][..]),
+            }
+        };
         let mut secrets = table.secrets.clone();
-        if i == 0 {
-            secrets.extend(store.secrets.iter().filter(|s| !table.secrets.contains(s)).cloned());
-        }
+        secrets.extend(stored_secrets.iter().filter(|s| !table.secrets.contains(s)).cloned());
         let credentials = Credentials::new(&table.name, users, &secrets, nonce_secret, config.auth.nonce_lifetime)
             .map_err(|e| {
                 io::Error::other(format!(
                     "realm {:?}: users.{}: password cannot be prepared",
                     table.name, e.0
                 ))
-            })?;
-        let credentials = if i == 0 {
-            credentials
-                .with_md5_users(store.users.iter().cloned())
-                .with_revoked(store.revoked.iter().cloned())
-        } else {
-            credentials
-        };
+            })?
+            .with_md5_users(stored_users.iter().cloned())
+            .with_revoked(store.revoked.iter().cloned());
         let policy = if table.peers == crate::config::Peers::default() {
             base.clone()
         } else {

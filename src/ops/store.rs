@@ -5,7 +5,9 @@
 //! - `turn/realm/<realm>/user/<name>/key`: hex of the MD5 long-term key,
 //!   MD5(name:realm:password), as `turnadmin -a -N …` writes it;
 //! - `turn/realm/<realm>/secret`: a set of REST secrets
-//!   (`turnadmin -s SECRET -N …`).
+//!   (`turnadmin -s SECRET -N …`),
+//!
+//! for the default realm and each other `[[realm]]` (`turnadmin -r REALM`).
 //!
 //! The whole of it is read once a second and handed to the workers as a
 //! reload would; nothing on the packet path ever touches the store.
@@ -80,6 +82,14 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                     }
                     let (revoked, posted, lists) = exchanged?;
                     let mut contents = read(c, &realm).await?;
+                    for name in started.other_realms() {
+                        let other = read(c, &name).await?;
+                        contents.realms.push(crate::io::RealmContents {
+                            name,
+                            users: other.users,
+                            secrets: other.secrets,
+                        });
+                    }
                     contents.revoked = revoked;
                     Ok((contents, others, posted, lists))
                 }
@@ -148,6 +158,7 @@ async fn publish_statuses(
     let mut any = false;
     while let Ok(s) = rx.try_recv() {
         any = true;
+        let realm = if s.realm.is_empty() { realm } else { s.realm.as_str() };
         let base = format!("turn/realm/{realm}/user/{}/allocation/{:018}", s.user, s.id);
         let status = format!("{base}/status");
         match s.change {
@@ -389,6 +400,7 @@ async fn read(c: &mut redis::aio::MultiplexedConnection, realm: &str) -> redis::
         users,
         secrets,
         revoked: Vec::new(),
+        realms: Vec::new(),
     })
 }
 

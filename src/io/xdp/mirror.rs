@@ -362,6 +362,7 @@ mod tests {
             &Output::AllocationCreated {
                 key,
                 user: "alice".into(),
+                realm: "r".into(),
                 relays: [Some((RelayId(7), sa("198.18.1.1:50000"))), None],
                 expires: Instant::now(),
             },
@@ -479,6 +480,7 @@ mod tests {
             &Output::AllocationCreated {
                 key: stream,
                 user: "alice".into(),
+                realm: "r".into(),
                 relays: [Some((RelayId(8), sa("198.18.1.1:50001"))), None],
                 expires: Instant::now(),
             },

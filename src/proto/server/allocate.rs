@@ -419,6 +419,7 @@ impl Server {
         self.outputs.push_back(Output::AllocationCreated {
             key: p.key,
             user: p.username.clone(),
+            realm: self.realms.get(p.realm).name().to_owned(),
             relays: relays.map(|r| r.map(|r| (r.id, r.bound))),
             expires,
         });

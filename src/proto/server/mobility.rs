@@ -178,6 +178,7 @@ impl Server {
         let mut events = vec![Output::AllocationCreated {
             key,
             user: a.username.clone(),
+            realm: self.realms.get(a.realm).name().to_owned(),
             relays: a.relays.map(|x| x.map(|x| (x.id, x.bound))),
             expires: a.expires,
         }];

@@ -156,6 +156,8 @@ pub enum Output {
     AllocationCreated {
         key: ClientKey,
         user: String,
+        /// The name of its realm.
+        realm: String,
         relays: [Option<(RelayId, SocketAddr)>; 2],
         expires: Instant,
     },
