@@ -17,6 +17,42 @@ fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
+/// coturn's Redis connection string ("ip=… dbname=… password=… port=…")
+/// as a redis:// URL.
+fn redis_url(db: &str) -> Option<String> {
+    let mut host = "127.0.0.1".to_owned();
+    let (mut port, mut dbname, mut password) = ("6379".to_owned(), "0".to_owned(), None);
+    for part in db.split_whitespace() {
+        let (k, v) = part.split_once('=')?;
+        match k {
+            "ip" | "host" => v.clone_into(&mut host),
+            "port" => v.clone_into(&mut port),
+            "dbname" | "database" => v.clone_into(&mut dbname),
+            "password" => password = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    if port.parse::<u16>().is_err() || dbname.parse::<u32>().is_err() {
+        return None;
+    }
+    let host = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]"),
+        Err(_) => host,
+    };
+    // Reserved characters of a password are percent-encoded.
+    let auth = password.map_or_else(String::new, |p| {
+        let encoded: String = p
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!(":{encoded}@")
+    });
+    Some(format!("redis://{auth}{host}:{port}/{dbname}"))
+}
+
 /// "a.b.c.d" or "a.b.c.d-e.f.g.h" (coturn's peer-ip syntax) as CIDRs.
 fn ranges(value: &str) -> Option<Vec<IpNet>> {
     let (a, b) = value.split_once('-').unwrap_or((value, value));
@@ -47,9 +83,10 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "check-origin-consistency" => {
             "needs no setting: an allocation stays in the realm it was made in, whatever ORIGIN later requests carry"
         }
-        "userdb" | "psql-userdb" | "mysql-userdb" | "mongo-userdb" | "redis-userdb" | "redis-statsdb" => {
-            "user databases are not supported; list users in [auth] users or use REST secrets"
+        "userdb" | "psql-userdb" | "mysql-userdb" | "mongo-userdb" => {
+            "only a Redis user database is read ([store] redis); list users in [auth] users or use REST secrets"
         }
+        "redis-statsdb" => "allocation statuses are published to [store] redis, the user database",
         "oauth" | "server-relay" | "no-auth" | "secure-stun" | "stun-only" | "no-stun" => "this mode is not offered",
         "no-tlsv1" | "no-tlsv1_1" => "already the behaviour: TLS 1.0 and 1.1 are never offered",
         "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "no-tlsv1_2" | "ca-file" => {
@@ -305,6 +342,13 @@ alternate_address = \"{b}\"\n"
         );
     }
 
+    if let Some(db) = one("redis-userdb") {
+        match redis_url(&db) {
+            Some(url) => out.push_str(&format!("\n[store]\nredis = {}\n", quote(&url))),
+            None => notes.push(format!("redis-userdb={db}: not understood; set [store] redis by hand")),
+        }
+    }
+
     if has("prometheus") {
         let port = one("prometheus-port").unwrap_or_else(|| "9641".into());
         out.push_str(&format!("\n[metrics]\nlisten = \"0.0.0.0:{port}\"\n"));
@@ -349,6 +393,7 @@ alternate_address = \"{b}\"\n"
         "max-allocate-lifetime",
         "max-bps",
         "bps-capacity",
+        "redis-userdb",
     ];
     for key in values.keys() {
         if handled.contains(&key.as_str()) {
@@ -477,6 +522,15 @@ verbose
         assert_eq!(c.stun.alternate_address, Some("192.0.2.2".parse().unwrap()));
         assert_eq!(c.stun.alternate_port, Some(3480));
         assert!(!i.notes.iter().any(|n| n.contains("5780")), "{:?}", i.notes);
+        let i = import("realm=x\nredis-userdb=\"ip=10.0.0.9 dbname=2 password=p@ss port=6380 connect_timeout=30\"\n");
+        let c = Config::from_toml(&i.toml, "imported").unwrap();
+        assert_eq!(
+            c.store.map(|s| s.redis).as_deref(),
+            Some("redis://:p%40ss@10.0.0.9:6380/2"),
+            "{}",
+            i.toml
+        );
+        assert!(i.notes.iter().any(|n| n.contains("[[realm]]")), "{:?}", i.notes);
         let i = import("realm=x\nuserdb=/var/lib/turn/turndb\ncheck-origin-consistency\n");
         assert!(i.notes.iter().any(|n| n.contains("[[realm]]")), "{:?}", i.notes);
         assert!(
