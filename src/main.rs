@@ -238,6 +238,7 @@ fn sessions_table(json: &str) -> Option<String> {
     let list = v.get("allocations")?.as_array()?;
     let mut rows = vec![[
         "USER".to_owned(),
+        "REALM".to_owned(),
         "CLIENT".to_owned(),
         "TRANSPORT".to_owned(),
         "RELAY".to_owned(),
@@ -284,6 +285,7 @@ fn sessions_table(json: &str) -> Option<String> {
             };
         rows.push([
             text(a, "user"),
+            text(a, "realm"),
             text(a, "client"),
             transport,
             relays.join(" "),

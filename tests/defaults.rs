@@ -318,11 +318,14 @@ fn sessions_and_kick_as_an_operator_types_them() {
     let table = cli(&["sessions"]);
     let header = table.lines().next().unwrap();
     assert!(
-        header.starts_with("USER") && header.contains("CLIENT") && header.contains("EXPIRES"),
+        header.starts_with("USER")
+            && header.contains("REALM")
+            && header.contains("CLIENT")
+            && header.contains("EXPIRES"),
         "{table}"
     );
     assert!(
-        table.contains("1999999999:phone-42") && table.contains("alice"),
+        table.contains("1999999999:phone-42") && table.contains("alice") && table.contains("test.local"),
         "{table}"
     );
     assert!(table.trim_end().ends_with("2 allocation(s)"), "{table}");
