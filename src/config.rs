@@ -831,6 +831,16 @@ impl Config {
                 ));
             }
         }
+        if self.store.is_none() {
+            for t in self.realm_tables().iter().skip(usize::from(self.realms.is_empty())) {
+                if t.users.is_empty() && t.secrets.is_empty() {
+                    out.push(format!(
+                        "realm {:?} has no users and no secrets: no client can authenticate in it",
+                        t.name
+                    ));
+                }
+            }
+        }
         if let Some(m) = &self.metrics
             && !m.listen.ip().is_loopback()
         {
@@ -1290,5 +1300,14 @@ max_lifetime = 3600
         assert!(e.contains("\"nope\" is not configured"), "{e}");
         let e = bad("[[realm]]\nname = \"\"\n");
         assert!(e.contains("name"), "{e}");
+        // Valid, but nobody could use realm b.
+        let c = Config::from_toml(
+            &format!("[[realm]]\nname = \"a\"\nsecrets = [\"s\"]\n[[realm]]\nname = \"b\"\n{LISTEN}"),
+            "f",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert!(w.iter().any(|w| w.contains("realm \"b\" has no users")), "{w:?}");
+        assert!(!w.iter().any(|w| w.contains("realm \"a\"")), "{w:?}");
     }
 }
