@@ -44,6 +44,10 @@ enum Command {
         /// The username; a REST user is also matched by the name after its
         /// expiry (`phone-42` ends `1796528208:phone-42`).
         user: String,
+        /// Only the user of this realm (with `[[realm]]` tables, the same
+        /// name in another realm is another user); default: every realm.
+        #[arg(long)]
+        realm: Option<String>,
     },
     /// Refuse a user on every node of the fleet for a while and end its
     /// allocations (a REST user is matched by the name after its expiry).
@@ -74,16 +78,14 @@ fn main() -> ExitCode {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/etc/turnstile/turnstile.toml"));
         let (method, target, body) = match cmd {
-            Command::Kick { user } => (
-                "DELETE",
-                format!(
-                    "/v1/allocations?{}",
-                    form_urlencoded::Serializer::new(String::new())
-                        .append_pair("user", user)
-                        .finish()
-                ),
-                String::new(),
-            ),
+            Command::Kick { user, realm } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query.append_pair("user", user);
+                if let Some(r) = realm {
+                    query.append_pair("realm", r);
+                }
+                ("DELETE", format!("/v1/allocations?{}", query.finish()), String::new())
+            }
             Command::Revoke { user, ttl } => (
                 "POST",
                 "/v1/revocations".to_owned(),

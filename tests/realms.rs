@@ -235,4 +235,39 @@ fn the_credential_api_hands_out_each_realms_credentials_with_its_listeners() {
     }
     let (status, _) = server.admin_request("GET", "/v1/ice-servers?realm=nowhere.example", token, "");
     assert_eq!(status, 404);
+
+    // `turnstile kick alice --realm games.example` ends games' alice only.
+    let mut games_alice = RawClient::connect_as(SocketAddr::from(([127, 0, 0, 1], port + 1)), "alice", "arcade");
+    let mut meet_alice = RawClient::connect_as(SocketAddr::from(([127, 0, 0, 1], port)), "alice", "secret");
+    for c in [&mut games_alice, &mut meet_alice] {
+        assert_eq!(
+            code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap())),
+            0
+        );
+    }
+    // The command finds the admin listener in the configuration: the one
+    // the server bound, as an operator's file would name it.
+    let cli_config = server.dir().join("cli.toml");
+    let admin = server.admin.unwrap();
+    std::fs::write(
+        &cli_config,
+        config(port, 3).replace(
+            "listen = \"127.0.0.1:0\"\ntoken",
+            &format!("listen = \"{admin}\"\ntoken"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["kick", "alice", "--realm", "games.example", "--config"])
+        .arg(&cli_config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"deleted":1}"#);
+    assert_eq!(code(&games_alice.request(Method::REFRESH, true, |_| {})), 437);
+    assert_eq!(
+        code(&meet_alice.request(Method::REFRESH, true, |_| {})),
+        0,
+        "meet.example's alice is another user"
+    );
 }

@@ -120,7 +120,7 @@ fn a_stream_client_is_closed_when_its_allocation_expires_or_is_kicked_not_when_i
     h.key.client.set_port(40001);
     let c = h.creds("alice", "secret");
     h.allocate(&c);
-    assert_eq!(h.server.kick(Some("alice"), None), 1);
+    assert_eq!(h.server.kick(Some("alice"), None, None), 1);
     h.drain();
     assert!(
         h.commands.contains(&Output::CloseClient {

@@ -428,12 +428,13 @@ impl Started {
     }
 
     /// Deletes allocations by user and/or client address on every worker.
-    pub fn kick(&self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+    pub fn kick(&self, user: Option<&str>, client: Option<SocketAddr>, realm: Option<&str>) -> usize {
         let (tx, rx) = std::sync::mpsc::channel();
         for c in &self.controls {
             let _ = c.send(worker::WorkerControl::Kick {
                 user: user.map(str::to_owned),
                 client,
+                realm: realm.map(str::to_owned),
                 reply: tx.clone(),
             });
         }

@@ -41,6 +41,7 @@ pub enum WorkerControl {
     Kick {
         user: Option<String>,
         client: Option<SocketAddr>,
+        realm: Option<String>,
         reply: std::sync::mpsc::Sender<usize>,
     },
     /// The fleet's least loaded other node, for 300 Try Alternate.
@@ -359,8 +360,13 @@ async fn controls(shared: Shared, streams: Rc<Streams>, mut rx: ControlReceiver)
                 let _ = done.send(());
             }
             WorkerControl::Freeze { .. } => {}
-            WorkerControl::Kick { user, client, reply } => {
-                let n = w.server.kick(user.as_deref(), client);
+            WorkerControl::Kick {
+                user,
+                client,
+                realm,
+                reply,
+            } => {
+                let n = w.server.kick(user.as_deref(), client, realm.as_deref());
                 run_outputs(&mut w, now());
                 let _ = reply.send(n);
             }

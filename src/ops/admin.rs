@@ -336,6 +336,7 @@ impl AdminApi {
             }
             "DELETE" => {
                 let user = req.query_param("user");
+                let realm = req.query_param("realm");
                 let client = match req.query_param("client").map(|c| c.parse::<SocketAddr>()) {
                     Some(Ok(c)) => Some(c),
                     Some(Err(_)) => return Response::json(400, json!({"error": "client is ip:port"}).to_string()),
@@ -347,12 +348,13 @@ impl AdminApi {
                 // A user's allocations end on every node of a fleet (the
                 // others within a second); a client address is this node's.
                 let deleted = match (&user, client) {
-                    (Some(u), None) => self.fleet.kick_everywhere(u),
-                    _ => self.started.kick(user.as_deref(), client),
+                    (Some(u), None) => self.fleet.kick_everywhere(u, realm.as_deref()),
+                    _ => self.started.kick(user.as_deref(), client, realm.as_deref()),
                 };
                 tracing::info!(
                     admin = %peer_of(req),
                     user = user.as_deref().unwrap_or(""),
+                    realm = realm.as_deref().unwrap_or("*"),
                     client = %client.map(|c| c.to_string()).unwrap_or_default(),
                     deleted,
                     "admin: allocations deleted"

@@ -20,6 +20,28 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A kick as it travels through the store: the user name alone (every
+/// realm, as every version writes it), or JSON `{"user", "realm"}` for one
+/// realm, or for a name that itself starts with `{`.
+pub fn encode_kick(user: &str, realm: Option<&str>) -> String {
+    match realm {
+        None if !user.starts_with('{') => user.to_owned(),
+        _ => serde_json::json!({ "user": user, "realm": realm }).to_string(),
+    }
+}
+
+/// The user and realm of a kick read from the store; `None` for a value
+/// that names no user.
+pub fn decode_kick(value: &str) -> Option<(String, Option<String>)> {
+    if !value.starts_with('{') {
+        return Some((value.to_owned(), None));
+    }
+    let v: serde_json::Value = serde_json::from_str(value).ok()?;
+    let user = v.get("user")?.as_str()?.to_owned();
+    let realm = v.get("realm").and_then(|r| r.as_str()).map(str::to_owned);
+    Some((user, realm))
+}
+
 #[derive(Default)]
 struct State {
     /// What the store holds (users, secrets, revocations).
@@ -28,7 +50,7 @@ struct State {
     local_revocations: BTreeMap<String, u64>,
     /// The revoked set the workers have now.
     applied_revoked: BTreeSet<String>,
-    /// For the store: revocations (user, seconds) and kicks (user) to spread.
+    /// For the store: revocations (user, seconds) and kicks (encoded) to spread.
     outbox_revocations: Vec<(String, u64)>,
     outbox_kicks: Vec<String>,
     /// Kicks from other nodes already carried out: key → when seen.
@@ -68,11 +90,12 @@ impl Fleet {
         self.apply();
     }
 
-    /// Ends `user`'s allocations here now and on the other nodes within a
-    /// second (through the store); returns how many ended here.
-    pub fn kick_everywhere(&self, user: &str) -> usize {
-        self.state.borrow_mut().outbox_kicks.push(user.to_owned());
-        self.started.kick(Some(user), None)
+    /// Ends `user`'s allocations (in `realm`, or in every realm) here now
+    /// and on the other nodes within a second (through the store); returns
+    /// how many ended here.
+    pub fn kick_everywhere(&self, user: &str, realm: Option<&str>) -> usize {
+        self.state.borrow_mut().outbox_kicks.push(encode_kick(user, realm));
+        self.started.kick(Some(user), None, realm)
     }
 
     /// What the store task should write: revocations and kicks.
@@ -98,17 +121,24 @@ impl Fleet {
             let mut s = self.state.borrow_mut();
             s.store = contents;
             s.others = others;
-            for (key, user) in kicks {
-                if s.seen_kicks.insert(key, now).is_none() {
-                    to_kick.push(user);
+            for (key, value) in kicks {
+                if s.seen_kicks.insert(key, now).is_none()
+                    && let Some(kick) = decode_kick(&value)
+                {
+                    to_kick.push(kick);
                 }
             }
             // Kick keys live 10 s in the store; remembered a little longer.
             s.seen_kicks.retain(|_, seen| now.saturating_sub(*seen) < 30);
         }
-        for user in to_kick {
-            let n = self.started.kick(Some(&user), None);
-            tracing::info!(user, deleted = n, "allocations deleted on another node's request");
+        for (user, realm) in to_kick {
+            let n = self.started.kick(Some(&user), None, realm.as_deref());
+            tracing::info!(
+                user,
+                realm = realm.as_deref().unwrap_or("*"),
+                deleted = n,
+                "allocations deleted on another node's request"
+            );
         }
         self.apply();
     }
@@ -154,8 +184,34 @@ impl Fleet {
             tracing::warn!("applying the fleet's users and revocations: {e}");
         }
         for user in newly {
-            let n = self.started.kick(Some(&user), None);
+            let n = self.started.kick(Some(&user), None, None);
             tracing::info!(user, deleted = n, "user revoked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kicks_travel_as_a_plain_name_or_json_and_come_back_the_same() {
+        for (user, realm) in [
+            ("alice", None),
+            ("1796528208:phone-42", None),
+            ("alice", Some("games.example")),
+            ("{\"user\":\"x\"}", None),
+            ("{odd", Some("r")),
+        ] {
+            let encoded = encode_kick(user, realm);
+            assert_eq!(
+                decode_kick(&encoded),
+                Some((user.to_owned(), realm.map(str::to_owned))),
+                "{encoded}"
+            );
+        }
+        // Every version writes a realm-less kick as the bare name.
+        assert_eq!(encode_kick("alice", None), "alice");
+        assert_eq!(decode_kick("{not json"), None);
     }
 }

@@ -171,12 +171,14 @@ impl Server {
         self.stats.peer_to_client_bytes += t.to_client_bytes;
     }
 
-    pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>) -> usize {
+    pub fn kick(&mut self, user: Option<&str>, client: Option<SocketAddr>, realm: Option<&str>) -> usize {
         let ids: Vec<usize> = self
             .allocations
             .iter()
             .filter(|(_, a)| {
-                user.is_none_or(|u| names_user(&a.username, u)) && client.is_none_or(|c| a.key.client == c)
+                user.is_none_or(|u| names_user(&a.username, u))
+                    && client.is_none_or(|c| a.key.client == c)
+                    && realm.is_none_or(|r| self.realms.get(a.realm).name() == r)
             })
             .map(|(id, _)| id)
             .collect();
