@@ -634,3 +634,55 @@ redis = "redis://127.0.0.1:{}/0"
         });
     }
 }
+
+#[test]
+fn a_realms_quotas_count_the_whole_fleet() {
+    let redis = Redis::start();
+    // games.example: one allocation per user, two in all, across the fleet.
+    let games_node = |ip: &str| {
+        TestServer::start(&format!(
+            r#"workers = 2
+
+[[realm]]
+name = "{REALM}"
+
+[[realm]]
+name = "games.example"
+users = {{ alice = "arcade", bob = "arcade", carol = "arcade" }}
+user_quota = 1
+total_quota = 2
+
+[[listen]]
+transport = "udp"
+address = "{ip}:0"
+realm = "games.example"
+
+[relay]
+address = "{ip}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[store]
+redis = "redis://127.0.0.1:{}/0"
+"#,
+            redis.port
+        ))
+    };
+    let nodes = [games_node("127.0.0.11"), games_node("127.0.0.12")];
+    for n in &nodes {
+        assert!(n.wait_counter("turnstile_store_up", 1.0));
+    }
+    let (_a, first) = allocate(&nodes[0], "alice", "arcade");
+    assert_eq!(first, 0);
+    // Leases are written and read once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_a2, again) = allocate(&nodes[1], "alice", "arcade");
+    assert_eq!(again, 486, "alice holds games.example's one per user on the other node");
+    let (_b, second) = allocate(&nodes[1], "bob", "arcade");
+    assert_eq!(second, 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_c, third) = allocate(&nodes[0], "carol", "arcade");
+    assert_eq!(third, 486, "games.example holds its two across the fleet");
+    assert!(nodes[0].wait_counter("turnstile_quota_refusals_total{quota=\"realm\"}", 1.0));
+}

@@ -13,7 +13,7 @@
 //! reload would; nothing on the packet path ever touches the store.
 //!
 //! Fleet-wide quotas: every second each node writes what it holds, per user
-//! and in total, as a lease (`turnstile/node/<id>/quota`, a hash, expiring
+//! (of each realm), per realm and in total, as a lease (`turnstile/node/<id>/quota`, a hash, expiring
 //! after [`LEASE`]) and reads the others' leases into its quota checks. A
 //! node that dies stops holding quota when its lease runs out; two nodes
 //! granting the last place within the same second may overshoot by one.
@@ -64,13 +64,13 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                     if let Some(rx) = statuses.as_mut() {
                         publish_statuses(c, &realm, rx).await?;
                     }
-                    let (per_user, total) = started.quotas.local();
+                    let local = started.quotas.local();
                     let me = Node {
                         draining: started.is_draining(),
-                        total,
+                        total: local.total,
                         ..me
                     };
-                    let others = lease(c, &node, &me, &per_user).await?;
+                    let others = lease(c, &node, &me, &local).await?;
                     let (revocations, kicks) = fleet.take_outbox();
                     let mine = allocations_json(&started, &node);
                     let exchanged = exchange(c, &node, &revocations, &kicks, &mine).await;
@@ -97,8 +97,9 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok((contents, (others, others_total, nodes), kicks, lists))) => {
+            Ok(Ok((contents, (others, others_total, others_realms, nodes), kicks, lists))) => {
                 started.quotas.set_remote(others, others_total);
+                started.quotas.set_remote_realms(others_realms);
                 let best = if store.redirect { least_loaded(&nodes) } else { None };
                 if best != alternate {
                     alternate = best;
@@ -125,6 +126,7 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                 // Alone until the store is back: quotas count this node only,
                 // and no other node is known to take Allocates.
                 started.quotas.set_remote(Default::default(), 0);
+                started.quotas.set_remote_realms(Default::default());
                 if alternate.take().is_some() {
                     started.set_fleet_alternate(None);
                 }
@@ -321,7 +323,18 @@ fn least_loaded(nodes: &[Node]) -> Option<std::net::SocketAddr> {
         .map(|(_, a)| a)
 }
 
-type Leases = (std::collections::HashMap<String, u32>, u32, Vec<Node>);
+type Leases = (
+    std::collections::HashMap<String, u32>,
+    u32,
+    crate::proto::server::RemoteRealms,
+    Vec<Node>,
+);
+
+/// Lease field of a user's count in a realm other than the default: the
+/// JSON pair after a prefix, since either name may hold any character.
+fn realm_user_field(realm: &str, user: &str) -> String {
+    format!("realm-user/{}", serde_json::json!([realm, user]))
+}
 
 /// Renews this node's lease (its quota holdings, address and state) and
 /// reads the other nodes' leases.
@@ -329,7 +342,7 @@ async fn lease(
     c: &mut redis::aio::MultiplexedConnection,
     node: &str,
     me: &Node,
-    per_user: &[(String, u32)],
+    local: &crate::proto::server::LocalCounts,
 ) -> redis::RedisResult<Leases> {
     let mine = format!("turnstile/node/{node}/quota");
     let mut p = redis::pipe();
@@ -340,8 +353,14 @@ async fn lease(
     if let Some(a) = me.address {
         p.hset(&mine, "addr", a.to_string());
     }
-    for (user, n) in per_user {
+    for (user, n) in &local.users {
         p.hset(&mine, format!("user/{user}"), *n);
+    }
+    for ((realm, user), n) in &local.realm_users {
+        p.hset(&mine, realm_user_field(realm, user), *n);
+    }
+    for (realm, n) in &local.realms {
+        p.hset(&mine, format!("realm/{realm}"), *n);
     }
     p.expire(&mine, LEASE.as_secs() as i64);
     p.query_async::<()>(c).await?;
@@ -353,6 +372,7 @@ async fn lease(
         .collect();
     let mut others = std::collections::HashMap::new();
     let mut others_total = 0u32;
+    let mut realms = crate::proto::server::RemoteRealms::default();
     let mut nodes = Vec::new();
     for key in keys {
         let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
@@ -362,8 +382,19 @@ async fn lease(
             total: 0,
         };
         for (field, value) in fields {
+            let count = value.parse::<u32>().unwrap_or(0);
+            if let Some(pair) = field.strip_prefix("realm-user/") {
+                if let Ok((realm, user)) = serde_json::from_str::<(String, String)>(pair) {
+                    *realms.users.entry((realm, user)).or_insert(0) += count;
+                }
+                continue;
+            }
+            if let Some(realm) = field.strip_prefix("realm/") {
+                *realms.totals.entry(realm.to_owned()).or_insert(0) += count;
+                continue;
+            }
             match field.strip_prefix("user/") {
-                Some(user) => *others.entry(user.to_owned()).or_insert(0) += value.parse::<u32>().unwrap_or(0),
+                Some(user) => *others.entry(user.to_owned()).or_insert(0) += count,
                 None if field.is_empty() => n.total = value.parse().unwrap_or(0),
                 None if field == "addr" => n.address = value.parse().ok(),
                 None if field == "draining" => n.draining = value == "1",
@@ -373,7 +404,7 @@ async fn lease(
         others_total += n.total;
         nodes.push(n);
     }
-    Ok((others, others_total, nodes))
+    Ok((others, others_total, realms, nodes))
 }
 
 /// Reads every user key and REST secret of `realm`.

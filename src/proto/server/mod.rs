@@ -53,7 +53,7 @@ pub use binding::NatDiscovery;
 pub use credentials::{AuthFailure, Credentials, IntegritySuite};
 pub use outcome::{ClientOutcome, DropReason, PeerOutcome};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
-pub use quota::{QuotaLimits, QuotaRefusal, Quotas};
+pub use quota::{LocalCounts, QuotaLimits, QuotaRefusal, Quotas, RemoteRealms};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use realm::{Realm, RealmIndex, Realms};
 pub use seam::{BindResult, EndReason, Input, Output};

@@ -80,6 +80,27 @@ pub struct Quotas {
     /// What the other nodes of a fleet hold, per user of the default realm
     /// and in total (from the fleet store; empty for a node alone).
     remote: Mutex<(HashMap<String, u32>, u32)>,
+    /// The same for the other realms: per (realm, user), and per realm.
+    remote_realms: Mutex<RemoteRealms>,
+}
+
+/// What the other nodes of a fleet hold in the realms other than the default.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RemoteRealms {
+    pub users: HashMap<(String, String), u32>,
+    pub totals: HashMap<String, u32>,
+}
+
+/// This node's allocations, as a fleet lease publishes them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LocalCounts {
+    /// Per user of the default realm.
+    pub users: Vec<(String, u32)>,
+    /// Per (realm, user) of the other realms.
+    pub realm_users: Vec<((String, String), u32)>,
+    /// Per realm other than the default.
+    pub realms: Vec<(String, u32)>,
+    pub total: u32,
 }
 
 impl Quotas {
@@ -147,6 +168,11 @@ impl Quotas {
                 (user, r.1)
             })
             .unwrap_or((0, 0));
+        let (mut remote_user, mut remote_realm) = (remote_user, 0);
+        if !is_default && let Ok(r) = self.remote_realms.lock() {
+            remote_user = r.users.get(&(realm.to_owned(), user.to_owned())).copied().unwrap_or(0);
+            remote_realm = r.totals.get(realm).copied().unwrap_or(0);
+        }
         let Ok(mut c) = self.counts.lock() else { return Ok(()) };
         let key = (realm.to_owned(), user.to_owned());
         let in_realm = c.per_realm.get(realm).map_or(0, |r| r.allocations);
@@ -154,7 +180,7 @@ impl Quotas {
         let m = c.per_ip.get(&ip).copied().unwrap_or(0);
         let refusal = if server.total != 0 && c.total + remote_total >= server.total {
             Some(QuotaRefusal::Total)
-        } else if realm_total != 0 && in_realm >= realm_total {
+        } else if realm_total != 0 && in_realm + remote_realm >= realm_total {
             Some(QuotaRefusal::Realm)
         } else if per_user != 0 && n + remote_user >= per_user {
             Some(QuotaRefusal::User)
@@ -216,26 +242,41 @@ impl Quotas {
         }
     }
 
-    /// This node's allocations per user of the default realm, and in
-    /// total, to publish.
-    pub fn local(&self) -> (Vec<(String, u32)>, u32) {
+    /// What the other nodes hold in the realms other than the default.
+    pub fn set_remote_realms(&self, remote: RemoteRealms) {
+        if let Ok(mut r) = self.remote_realms.lock() {
+            *r = remote;
+        }
+    }
+
+    /// This node's allocations per user and realm, and in total, to publish.
+    pub fn local(&self) -> LocalCounts {
         let default = self
             .settings
             .lock()
             .map(|l| l.default_realm.clone())
             .unwrap_or_default();
-        self.counts
-            .lock()
-            .map(|c| {
-                let users = c
-                    .per_user
-                    .iter()
-                    .filter(|((realm, _), _)| *realm == default)
-                    .map(|((_, u), n)| (u.clone(), *n))
-                    .collect();
-                (users, c.total)
-            })
-            .unwrap_or_default()
+        let Ok(c) = self.counts.lock() else {
+            return LocalCounts::default();
+        };
+        let mut out = LocalCounts {
+            total: c.total,
+            ..LocalCounts::default()
+        };
+        for ((realm, user), n) in &c.per_user {
+            if *realm == default {
+                out.users.push((user.clone(), *n));
+            } else {
+                out.realm_users.push(((realm.clone(), user.clone()), *n));
+            }
+        }
+        out.realms = c
+            .per_realm
+            .iter()
+            .filter(|(name, r)| **name != default && r.allocations > 0)
+            .map(|(name, r)| (name.clone(), r.allocations))
+            .collect();
+        out
     }
 
     /// Each realm's counts (the configured realms, and removed ones while
