@@ -43,6 +43,20 @@ pub fn config() -> ServerConfig {
     }
 }
 
+/// The limits of [`config`], as a reload hands them over.
+pub fn allocation_limits() -> crate::proto::server::AllocationLimits {
+    let c = config();
+    crate::proto::server::AllocationLimits {
+        max_lifetime: c.max_lifetime,
+        max_permissions: c.max_permissions,
+        max_channels: c.max_channels,
+        max_connections: c.max_connections,
+        tcp_relay: c.tcp_relay,
+        idle_timeout: c.idle_timeout,
+        mobility: c.mobility,
+    }
+}
+
 /// The harness's users (alice/secret, bob/hunter2) and REST secrets.
 pub fn credentials() -> Credentials {
     Credentials::new(

@@ -203,9 +203,8 @@ fn a_closed_connection_has_no_deadline_left() {
 #[test]
 fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
     use std::sync::Arc;
-    use std::time::Duration;
     use turnstile::proto::server::{
-        AllocationLimits, ClientOutcome, DropReason, OwnRelays, PeerPolicy, Rate, Realm, Realms, Reconfiguration,
+        ClientOutcome, DropReason, OwnRelays, PeerPolicy, Rate, Realm, Realms, Reconfiguration,
     };
 
     let mut h = Harness::new();
@@ -225,15 +224,7 @@ fn a_reload_that_refuses_a_peer_withdraws_its_permission_and_channel() {
             allocation_bandwidth: Rate::OFF,
         })),
         revoke: false,
-        limits: AllocationLimits {
-            max_lifetime: 3600,
-            max_permissions: 8,
-            max_channels: 4,
-            max_connections: 64,
-            tcp_relay: true,
-            idle_timeout: Duration::from_secs(30),
-            mobility: false,
-        },
+        limits: allocation_limits(),
         rates: [Rate::OFF; 2],
     });
     h.drain();

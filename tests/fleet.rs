@@ -554,6 +554,38 @@ fn a_store_over_tls_is_reached_with_rediss_and_its_certificate_checked() {
     let _ = child.wait();
 }
 
+/// A node on `ip` sharing `redis`, with the default realm and
+/// games.example (with these settings), these listeners, then a listener
+/// of games.example.
+fn realm_node(ip: &str, redis: &Redis, games: &str, listeners: &str) -> TestServer {
+    TestServer::start(&format!(
+        r#"workers = 2
+
+[[realm]]
+name = "{REALM}"
+
+[[realm]]
+name = "games.example"
+{games}
+{listeners}
+[[listen]]
+transport = "udp"
+address = "{ip}:0"
+realm = "games.example"
+
+[relay]
+address = "{ip}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[store]
+redis = "redis://127.0.0.1:{}/0"
+"#,
+        redis.port
+    ))
+}
+
 #[test]
 fn each_realms_users_and_secrets_come_from_its_own_part_of_the_store() {
     use turnstile::proto::auth::rest;
@@ -563,35 +595,13 @@ fn each_realms_users_and_secrets_come_from_its_own_part_of_the_store() {
     redis.turnadmin(&["-a", "-u", "alice", "-p", "secret"]);
     redis.turnadmin_in("games.example", &["-a", "-u", "alice", "-p", "arcade"]);
     redis.turnadmin_in("games.example", &["-s", "games-fleet-secret"]);
-    let n = TestServer::start(&format!(
-        r#"workers = 2
-
-[[realm]]
-name = "{REALM}"
-
-[[realm]]
-name = "games.example"
-
-[[listen]]
-transport = "udp"
-address = "127.0.0.11:0"
-
-[[listen]]
-transport = "udp"
-address = "127.0.0.11:0"
-realm = "games.example"
-
-[relay]
-address = "127.0.0.11"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[store]
-redis = "redis://127.0.0.1:{}/0"
-"#,
-        redis.port
-    ));
+    // The default realm's listener first, then games.example's.
+    let n = realm_node(
+        "127.0.0.11",
+        &redis,
+        "",
+        "[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.11:0\"\n",
+    );
     assert!(n.wait_counter("turnstile_store_up", 1.0));
     let (default, games) = (n.udp[0], n.udp[1]);
     let allocate_at = |at, user: &str, password: &str| {
@@ -640,34 +650,12 @@ fn a_realms_quotas_count_the_whole_fleet() {
     let redis = Redis::start();
     // games.example: one allocation per user, two in all, across the fleet.
     let games_node = |ip: &str| {
-        TestServer::start(&format!(
-            r#"workers = 2
-
-[[realm]]
-name = "{REALM}"
-
-[[realm]]
-name = "games.example"
-users = {{ alice = "arcade", bob = "arcade", carol = "arcade" }}
-user_quota = 1
-total_quota = 2
-
-[[listen]]
-transport = "udp"
-address = "{ip}:0"
-realm = "games.example"
-
-[relay]
-address = "{ip}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[store]
-redis = "redis://127.0.0.1:{}/0"
-"#,
-            redis.port
-        ))
+        realm_node(
+            ip,
+            &redis,
+            "users = { alice = \"arcade\", bob = \"arcade\", carol = \"arcade\" }\nuser_quota = 1\ntotal_quota = 2\n",
+            "",
+        )
     };
     let nodes = [games_node("127.0.0.11"), games_node("127.0.0.12")];
     for n in &nodes {

@@ -264,8 +264,7 @@ fn peers_and_bandwidth_are_per_realm() {
 
 #[test]
 fn a_reload_keeps_allocations_of_realms_that_stay_and_ends_those_of_a_removed_realm() {
-    use std::time::Duration;
-    use turnstile::proto::server::{AllocationLimits, Reconfiguration};
+    use turnstile::proto::server::Reconfiguration;
     let mut h = harness();
     h.key = key(0, "192.0.2.50:1000");
     let d = creds_in(&mut h, REALM, "alice", "secret", None);
@@ -273,15 +272,7 @@ fn a_reload_keeps_allocations_of_realms_that_stay_and_ends_those_of_a_removed_re
     h.key = key(1, "192.0.2.51:1000");
     let g = creds_in(&mut h, GAMES, "alice", "arcade", None);
     assert_eq!(allocate_in(&mut h, GAMES, &g, None), 0);
-    let limits = AllocationLimits {
-        max_lifetime: 3600,
-        max_permissions: 8,
-        max_channels: 4,
-        max_connections: 64,
-        tcp_relay: true,
-        idle_timeout: Duration::from_secs(30),
-        mobility: false,
-    };
+    let limits = testing::allocation_limits();
 
     // A third realm first, then games: indexes move, realms stay.
     let arcade = Credentials::new("arcade.example", [("bob", "x")], &[], &[9; 32], 600).unwrap();
