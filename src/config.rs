@@ -1029,6 +1029,7 @@ impl Config {
         }
         for l in &self.listen {
             if let Some(name) = &l.realm
+                && *name != self.realm
                 && !self.realms.iter().any(|r| &r.name == name)
             {
                 return Err(format!(
@@ -1298,6 +1299,8 @@ max_lifetime = 3600
             .unwrap_err()
             .0;
         assert!(e.contains("\"nope\" is not configured"), "{e}");
+        // Naming the one realm of `realm = "a"` is fine.
+        Config::from_toml(&format!("realm = \"a\"\n{LISTEN}realm = \"a\"\n"), "f").unwrap();
         let e = bad("[[realm]]\nname = \"\"\n");
         assert!(e.contains("name"), "{e}");
         // Valid, but nobody could use realm b.

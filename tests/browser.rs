@@ -4,7 +4,8 @@
 //! and TLS, static users and REST credentials; data-channel messages both
 //! ways, fake camera and microphone decoded at the far end, and the selected
 //! candidate pair relay/relay over the expected protocol. Wrong credentials
-//! yield no relay candidate. A six-participant full mesh (`mesh.mjs`) on one
+//! yield no relay candidate; two realms on two listeners each take only
+//! their own users. A six-participant full mesh (`mesh.mjs`) on one
 //! shared static credential, then on a REST credential each, connects every
 //! pair on the default limits.
 
@@ -259,6 +260,94 @@ fn chromium_calls_through_turnstile_over_udp_tcp_and_tls() {
         assert_eq!(r.number("relayCandidates"), 0, "{}: {}", r.name, r.json);
     }
     assert!(server.wait_counter("turnstile_error_responses_total{code=\"401\"}", 2.0));
+}
+
+/// Two tenants on one server, as a chat server and a game would share it:
+/// Chromium relays through games.example's own listener with that realm's
+/// static user and REST secret; the same user name with the other realm's
+/// password, on either listener, gets no relay candidate.
+#[test]
+fn chromium_calls_through_a_realms_own_listener() {
+    let t = tls();
+    let server = TestServer::start(
+        r#"workers = 2
+
+[[realm]]
+name = "meet.example"
+users = { alice = "secret" }
+
+[[realm]]
+name = "games.example"
+users = { alice = "arcade" }
+secrets = ["games-browser-secret"]
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:0"
+
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:0"
+realm = "games.example"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[relay]
+address = "127.0.0.1"
+ports = "64000-64999"
+"#,
+    );
+    let (meet, games) = (server.udp[0], server.udp[1]);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let rest_user = format!("{}:player", now + 3600);
+    let rest_password = turnstile::proto::auth::rest::password(b"games-browser-secret", &rest_user);
+    let variants = vec![
+        serde_json_like::variant(
+            "games-static",
+            &ice(&format!("turn:{games}?transport=udp"), "alice", "arcade"),
+            false,
+            40_000,
+        ),
+        serde_json_like::variant(
+            "games-rest",
+            &ice(&format!("turn:{games}?transport=udp"), &rest_user, &rest_password),
+            false,
+            40_000,
+        ),
+        serde_json_like::variant(
+            "meet-password-on-games",
+            &ice(&format!("turn:{games}?transport=udp"), "alice", "secret"),
+            true,
+            20_000,
+        ),
+        serde_json_like::variant(
+            "games-password-on-meet",
+            &ice(&format!("turn:{meet}?transport=udp"), "alice", "arcade"),
+            true,
+            20_000,
+        ),
+    ];
+    let results = run(&t.spki, &variants);
+    assert_eq!(results.len(), variants.len());
+    for r in results.iter().take(2) {
+        assert_eq!(r.field("ok").as_deref(), Some("true"), "{}: {}", r.name, r.json);
+        assert_eq!(r.number("messagesReceived"), 600, "{}", r.name);
+        assert!(
+            r.json.contains(r#""local":"relay","remote":"relay""#),
+            "{}: {}",
+            r.name,
+            r.json
+        );
+    }
+    for r in results.iter().skip(2) {
+        assert_eq!(r.field("ok").as_deref(), Some("true"), "{}: {}", r.name, r.json);
+        assert_eq!(r.number("relayCandidates"), 0, "{}: {}", r.name, r.json);
+    }
+    assert!(server.wait_counter(
+        "turnstile_realm_allocations_granted_total{realm=\"games.example\"}",
+        4.0
+    ));
 }
 
 /// The harness can fail: with a deliberately broken setting — a relay port
