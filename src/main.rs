@@ -56,6 +56,9 @@ enum Command {
         /// How long, in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Only the user of this realm; default: every realm.
+        #[arg(long)]
+        realm: Option<String>,
     },
     /// Upgrade the running server to the binary now installed, keeping its
     /// allocations: signals it (SIGUSR2) through [server] pid_file or the
@@ -86,10 +89,10 @@ fn main() -> ExitCode {
                 }
                 ("DELETE", format!("/v1/allocations?{}", query.finish()), String::new())
             }
-            Command::Revoke { user, ttl } => (
+            Command::Revoke { user, ttl, realm } => (
                 "POST",
                 "/v1/revocations".to_owned(),
-                serde_json::json!({ "user": user, "ttl": ttl }).to_string(),
+                serde_json::json!({ "user": user, "ttl": ttl, "realm": realm }).to_string(),
             ),
             _ => ("GET", "/v1/allocations".to_owned(), String::new()),
         };

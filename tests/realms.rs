@@ -270,4 +270,25 @@ fn the_credential_api_hands_out_each_realms_credentials_with_its_listeners() {
         0,
         "meet.example's alice is another user"
     );
+
+    // A revocation in games.example refuses games' alice only.
+    let (status, body) = server.admin_request(
+        "POST",
+        "/v1/revocations",
+        token,
+        r#"{"user": "alice", "realm": "games.example", "ttl": 60}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let allocate_at = |port: u16, password: &str| {
+        let mut c = RawClient::connect_as(SocketAddr::from(([127, 0, 0, 1], port)), "alice", password);
+        code(&c.request(Method::ALLOCATE, true, |w| w.requested_transport(17).unwrap()))
+    };
+    assert_eq!(allocate_at(port + 1, "arcade"), 401, "revoked in games.example");
+    assert_eq!(
+        code(&meet_alice.request(Method::REFRESH, true, |_| {})),
+        0,
+        "not revoked in meet.example"
+    );
+    assert_eq!(allocate_at(port, "secret"), 0);
+    assert!(server.wait_counter("turnstile_auth_failures_total{reason=\"revoked\"}", 1.0));
 }

@@ -119,7 +119,8 @@ pub struct StoreContents {
     pub users: Vec<(String, [u8; 16])>,
     /// The default realm's REST secrets.
     pub secrets: Vec<String>,
-    /// Users refused for now (revocations), in every realm.
+    /// Users refused for now (revocations): a name alone for every realm,
+    /// or one realm's user (`crate::ops::fleet::encode_scoped`).
     pub revoked: Vec<String>,
     /// The users and secrets of the other configured realms.
     pub realms: Vec<RealmContents>,
@@ -496,7 +497,7 @@ pub fn realms(
                 ))
             })?
             .with_md5_users(stored_users.iter().cloned())
-            .with_revoked(store.revoked.iter().cloned());
+            .with_revoked(revoked_in(&store.revoked, &table.name));
         let policy = if table.peers == crate::config::Peers::default() {
             base.clone()
         } else {
@@ -520,6 +521,16 @@ pub fn realms(
         .flat_map(|r| r.origins.iter().map(|o| (o.as_str(), r.name.as_str())))
         .collect();
     Ok(Arc::new(Realms::new(default, built.collect(), &listeners, &origins)))
+}
+
+/// The users revoked in `realm`: those revoked everywhere and those
+/// revoked in it (revocations as the fleet store holds them).
+fn revoked_in<'a>(revoked: &'a [String], realm: &'a str) -> impl Iterator<Item = String> + 'a {
+    revoked
+        .iter()
+        .filter_map(|r| crate::ops::fleet::decode_scoped(r))
+        .filter(move |(_, r)| r.as_deref().is_none_or(|r| r == realm))
+        .map(|(user, _)| user)
 }
 
 /// Each realm's quotas, for the shared counts.

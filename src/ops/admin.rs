@@ -395,9 +395,20 @@ impl AdminApi {
                 }
             },
         };
-        self.fleet.revoke(&user, ttl);
-        tracing::info!(admin = %peer_of(req), user, ttl, "admin: user revoked");
-        Response::json(200, json!({ "revoked": user, "ttl": ttl }).to_string())
+        let realm = match body.get("realm") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(r)) => Some(r.clone()),
+            Some(_) => return Response::json(400, json!({"error": "realm is a string"}).to_string()),
+        };
+        self.fleet.revoke(&user, realm.as_deref(), ttl);
+        tracing::info!(
+            admin = %peer_of(req),
+            user,
+            realm = realm.as_deref().unwrap_or("*"),
+            ttl,
+            "admin: user revoked"
+        );
+        Response::json(200, json!({ "revoked": user, "realm": realm, "ttl": ttl }).to_string())
     }
 }
 

@@ -20,19 +20,20 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A kick as it travels through the store: the user name alone (every
-/// realm, as every version writes it), or JSON `{"user", "realm"}` for one
-/// realm, or for a name that itself starts with `{`.
-pub fn encode_kick(user: &str, realm: Option<&str>) -> String {
+/// A user named by a kick or a revocation, as it travels through the
+/// store: the user name alone (every realm, as every version writes it),
+/// or JSON `{"user", "realm"}` for one realm, or for a name that itself
+/// starts with `{`.
+pub fn encode_scoped(user: &str, realm: Option<&str>) -> String {
     match realm {
         None if !user.starts_with('{') => user.to_owned(),
         _ => serde_json::json!({ "user": user, "realm": realm }).to_string(),
     }
 }
 
-/// The user and realm of a kick read from the store; `None` for a value
-/// that names no user.
-pub fn decode_kick(value: &str) -> Option<(String, Option<String>)> {
+/// The user and realm of a kick or revocation read from the store; `None`
+/// for a value that names no user.
+pub fn decode_scoped(value: &str) -> Option<(String, Option<String>)> {
     if !value.starts_with('{') {
         return Some((value.to_owned(), None));
     }
@@ -79,13 +80,19 @@ impl Fleet {
         }
     }
 
-    /// Refuses `user` (a REST user by the name after its expiry) on every
-    /// node for `ttl` seconds, and ends its allocations.
-    pub fn revoke(&self, user: &str, ttl: u64) {
+    /// Refuses `user` (a REST user by the name after its expiry), in
+    /// `realm` or in every realm, on every node for `ttl` seconds, and ends
+    /// its allocations.
+    pub fn revoke(&self, user: &str, realm: Option<&str>, ttl: u64) {
+        self.revoke_scoped(encode_scoped(user, realm), ttl);
+    }
+
+    /// The same, for a revocation as the store holds it ([`encode_scoped`]).
+    pub fn revoke_scoped(&self, scoped: String, ttl: u64) {
         {
             let mut s = self.state.borrow_mut();
-            s.local_revocations.insert(user.to_owned(), unix_now() + ttl);
-            s.outbox_revocations.push((user.to_owned(), ttl));
+            s.local_revocations.insert(scoped.clone(), unix_now() + ttl);
+            s.outbox_revocations.push((scoped, ttl));
         }
         self.apply();
     }
@@ -94,7 +101,7 @@ impl Fleet {
     /// and on the other nodes within a second (through the store); returns
     /// how many ended here.
     pub fn kick_everywhere(&self, user: &str, realm: Option<&str>) -> usize {
-        self.state.borrow_mut().outbox_kicks.push(encode_kick(user, realm));
+        self.state.borrow_mut().outbox_kicks.push(encode_scoped(user, realm));
         self.started.kick(Some(user), None, realm)
     }
 
@@ -123,7 +130,7 @@ impl Fleet {
             s.others = others;
             for (key, value) in kicks {
                 if s.seen_kicks.insert(key, now).is_none()
-                    && let Some(kick) = decode_kick(&value)
+                    && let Some(kick) = decode_scoped(&value)
                 {
                     to_kick.push(kick);
                 }
@@ -183,9 +190,14 @@ impl Fleet {
         if let Err(e) = self.started.set_store(contents) {
             tracing::warn!("applying the fleet's users and revocations: {e}");
         }
-        for user in newly {
-            let n = self.started.kick(Some(&user), None, None);
-            tracing::info!(user, deleted = n, "user revoked");
+        for (user, realm) in newly.iter().filter_map(|r| decode_scoped(r)) {
+            let n = self.started.kick(Some(&user), None, realm.as_deref());
+            tracing::info!(
+                user,
+                realm = realm.as_deref().unwrap_or("*"),
+                deleted = n,
+                "user revoked"
+            );
         }
     }
 }
@@ -195,7 +207,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kicks_travel_as_a_plain_name_or_json_and_come_back_the_same() {
+    fn kicks_and_revocations_travel_as_a_plain_name_or_json_and_come_back_the_same() {
         for (user, realm) in [
             ("alice", None),
             ("1796528208:phone-42", None),
@@ -203,15 +215,15 @@ mod tests {
             ("{\"user\":\"x\"}", None),
             ("{odd", Some("r")),
         ] {
-            let encoded = encode_kick(user, realm);
+            let encoded = encode_scoped(user, realm);
             assert_eq!(
-                decode_kick(&encoded),
+                decode_scoped(&encoded),
                 Some((user.to_owned(), realm.map(str::to_owned))),
                 "{encoded}"
             );
         }
         // Every version writes a realm-less kick as the bare name.
-        assert_eq!(encode_kick("alice", None), "alice");
-        assert_eq!(decode_kick("{not json"), None);
+        assert_eq!(encode_scoped("alice", None), "alice");
+        assert_eq!(decode_scoped("{not json"), None);
     }
 }

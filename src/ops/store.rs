@@ -76,8 +76,8 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                     let exchanged = exchange(c, &node, &revocations, &kicks, &mine).await;
                     if exchanged.is_err() {
                         // Not written: try again next time.
-                        for (user, ttl) in revocations {
-                            fleet.revoke(&user, ttl);
+                        for (scoped, ttl) in revocations {
+                            fleet.revoke_scoped(scoped, ttl);
                         }
                     }
                     let (revoked, posted, lists) = exchanged?;
