@@ -304,7 +304,7 @@ impl Started {
     pub fn other_realms(&self) -> Vec<String> {
         self.applied
             .lock()
-            .map(|a| a.0.realm_tables().into_iter().skip(1).map(|t| t.name).collect())
+            .map(|a| a.0.realms.iter().skip(1).map(|t| t.name.clone()).collect())
             .unwrap_or_default()
     }
 

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use crate::io::StoreContents;
 use crate::ops::fleet::Fleet;
+use crate::proto::server::FleetCounts;
 
 /// How often the store is read.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -70,7 +71,7 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                         total: local.total,
                         ..me
                     };
-                    let others = lease(c, &node, &me, &local).await?;
+                    let others = lease(c, &node, &me, &realm, &local).await?;
                     let (revocations, kicks) = fleet.take_outbox();
                     let mine = allocations_json(&started, &node);
                     let exchanged = exchange(c, &node, &revocations, &kicks, &mine).await;
@@ -97,9 +98,8 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok((contents, (others, others_total, others_realms, nodes), kicks, lists))) => {
-                started.quotas.set_remote(others, others_total);
-                started.quotas.set_remote_realms(others_realms);
+            Ok(Ok((contents, (others, nodes), kicks, lists))) => {
+                started.quotas.set_remote(others);
                 let best = if store.redirect { least_loaded(&nodes) } else { None };
                 if best != alternate {
                     alternate = best;
@@ -125,8 +125,7 @@ pub async fn follow(store: crate::config::Store, realm: String, fleet: Rc<Fleet>
                 connection = None;
                 // Alone until the store is back: quotas count this node only,
                 // and no other node is known to take Allocates.
-                started.quotas.set_remote(Default::default(), 0);
-                started.quotas.set_remote_realms(Default::default());
+                started.quotas.set_remote(FleetCounts::default());
                 if alternate.take().is_some() {
                     started.set_fleet_alternate(None);
                 }
@@ -323,27 +322,22 @@ fn least_loaded(nodes: &[Node]) -> Option<std::net::SocketAddr> {
         .map(|(_, a)| a)
 }
 
-type Leases = (
-    std::collections::HashMap<String, u32>,
-    u32,
-    crate::proto::server::RemoteRealms,
-    Vec<Node>,
-);
-
 /// Lease field of a user's count in a realm other than the default: the
-/// JSON pair after a prefix, since either name may hold any character.
+/// JSON pair after a prefix, since either name may hold any character. The
+/// default realm's users keep the `user/<name>` fields earlier versions read.
 fn realm_user_field(realm: &str, user: &str) -> String {
     format!("realm-user/{}", serde_json::json!([realm, user]))
 }
 
 /// Renews this node's lease (its quota holdings, address and state) and
-/// reads the other nodes' leases.
+/// reads the other nodes' leases: what they hold together, and each node.
 async fn lease(
     c: &mut redis::aio::MultiplexedConnection,
     node: &str,
     me: &Node,
-    local: &crate::proto::server::LocalCounts,
-) -> redis::RedisResult<Leases> {
+    default_realm: &str,
+    local: &FleetCounts,
+) -> redis::RedisResult<(FleetCounts, Vec<Node>)> {
     let mine = format!("turnstile/node/{node}/quota");
     let mut p = redis::pipe();
     p.atomic()
@@ -353,11 +347,12 @@ async fn lease(
     if let Some(a) = me.address {
         p.hset(&mine, "addr", a.to_string());
     }
-    for (user, n) in &local.users {
-        p.hset(&mine, format!("user/{user}"), *n);
-    }
-    for ((realm, user), n) in &local.realm_users {
-        p.hset(&mine, realm_user_field(realm, user), *n);
+    for ((realm, user), n) in &local.users {
+        if realm == default_realm {
+            p.hset(&mine, format!("user/{user}"), *n);
+        } else {
+            p.hset(&mine, realm_user_field(realm, user), *n);
+        }
     }
     for (realm, n) in &local.realms {
         p.hset(&mine, format!("realm/{realm}"), *n);
@@ -370,9 +365,7 @@ async fn lease(
         .into_iter()
         .filter(|k| *k != mine)
         .collect();
-    let mut others = std::collections::HashMap::new();
-    let mut others_total = 0u32;
-    let mut realms = crate::proto::server::RemoteRealms::default();
+    let mut others = FleetCounts::default();
     let mut nodes = Vec::new();
     for key in keys {
         let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
@@ -383,28 +376,29 @@ async fn lease(
         };
         for (field, value) in fields {
             let count = value.parse::<u32>().unwrap_or(0);
-            if let Some(pair) = field.strip_prefix("realm-user/") {
-                if let Ok((realm, user)) = serde_json::from_str::<(String, String)>(pair) {
-                    *realms.users.entry((realm, user)).or_insert(0) += count;
-                }
-                continue;
-            }
-            if let Some(realm) = field.strip_prefix("realm/") {
-                *realms.totals.entry(realm.to_owned()).or_insert(0) += count;
-                continue;
-            }
-            match field.strip_prefix("user/") {
-                Some(user) => *others.entry(user.to_owned()).or_insert(0) += count,
-                None if field.is_empty() => n.total = value.parse().unwrap_or(0),
-                None if field == "addr" => n.address = value.parse().ok(),
-                None if field == "draining" => n.draining = value == "1",
-                None => {}
+            let user = if let Some(user) = field.strip_prefix("user/") {
+                Some((default_realm.to_owned(), user.to_owned()))
+            } else if let Some(pair) = field.strip_prefix("realm-user/") {
+                serde_json::from_str::<(String, String)>(pair).ok()
+            } else {
+                None
+            };
+            if let Some(user) = user {
+                *others.users.entry(user).or_insert(0) += count;
+            } else if let Some(realm) = field.strip_prefix("realm/") {
+                *others.realms.entry(realm.to_owned()).or_insert(0) += count;
+            } else if field.is_empty() {
+                n.total = count;
+            } else if field == "addr" {
+                n.address = value.parse().ok();
+            } else if field == "draining" {
+                n.draining = value == "1";
             }
         }
-        others_total += n.total;
+        others.total += n.total;
         nodes.push(n);
     }
-    Ok((others, others_total, realms, nodes))
+    Ok((others, nodes))
 }
 
 /// Reads every user key and REST secret of `realm`.

@@ -46,13 +46,18 @@ pub fn write_cert(dir: &std::path::Path, c: &Cert) {
 
 /// A configuration for tests: loopback, ephemeral ports, metrics on.
 pub fn loopback_config(extra: &str) -> String {
+    loopback_config_on("127.0.0.1:0", extra)
+}
+
+/// The same with the UDP listener on `udp`.
+pub fn loopback_config_on(udp: &str, extra: &str) -> String {
     format!(
         r#"realm = "test.local"
 workers = 2
 
 [[listen]]
 transport = "udp"
-address = "127.0.0.1:0"
+address = "{udp}"
 
 [metrics]
 listen = "127.0.0.1:0"
@@ -418,18 +423,10 @@ pub fn free_port_pair() -> u16 {
 /// A configuration with a UDP listener on 127.0.0.1:`port`, metrics, and
 /// `[stun] rfc5780` (alternate address 127.0.0.2) on or off.
 pub fn rfc5780_config(port: u16, on: bool) -> String {
-    format!(
-        r#"realm = "test.local"
-workers = 2
-
-[[listen]]
-transport = "udp"
-address = "127.0.0.1:{port}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[relay]
+    loopback_config_on(
+        &format!("127.0.0.1:{port}"),
+        &format!(
+            r#"[relay]
 address = "127.0.0.1"
 ports = "62000-62199"
 
@@ -440,6 +437,7 @@ users = {{ alice = "secret" }}
 rfc5780 = {on}
 alternate_address = "127.0.0.2"
 "#
+        ),
     )
 }
 

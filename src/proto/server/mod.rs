@@ -53,7 +53,7 @@ pub use binding::NatDiscovery;
 pub use credentials::{AuthFailure, Credentials, IntegritySuite};
 pub use outcome::{ClientOutcome, DropReason, PeerOutcome};
 pub use peer_policy::{OwnRelays, PeerPolicy, PeerRefusal};
-pub use quota::{LocalCounts, QuotaLimits, QuotaRefusal, Quotas, RemoteRealms};
+pub use quota::{FleetCounts, QuotaLimits, QuotaRefusal, Quotas};
 pub use rate::{Rate, SourceBudgets, TokenBucket};
 pub use realm::{Realm, RealmIndex, Realms};
 pub use seam::{BindResult, EndReason, Input, Output};
@@ -133,9 +133,8 @@ pub struct ServerConfig {
     /// Per-source budget for answers to unauthenticated requests over UDP
     /// (Binding, 401, errors before authentication): this worker's share.
     pub unauthenticated: Rate,
-    /// Relayed bytes per allocation, each direction: the default realm's,
-    /// when the server is made with [`Server::new`] (a realm table carries
-    /// each realm's own).
+    /// Relayed bytes per allocation, each direction, for [`Server::new`]'s
+    /// one realm (a realm table carries each realm's own).
     pub allocation_bandwidth: Rate,
     /// Relayed bytes through this worker, each direction.
     pub worker_bandwidth: Rate,
@@ -487,7 +486,6 @@ impl Server {
         let [unauthenticated, worker_bandwidth] = r.rates;
         self.config.unauthenticated = unauthenticated;
         self.budgets.set_rate(unauthenticated);
-        self.config.allocation_bandwidth = self.realms.default_realm().allocation_bandwidth;
         self.config.worker_bandwidth = worker_bandwidth;
         self.shaping = relay_path::Shaping::of(&self.realms, worker_bandwidth);
         if worker_bandwidth.is_off() {
@@ -621,17 +619,27 @@ impl Server {
                 {
                     // An unsigned answer over UDP may go to a spoofed source:
                     // each source gets a budget of such bytes.
-                    self.stats.unauthenticated_bytes_in += packet.len() as u64;
-                    if !self.budgets.take(key.client.ip(), *len, now.instant) {
-                        self.stats.responses_suppressed += 1;
+                    if !self.pay_unauthenticated(key.client.ip(), packet.len(), *len, now.instant) {
                         return ClientOutcome::Drop(DropReason::RateLimited);
                     }
-                    self.stats.unauthenticated_bytes_out += *len as u64;
                 }
                 outcome
             }
             PacketKind::Other => ClientOutcome::Drop(DropReason::NotTurn),
         }
+    }
+
+    /// Takes an unauthenticated answer of `answer` bytes to a `request`-byte
+    /// request from `source`'s budget, and counts both; false (counted as
+    /// suppressed) when the budget is spent and the answer must not go.
+    fn pay_unauthenticated(&mut self, source: IpAddr, request: usize, answer: usize, now: Instant) -> bool {
+        self.stats.unauthenticated_bytes_in += request as u64;
+        if !self.budgets.take(source, answer, now) {
+            self.stats.responses_suppressed += 1;
+            return false;
+        }
+        self.stats.unauthenticated_bytes_out += answer as u64;
+        true
     }
 
     /// Counts an answer by method and code (control plane: the answer is
@@ -829,12 +837,9 @@ impl Server {
         // From another socket or to another port: the answer goes out as a
         // transmission, paid from the same per-source budget as a reply.
         self.stats.count_response(Method::BINDING, 0);
-        self.stats.unauthenticated_bytes_in += msg.as_bytes().len() as u64;
-        if !self.budgets.take(key.client.ip(), len, now) {
-            self.stats.responses_suppressed += 1;
+        if !self.pay_unauthenticated(key.client.ip(), msg.as_bytes().len(), len, now) {
             return ClientOutcome::Drop(DropReason::RateLimited);
         }
-        self.stats.unauthenticated_bytes_out += len as u64;
         let bytes = out.get(..len).unwrap_or_default().to_vec();
         self.outputs.push_back(Output::Transmit {
             key: ClientKey {

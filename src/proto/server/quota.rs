@@ -66,8 +66,6 @@ struct Settings {
     /// The server's: `per_user` for realms without their own, `total` and
     /// `per_ip` across all realms.
     server: QuotaLimits,
-    /// The default realm's name: the fleet's user counts are its users'.
-    default_realm: String,
     /// Realms with quotas of their own: `per_user`, and `total` within the realm.
     realms: HashMap<String, QuotaLimits>,
 }
@@ -77,29 +75,17 @@ struct Settings {
 pub struct Quotas {
     settings: Mutex<Settings>,
     counts: Mutex<Counts>,
-    /// What the other nodes of a fleet hold, per user of the default realm
-    /// and in total (from the fleet store; empty for a node alone).
-    remote: Mutex<(HashMap<String, u32>, u32)>,
-    /// The same for the other realms: per (realm, user), and per realm.
-    remote_realms: Mutex<RemoteRealms>,
+    /// What the other nodes of a fleet hold together (from the fleet
+    /// store; empty for a node alone).
+    remote: Mutex<FleetCounts>,
 }
 
-/// What the other nodes of a fleet hold in the realms other than the default.
+/// Allocations per (realm, user), per realm and in total: what a node
+/// publishes in its fleet lease, and what the other nodes hold together.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RemoteRealms {
+pub struct FleetCounts {
     pub users: HashMap<(String, String), u32>,
-    pub totals: HashMap<String, u32>,
-}
-
-/// This node's allocations, as a fleet lease publishes them.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct LocalCounts {
-    /// Per user of the default realm.
-    pub users: Vec<(String, u32)>,
-    /// Per (realm, user) of the other realms.
-    pub realm_users: Vec<((String, String), u32)>,
-    /// Per realm other than the default.
-    pub realms: Vec<(String, u32)>,
+    pub realms: HashMap<String, u32>,
     pub total: u32,
 }
 
@@ -132,7 +118,6 @@ impl Quotas {
     pub fn set_realms(&self, default_realm: &str, realms: Vec<(String, QuotaLimits)>) {
         let names: Vec<String> = realms.iter().map(|(n, _)| n.clone()).collect();
         if let Ok(mut l) = self.settings.lock() {
-            default_realm.clone_into(&mut l.default_realm);
             l.realms = realms.into_iter().collect();
         }
         if let Ok(mut c) = self.counts.lock() {
@@ -146,35 +131,29 @@ impl Quotas {
     }
 
     /// Counts one more allocation for `user` of `realm` from `ip`, or
-    /// refuses. The user and total quotas of the default realm count the
-    /// other nodes of a fleet too.
+    /// refuses. The user, realm and total quotas count the other nodes of a
+    /// fleet too.
     pub fn acquire(&self, realm: &str, user: &str, ip: IpAddr) -> Result<(), QuotaRefusal> {
-        let (server, own, is_default) = self
+        let (server, own) = self
             .settings
             .lock()
-            .map(|l| (l.server, l.realms.get(realm).copied(), l.default_realm == realm))
+            .map(|l| (l.server, l.realms.get(realm).copied()))
             .unwrap_or_default();
         let per_user = own.map_or(server.per_user, |o| o.per_user);
         let realm_total = own.map_or(0, |o| o.total);
-        let (remote_user, remote_total) = self
+        let key = (realm.to_owned(), user.to_owned());
+        let (remote_user, remote_realm, remote_total) = self
             .remote
             .lock()
             .map(|r| {
-                let user = if is_default {
-                    r.0.get(user).copied().unwrap_or(0)
-                } else {
-                    0
-                };
-                (user, r.1)
+                (
+                    r.users.get(&key).copied().unwrap_or(0),
+                    r.realms.get(realm).copied().unwrap_or(0),
+                    r.total,
+                )
             })
-            .unwrap_or((0, 0));
-        let (mut remote_user, mut remote_realm) = (remote_user, 0);
-        if !is_default && let Ok(r) = self.remote_realms.lock() {
-            remote_user = r.users.get(&(realm.to_owned(), user.to_owned())).copied().unwrap_or(0);
-            remote_realm = r.totals.get(realm).copied().unwrap_or(0);
-        }
+            .unwrap_or_default();
         let Ok(mut c) = self.counts.lock() else { return Ok(()) };
-        let key = (realm.to_owned(), user.to_owned());
         let in_realm = c.per_realm.get(realm).map_or(0, |r| r.allocations);
         let n = c.per_user.get(&key).copied().unwrap_or(0);
         let m = c.per_ip.get(&ip).copied().unwrap_or(0);
@@ -236,47 +215,28 @@ impl Quotas {
     }
 
     /// What the other nodes of the fleet hold now (replaces the last view).
-    pub fn set_remote(&self, per_user: HashMap<String, u32>, total: u32) {
+    pub fn set_remote(&self, remote: FleetCounts) {
         if let Ok(mut r) = self.remote.lock() {
-            *r = (per_user, total);
-        }
-    }
-
-    /// What the other nodes hold in the realms other than the default.
-    pub fn set_remote_realms(&self, remote: RemoteRealms) {
-        if let Ok(mut r) = self.remote_realms.lock() {
             *r = remote;
         }
     }
 
-    /// This node's allocations per user and realm, and in total, to publish.
-    pub fn local(&self) -> LocalCounts {
-        let default = self
-            .settings
+    /// This node's allocations per (realm, user), per realm and in total,
+    /// to publish.
+    pub fn local(&self) -> FleetCounts {
+        self.counts
             .lock()
-            .map(|l| l.default_realm.clone())
-            .unwrap_or_default();
-        let Ok(c) = self.counts.lock() else {
-            return LocalCounts::default();
-        };
-        let mut out = LocalCounts {
-            total: c.total,
-            ..LocalCounts::default()
-        };
-        for ((realm, user), n) in &c.per_user {
-            if *realm == default {
-                out.users.push((user.clone(), *n));
-            } else {
-                out.realm_users.push(((realm.clone(), user.clone()), *n));
-            }
-        }
-        out.realms = c
-            .per_realm
-            .iter()
-            .filter(|(name, r)| **name != default && r.allocations > 0)
-            .map(|(name, r)| (name.clone(), r.allocations))
-            .collect();
-        out
+            .map(|c| FleetCounts {
+                users: c.per_user.clone(),
+                realms: c
+                    .per_realm
+                    .iter()
+                    .filter(|(_, r)| r.allocations > 0)
+                    .map(|(name, r)| (name.clone(), r.allocations))
+                    .collect(),
+                total: c.total,
+            })
+            .unwrap_or_default()
     }
 
     /// Each realm's counts (the configured realms, and removed ones while

@@ -79,11 +79,6 @@ impl Realms {
         r
     }
 
-    /// The default realm.
-    pub fn default_realm(&self) -> &Realm {
-        &self.default
-    }
-
     /// Realm `i`, or the default one for an index out of range.
     #[inline]
     pub fn get(&self, i: RealmIndex) -> &Realm {
@@ -97,12 +92,6 @@ impl Realms {
         self.iter()
             .position(|r| r.name() == name)
             .and_then(|i| RealmIndex::try_from(i).ok())
-    }
-
-    /// How many realms (at least one).
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        1 + self.others.len()
     }
 
     /// The default realm first, then the others in configuration order.
